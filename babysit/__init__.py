@@ -1,0 +1,1 @@
+"""babysit: train neural networks the CS231n way, as Prefect flows tracked in MLflow."""

@@ -1,0 +1,184 @@
+"""Every MLflow call babysit makes lives here; the rest of the code returns data.
+
+Runs are addressed by an explicit `RunRef` (tracking URI + run id), never by MLflow's
+thread-local "active run": trials run in threads and tasks may hop threads.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
+UI_VIEW = "workflowType=machine_learning"  # opens MLflow 3's "Model training" view, not GenAI's
+
+
+@dataclass(frozen=True)
+class RunRef:
+    uri: str
+    run_id: str
+    experiment_id: str
+
+
+def resolve_uri(configured: str | None) -> str:
+    """The config's URI, else $MLFLOW_TRACKING_URI, else the local SQLite store under mlruns/."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (relative to the working directory), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///"))
+
+
+def local_artifact_root(uri: str) -> str | None:
+    """Artifacts of a local SQLite store sit beside the database, under <db folder>/artifacts."""
+    db = sqlite_path(uri)
+    return (db.resolve().parent / "artifacts").as_uri() if db else None
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def open_store(uri: str, experiment: str) -> str:
+    """Create the store (tables, folders) and the experiment once, before any fan-out.
+
+    Concurrent first use of a fresh SQLite database races on schema creation and loses runs,
+    so callers do this in the flow, before trials start. Returns the experiment id.
+    """
+    db = sqlite_path(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    client = _client(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    return client.create_experiment(experiment, artifact_location=local_artifact_root(uri))
+
+
+def start_run(uri: str, experiment: str, run_name: str | None, params: dict[str, Any], tags: dict[str, str], parent: RunRef | None = None) -> RunRef:
+    from mlflow.entities import Param
+
+    experiment_id = open_store(uri, experiment)
+    client = _client(uri)
+    if parent is not None:
+        tags = {**tags, "mlflow.parentRunId": parent.run_id}
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    items = [Param(key, str(value)[:6000]) for key, value in params.items()]
+    for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
+        client.log_batch(run.info.run_id, params=items[start : start + 100])
+    return RunRef(uri, run.info.run_id, experiment_id)
+
+
+def log_metrics(run: RunRef, metrics: dict[str, float], step: int = 0) -> None:
+    """One batched write for all `metrics` at `step` (a per-value log_metric costs ~4 ms on SQLite)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    _client(run.uri).log_batch(run.run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
+
+
+def log_metric_series(run: RunRef, series: dict[str, list[float]], first_step: int = 0) -> None:
+    """Whole histories in one write: {'layer_std': [..]} becomes steps first_step, first_step+1, ..."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, float(v), now, first_step + i) for key, values in series.items() for i, v in enumerate(values)]
+    client = _client(run.uri)
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run.run_id, metrics=metrics[start : start + 1000])
+
+
+def set_tags(run: RunRef, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    if tags:
+        _client(run.uri).log_batch(run.run_id, tags=[RunTag(key, str(value)[:5000]) for key, value in tags.items()])
+
+
+def log_text(run: RunRef, text: str, artifact_file: str) -> None:
+    _client(run.uri).log_text(run.run_id, text, artifact_file)
+
+
+def log_figure(run: RunRef, figure: Any, artifact_file: str) -> None:
+    _client(run.uri).log_figure(run.run_id, figure, artifact_file)
+
+
+def log_file(run: RunRef, path: str | Path, artifact_dir: str | None = None) -> None:
+    _client(run.uri).log_artifact(run.run_id, str(path), artifact_dir)
+
+
+def log_pickle(run: RunRef, obj: Any, artifact_file: str) -> None:
+    """Save a fitted scikit-learn object with joblib as a run artifact."""
+    import joblib
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        joblib.dump(obj, path)
+        log_file(run, path, str(Path(artifact_file).parent) if Path(artifact_file).parent != Path(".") else None)
+
+
+def log_torch_model(run: RunRef, model: Any, input_example: Any) -> str:
+    """Log a torch module (eval mode, on the CPU) with its signature; returns the model URI."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        output = model(torch.as_tensor(input_example)).numpy()
+    mlflow.set_tracking_uri(run.uri)  # log_model resolves its store from the global URI
+    info = mlflow.pytorch.log_model(
+        model,
+        name="model",
+        run_id=run.run_id,
+        signature=infer_signature(input_example, output),
+        input_example=input_example,
+        # Explicit requirements: inferring them imports and probes the model (seconds).
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+    )
+    return info.model_uri
+
+
+def end_run(run: RunRef, status: str = "FINISHED") -> None:
+    _client(run.uri).set_terminated(run.run_id, status=status)
+
+
+@contextmanager
+def finished_or_failed(run: RunRef) -> Iterator[RunRef]:
+    """End `run` FINISHED when the block completes, FAILED (with the reason) if it raises or is killed."""
+    try:
+        yield run
+    except BaseException as err:
+        set_tags(run, {"babysit.failure": f"{type(err).__name__}: {err}"})
+        end_run(run, "FAILED")
+        raise
+    end_run(run, "FINISHED")
+
+
+def get_run(uri: str, run_id: str):
+    return _client(uri).get_run(run_id)
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[float]:
+    return [m.value for m in sorted(_client(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def run_url(run: RunRef, host: str = "127.0.0.1", port: int = 5000) -> str:
+    """Where `babysit ui` shows this run."""
+    return f"http://{host}:{port}/#/experiments/{run.experiment_id}/runs/{run.run_id}?{UI_VIEW}"
+
+
+def is_remote(uri: str) -> bool:
+    return urlparse(uri).scheme in ("http", "https", "databricks")

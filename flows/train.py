@@ -1,0 +1,79 @@
+"""train_flow: config → data → preprocess → build → train → MLflow, one task per stage."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+
+from prefect import flow, runtime
+from prefect.artifacts import create_link_artifact
+
+from babysit import tracking
+from babysit.config import Config, load_config
+from babysit.flags import run_flags
+from tasks.build import build_task
+from tasks.data import load_data_task
+from tasks.preprocess import preprocess_task
+from tasks.track import log_init_report, log_results_task
+from tasks.train import train_task
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    best_val_acc: float
+    test_acc: float
+    best_epoch: int
+    epochs_run: int
+    initial_loss: float
+    flags: dict[str, str]
+    stop_reason: str | None
+    url: str
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def provenance_tags(cfg: Config) -> dict[str, str]:
+    tags = {"babysit.config_name": cfg.name, "babysit.seed": str(cfg.seed)}
+    if (flow_run_id := runtime.flow_run.id) is not None:
+        tags["prefect.flow_run_id"] = str(flow_run_id)
+    if commit := git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def run_training(cfg: Config) -> RunSummary:
+    """The train pipeline for an already validated config (used by train_flow and tests)."""
+    splits = load_data_task(cfg.data, cfg.seed)
+    prepared = preprocess_task(splits, cfg.preprocess)
+    s = prepared.splits
+    init_report = build_task(cfg.model, s.n_features, s.n_classes, cfg.seed, s.X_train[:256])
+
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    run = tracking.start_run(uri, cfg.tracking.experiment, cfg.tracking.run_name, cfg.flat(), provenance_tags(cfg))
+    with tracking.finished_or_failed(run):
+        log_init_report(run, init_report)
+        result = train_task(cfg, prepared, run, splits.X_train[:5])
+        flags = run_flags(result.history, result.initial_loss, cfg.flags)
+        log_results_task(run, cfg, result, flags, prepared)
+    url = tracking.run_url(run)
+    if runtime.flow_run.id is not None:
+        create_link_artifact(link=url, link_text=f"MLflow run {run.run_id}", description=f"MLflow run of {cfg.name} (open with `babysit ui`)")
+    return RunSummary(
+        run.run_id, run.experiment_id, uri, result.best_val_acc, result.test_acc, result.best_epoch,
+        result.epochs_run, result.initial_loss, flags, result.stop_reason, url,
+    )
+
+
+@flow(name="train", flow_run_name="train-{config}")
+def train_flow(config: str = "conf/digits_mlp.yaml", overrides: list[str] | None = None) -> RunSummary:
+    """Train one model from a YAML experiment file plus `--set`-style overrides ('optim.lr=3e-3')."""
+    return run_training(load_config(config, overrides))

@@ -1,0 +1,1 @@
+"""Torch modules, activations and weight-init schemes."""

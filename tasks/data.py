@@ -1,0 +1,147 @@
+"""Data stage: load a dataset from its source and split it (seeded, stratified).
+
+Sources: scikit-learn's bundled digits, generated 2-D toy data (the lecture's spiral, blobs),
+and user files (CSV / Parquet with a target column, NPZ with `X` and `y`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from sklearn.datasets import load_digits, make_blobs
+from sklearn.model_selection import train_test_split
+
+from babysit.config import DataConfig
+from babysit.errors import BabysitError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    X: np.ndarray  # (rows, features) float32
+    y: np.ndarray  # (rows,) int64 class indices 0..C-1
+    classes: list[str]  # class index -> original label
+    origin: str  # where it came from, for error messages and tags
+
+
+@dataclass(frozen=True)
+class Splits:
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    classes: list[str]
+
+    @property
+    def n_features(self) -> int:
+        return self.X_train.shape[1]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+
+def make_spiral(n_samples: int, n_classes: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The CS231n spiral: `n_classes` arms, each a radius 0→1 sweep of 4 radians plus angle noise."""
+    rng = np.random.default_rng(seed)
+    per_class = n_samples // n_classes
+    X, y = [], []
+    for label in range(n_classes):
+        radius = np.linspace(0.0, 1.0, per_class)
+        angle = np.linspace(label * 4.0, (label + 1) * 4.0, per_class) + rng.normal(0.0, noise, per_class)
+        X.append(np.c_[radius * np.sin(angle), radius * np.cos(angle)])
+        y.append(np.full(per_class, label))
+    return np.concatenate(X), np.concatenate(y)
+
+
+def read_table(path: Path, target: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
+    if target not in frame.columns:
+        raise BabysitError(f"{path}: no target column '{target}' (columns: {', '.join(map(str, frame.columns))}); set `data.target` to the label column.")
+    features = frame.drop(columns=[target])
+    non_numeric = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
+    if non_numeric:
+        raise BabysitError(f"{path}: feature columns must be numeric, but {', '.join(non_numeric)} hold text or mixed values; encode them as numbers or drop them.")
+    return features.to_numpy(dtype=np.float32), frame[target].to_numpy()
+
+
+def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        missing = [key for key in ("X", "y") if key not in archive.files]
+        if missing:
+            raise BabysitError(f"{path}: an NPZ dataset needs arrays 'X' (rows × features) and 'y' (labels); missing {', '.join(missing)} (found: {', '.join(archive.files) or 'nothing'}).")
+        X, y = archive["X"], archive["y"]
+    if X.ndim != 2 or y.ndim != 1 or len(X) != len(y):
+        raise BabysitError(f"{path}: expected 'X' of shape (rows, features) and 'y' of shape (rows,), got {X.shape} and {y.shape}.")
+    if not np.issubdtype(X.dtype, np.number):
+        raise BabysitError(f"{path}: 'X' must be numeric, got dtype {X.dtype}.")
+    return X.astype(np.float32), y
+
+
+def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
+    """Load the configured source into a validated `Dataset`. Raises BabysitError on bad data."""
+    if cfg.source == "digits":
+        digits = load_digits()
+        X, labels, origin = digits.data, digits.target, "sklearn digits"
+    elif cfg.source == "spiral":
+        X, labels = make_spiral(cfg.n_samples, cfg.n_classes, cfg.noise, seed)
+        origin = "generated spiral"
+    elif cfg.source == "blobs":
+        X, labels = make_blobs(cfg.n_samples, n_features=2, centers=cfg.n_classes, cluster_std=1.0 + cfg.noise, random_state=seed)
+        origin = "generated blobs"
+    else:
+        path = Path(cfg.path)
+        if not path.is_file():
+            raise BabysitError(f"{path}: data file not found (`data.path`, source '{cfg.source}').")
+        try:
+            X, labels = read_npz(path) if cfg.source == "npz" else read_table(path, cfg.target, cfg.source)
+        except BabysitError:
+            raise
+        except Exception as err:  # a parser's own complaint, e.g. a truncated Parquet file
+            raise BabysitError(f"{path}: could not be read as {cfg.source} ({' '.join(str(err).split())}).") from None
+        origin = str(path)
+    return validate_dataset(np.asarray(X, dtype=np.float32), np.asarray(labels), origin)
+
+
+def validate_dataset(X: np.ndarray, labels: np.ndarray, origin: str) -> Dataset:
+    """Check what training needs of any dataset and encode labels as 0..C-1."""
+    bad = ~np.isfinite(X)
+    if bad.any():
+        columns = sorted(set(np.nonzero(bad)[1].tolist()))
+        raise BabysitError(f"{origin}: {int(bad.sum())} feature values are NaN or infinite (feature columns {columns[:10]}); impute or drop them before training.")
+    if len(labels) and pd.isna(labels).any():
+        raise BabysitError(f"{origin}: {int(pd.isna(labels).sum())} labels are missing; every row needs a class.")
+    classes, y = np.unique(labels, return_inverse=True)
+    if len(classes) < 2:
+        raise BabysitError(f"{origin}: found {len(classes)} class(es); a classifier needs at least 2 distinct labels.")
+    if len(y) < len(classes):
+        raise BabysitError(f"{origin}: {len(y)} rows for {len(classes)} classes; every class needs rows for train, val and test.")
+    return Dataset(X=X, y=y.astype(np.int64), classes=[str(c) for c in classes], origin=origin)
+
+
+def split_dataset(data: Dataset, val_fraction: float, test_fraction: float, seed: int) -> Splits:
+    """Stratified train/val/test split; the same seed always gives the same rows."""
+    try:
+        X_rest, X_test, y_rest, y_test = train_test_split(data.X, data.y, test_size=test_fraction, stratify=data.y, random_state=seed)
+        val_share = val_fraction / (1.0 - test_fraction)
+        X_train, X_val, y_train, y_val = train_test_split(X_rest, y_rest, test_size=val_share, stratify=y_rest, random_state=seed)
+    except ValueError as err:
+        counts = np.bincount(data.y)
+        rarest = data.classes[int(counts.argmin())]
+        raise BabysitError(
+            f"{data.origin}: cannot split {len(data.y)} rows into stratified train/val/test "
+            f"(val {val_fraction}, test {test_fraction}); the rarest class '{rarest}' has {counts.min()} rows. "
+            f"Add rows or change the fractions ({' '.join(str(err).split())})."
+        ) from None
+    return Splits(X_train, y_train, X_val, y_val, X_test, y_test, data.classes)
+
+
+@task(name="load-data", cache_policy=NO_CACHE)
+def load_data_task(cfg: DataConfig, seed: int) -> Splits:
+    return split_dataset(load_dataset(cfg, seed), cfg.val_fraction, cfg.test_fraction, seed)

@@ -1,0 +1,67 @@
+"""Preprocessing stage: the lecture's zero-center / unit variance / PCA / whitening.
+
+The transform is fitted on the training split only and applied to val and test. Every method
+is affine (x -> x @ W + b), so the fitted transform also becomes a fixed first layer of the
+logged model: predictions on raw inputs go through exactly what training saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from sklearn.base import TransformerMixin
+from sklearn.decomposition import PCA
+from sklearn.preprocessing import FunctionTransformer, StandardScaler
+
+from babysit.config import PreprocessConfig
+from babysit.errors import BabysitError
+from tasks.data import Splits
+
+
+@dataclass(frozen=True)
+class Prepared:
+    splits: Splits  # transformed features
+    transformer: TransformerMixin  # fitted on the training split
+    weight: np.ndarray  # (raw features, features) — transform(x) == x @ weight + bias
+    bias: np.ndarray  # (features,)
+
+
+def make_transformer(cfg: PreprocessConfig, n_train: int, n_features: int) -> TransformerMixin:
+    if cfg.method == "none":
+        return FunctionTransformer()
+    if cfg.method in ("center", "standardize"):
+        return StandardScaler(with_std=cfg.method == "standardize")
+    components = cfg.pca_components
+    if isinstance(components, int) and components > min(n_train, n_features):
+        raise BabysitError(
+            f"`preprocess.pca_components` is {components}, but the training split has {n_train} rows and "
+            f"{n_features} features; PCA can keep at most {min(n_train, n_features)} components."
+        )
+    return PCA(n_components=components, whiten=cfg.method == "whiten", svd_solver="full")
+
+
+def affine_parameters(transformer: TransformerMixin, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """Recover W, b of a fitted affine transformer by probing it with 0 and the unit vectors."""
+    bias = transformer.transform(np.zeros((1, n_features), dtype=np.float64))[0]
+    weight = transformer.transform(np.eye(n_features, dtype=np.float64)) - bias
+    return weight.astype(np.float32), bias.astype(np.float32)
+
+
+def fit_preprocess(splits: Splits, cfg: PreprocessConfig) -> Prepared:
+    transformer = make_transformer(cfg, len(splits.X_train), splits.n_features)
+    transformer.fit(splits.X_train.astype(np.float64))
+    weight, bias = affine_parameters(transformer, splits.n_features)
+
+    def apply(X: np.ndarray) -> np.ndarray:
+        return transformer.transform(X.astype(np.float64)).astype(np.float32)
+
+    transformed = replace(splits, X_train=apply(splits.X_train), X_val=apply(splits.X_val), X_test=apply(splits.X_test))
+    return Prepared(transformed, transformer, weight, bias)
+
+
+@task(name="preprocess", cache_policy=NO_CACHE)
+def preprocess_task(splits: Splits, cfg: PreprocessConfig) -> Prepared:
+    return fit_preprocess(splits, cfg)

@@ -1,0 +1,163 @@
+"""Training stage: the loop (`fit`), evaluation, and the thin Prefect task around them."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from torch import nn
+
+from babysit import tracking
+from babysit.config import Config, OptimConfig, TrainConfig
+from babysit.optim import lr_at, make_optimizer
+from models.mlp import Affine, build_model
+from tasks.preprocess import Prepared
+
+HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+
+
+@dataclass
+class TrainResult:
+    history: dict[str, list[float]]  # HISTORY_KEYS -> one value per finished epoch
+    initial_loss: float  # training-set loss before any update
+    best_epoch: int  # epoch whose weights were kept (0: the initial weights)
+    stop_reason: str | None  # why training ended before `epochs`, if it did
+    test_loss: float = math.nan  # computed once, after training, with the kept weights
+    test_acc: float = math.nan
+    seconds: float = 0.0  # wall time of `fit`
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history["train_loss"])
+
+    @property
+    def best_val_acc(self) -> float:
+        return self.history["val_acc"][self.best_epoch - 1] if self.best_epoch else math.nan
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int = 8192) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` (eval mode) on X, y."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for start in range(0, len(y), chunk):
+        with torch.autocast(X.device.type, dtype=torch.bfloat16, enabled=X.device.type == "cuda"):
+            logits = model(X[start : start + chunk]).float()
+        loss_sum += F.cross_entropy(logits, y[start : start + chunk], reduction="sum").item()
+        correct += (logits.argmax(1) == y[start : start + chunk]).sum().item()
+    return loss_sum / len(y), correct / len(y)
+
+
+def fit(
+    model: nn.Module,
+    X_train: torch.Tensor, y_train: torch.Tensor, X_val: torch.Tensor, y_val: torch.Tensor,
+    optim_cfg: OptimConfig, train_cfg: TrainConfig, diverge_factor: float, seed: int,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Mini-batch training with per-epoch validation; keeps the best-validation weights.
+
+    Batches are index slices of a per-epoch permutation of tensors already on the device.
+    Stops early when the loss diverges (NaN/Inf or > diverge_factor × initial loss) or when
+    validation accuracy has not improved for `early_stopping_patience` epochs.
+    """
+    started, device = time.perf_counter(), X_train.device
+    optimizer = make_optimizer(model.parameters(), optim_cfg)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    n, batch, epochs = len(y_train), train_cfg.batch_size, train_cfg.epochs
+    steps_per_epoch = math.ceil(n / batch)
+    initial_loss, _ = evaluate(model, X_train, y_train)
+    history = {key: [] for key in HISTORY_KEYS}
+    best_acc, best_epoch, best_state, stop_reason = -1.0, 0, None, None
+    for epoch in range(1, epochs + 1):
+        # 1) one pass over the training set in a fresh random order
+        model.train()
+        order = torch.randperm(n, device=device, generator=generator)
+        loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+        for step, start in enumerate(range(0, n, batch)):
+            lr = lr_at(epoch - 1 + step / steps_per_epoch, optim_cfg, epochs)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = order[start : start + batch]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(X_train[idx]).float()
+            loss = F.cross_entropy(logits, y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.argmax(1) == y_train[idx]).sum()
+        # 2) validation, and the epoch's record
+        val_loss, val_acc = evaluate(model, X_val, y_val)
+        metrics = {"train_loss": loss_sum.item() / n, "train_acc": correct.item() / n, "val_loss": val_loss, "val_acc": val_acc, "lr": lr}
+        for key in HISTORY_KEYS:
+            history[key].append(metrics[key])
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        # 3) stop on divergence, keep the best weights, stop when validation stalls
+        if not math.isfinite(metrics["train_loss"]) or metrics["train_loss"] > diverge_factor * initial_loss:
+            stop_reason = f"diverged in epoch {epoch}: training loss {metrics['train_loss']:.3g} (initial {initial_loss:.3g})"
+            break
+        if val_acc > best_acc:
+            best_acc, best_epoch = val_acc, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif train_cfg.early_stopping_patience and epoch - best_epoch >= train_cfg.early_stopping_patience:
+            stop_reason = f"early stopping in epoch {epoch}: no better validation accuracy since epoch {best_epoch}"
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return TrainResult(history, initial_loss, best_epoch, stop_reason, seconds=time.perf_counter() - started)
+
+
+def to_device(*arrays: np.ndarray, device: torch.device) -> list[torch.Tensor]:
+    return [torch.as_tensor(a).to(device) for a in arrays]
+
+
+def train_and_test(cfg: Config, prepared: Prepared, on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> tuple[TrainResult, nn.Module]:
+    """Build, train and test one model; the test split is read here, once, after training."""
+    device = pick_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    s = prepared.splits
+    X_train, X_val, X_test = to_device(s.X_train, s.X_val, s.X_test, device=device)
+    y_train, y_val, y_test = to_device(s.y_train, s.y_val, s.y_test, device=device)
+    model = build_model(cfg.model, s.n_features, s.n_classes, cfg.seed).to(device)
+    result = fit(model, X_train, y_train, X_val, y_val, cfg.optim, cfg.train, cfg.flags.diverge_factor, cfg.seed, on_epoch)
+    result.test_loss, result.test_acc = evaluate(model, X_test, y_test)
+    return result, model
+
+
+def deployable(model: nn.Module, prepared: Prepared) -> nn.Module:
+    """The trained model behind its fitted preprocessing: raw features in, class logits out."""
+    preprocessing = Affine(torch.from_numpy(prepared.weight), torch.from_numpy(prepared.bias))
+    return nn.Sequential(preprocessing, model.cpu()).eval()
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(cfg: Config, prepared: Prepared, run: tracking.RunRef, raw_example: np.ndarray) -> TrainResult:
+    """Train with per-epoch metrics in MLflow (one batched write per epoch), then log the model."""
+    logger = get_run_logger()
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        tracking.log_metrics(run, metrics, step=epoch)
+        logger.info(
+            "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f | lr %.2e",
+            epoch, cfg.train.epochs, metrics["train_loss"], metrics["train_acc"], metrics["val_loss"], metrics["val_acc"], metrics["lr"],
+        )
+
+    result, model = train_and_test(cfg, prepared, on_epoch)
+    if cfg.tracking.log_model:
+        tracking.log_torch_model(run, deployable(model, prepared), raw_example)
+    return result
