@@ -65,13 +65,14 @@ def fit(
     model: nn.Module,
     X_train: torch.Tensor, y_train: torch.Tensor, X_val: torch.Tensor, y_val: torch.Tensor,
     optim_cfg: OptimConfig, train_cfg: TrainConfig, diverge_factor: float, seed: int,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], str | None] | None = None,
 ) -> TrainResult:
     """Mini-batch training with per-epoch validation; keeps the best-validation weights.
 
     Batches are index slices of a per-epoch permutation of tensors already on the device.
     Stops early when the loss diverges (NaN/Inf or > diverge_factor × initial loss) or when
-    validation accuracy has not improved for `early_stopping_patience` epochs.
+    validation accuracy has not improved for `early_stopping_patience` epochs. `on_epoch` gets
+    each epoch's metrics and may return a reason to stop (a search pruning a poor trial).
     """
     started, device = time.perf_counter(), X_train.device
     optimizer = make_optimizer(model.parameters(), optim_cfg)
@@ -104,9 +105,8 @@ def fit(
         metrics = {"train_loss": loss_sum.item() / n, "train_acc": correct.item() / n, "val_loss": val_loss, "val_acc": val_acc, "lr": lr}
         for key in HISTORY_KEYS:
             history[key].append(metrics[key])
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-        # 3) stop on divergence, keep the best weights, stop when validation stalls
+        verdict = on_epoch(epoch, metrics) if on_epoch is not None else None
+        # 3) stop on divergence, keep the best weights, stop when validation stalls or when told
         if not math.isfinite(metrics["train_loss"]) or metrics["train_loss"] > diverge_factor * initial_loss:
             stop_reason = f"diverged in epoch {epoch}: training loss {metrics['train_loss']:.3g} (initial {initial_loss:.3g})"
             break
@@ -115,6 +115,9 @@ def fit(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         elif train_cfg.early_stopping_patience and epoch - best_epoch >= train_cfg.early_stopping_patience:
             stop_reason = f"early stopping in epoch {epoch}: no better validation accuracy since epoch {best_epoch}"
+            break
+        if verdict:
+            stop_reason = verdict
             break
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -125,7 +128,7 @@ def to_device(*arrays: np.ndarray, device: torch.device) -> list[torch.Tensor]:
     return [torch.as_tensor(a).to(device) for a in arrays]
 
 
-def train_and_test(cfg: Config, prepared: Prepared, on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> tuple[TrainResult, nn.Module]:
+def train_and_test(cfg: Config, prepared: Prepared, on_epoch: Callable[[int, dict[str, float]], str | None] | None = None) -> tuple[TrainResult, nn.Module]:
     """Build, train and test one model; the test split is read here, once, after training."""
     device = pick_device(cfg.train.device)
     if cfg.train.threads:
@@ -150,7 +153,7 @@ def train_task(cfg: Config, prepared: Prepared, run: tracking.RunRef, raw_exampl
     """Train with per-epoch metrics in MLflow (one batched write per epoch), then log the model."""
     logger = get_run_logger()
 
-    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:  # never asks to stop
         tracking.log_metrics(run, metrics, step=epoch)
         logger.info(
             "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f | lr %.2e",
