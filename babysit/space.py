@@ -1,0 +1,219 @@
+"""Search spaces as data: distributions over config fields, samplers, and coarse-to-fine narrowing.
+
+A space maps a dotted config field to a distribution, written in YAML as
+`optim.lr: loguniform(1e-5, 1e-1)`, `model.dropout: uniform(0, 0.5)`, `train.batch_size: int(16, 128)`
+or `model.init: choice([he, xavier])`. Everything here is pure: tests drive it with synthetic
+objectives, the search flow with real trainings.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+from scipy.stats import qmc
+
+Kind = Literal["loguniform", "uniform", "int", "choice"]
+
+
+@dataclass(frozen=True)
+class Dist:
+    kind: Kind
+    low: float = 0.0
+    high: float = 0.0
+    options: tuple = ()
+
+    @property
+    def numeric(self) -> bool:
+        return self.kind != "choice"
+
+    def to_unit(self, value: float) -> float:
+        """Position of `value` in [0, 1] along the range (log scale for loguniform)."""
+        lo, hi, v = self._scaled(self.low), self._scaled(self.high), self._scaled(value)
+        return (v - lo) / (hi - lo)
+
+    def from_unit(self, u: float) -> Any:
+        """The value at position u in [0, 1) of the range; a choice picks option floor(u · n)."""
+        if self.kind == "choice":
+            return self.options[min(int(u * len(self.options)), len(self.options) - 1)]
+        if self.kind == "int":  # every integer low..high gets an equal share of [0, 1)
+            return int(min(math.floor(self.low + u * (self.high - self.low + 1)), self.high))
+        lo, hi = self._scaled(self.low), self._scaled(self.high)
+        value = lo + u * (hi - lo)
+        return float(math.exp(value) if self.kind == "loguniform" else value)
+
+    def _scaled(self, value: float) -> float:
+        return math.log(value) if self.kind == "loguniform" else float(value)
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            return f"choice({list(self.options)})"
+        return f"{self.kind}({self.low:.4g}, {self.high:.4g})"
+
+
+Space = dict[str, Dist]
+
+_SPEC = re.compile(r"^\s*(loguniform|uniform|int|choice)\s*\((.*)\)\s*$", re.S)
+
+
+def parse_dist(field: str, spec: Any) -> Dist:
+    """Parse 'loguniform(1e-5, 1e-1)' & co. Raises ValueError with what was expected."""
+    match = _SPEC.match(spec) if isinstance(spec, str) else None
+    if not match:
+        raise ValueError(f"`{field}`: expected loguniform(low, high), uniform(low, high), int(low, high) or choice([a, b, ...]), got {spec!r}")
+    kind, raw_args = match.groups()
+    try:
+        args = yaml.safe_load(f"[{raw_args}]")
+    except yaml.YAMLError:
+        raise ValueError(f"`{field}`: cannot read the arguments of {spec!r}") from None
+    if kind == "choice":
+        options = args[0] if len(args) == 1 and isinstance(args[0], list) else args
+        if len(options) < 1:
+            raise ValueError(f"`{field}`: choice needs at least one option")
+        return Dist("choice", options=tuple(tuple(o) if isinstance(o, list) else o for o in options))
+    if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in _floats(args)):
+        raise ValueError(f"`{field}`: {kind} needs two numbers (low, high), got {spec!r}; use choice([...]) for categories")
+    low, high = _floats(args)
+    if low >= high:
+        raise ValueError(f"`{field}`: low must be below high in {spec!r}")
+    if kind == "loguniform" and low <= 0:
+        raise ValueError(f"`{field}`: loguniform needs 0 < low (a log scale has no 0), got {spec!r}")
+    if kind == "int" and (low != int(low) or high != int(high)):
+        raise ValueError(f"`{field}`: int needs whole-number bounds, got {spec!r}")
+    return Dist(kind, float(low), float(high))
+
+
+def _floats(args: list) -> list:
+    return [float(a) if isinstance(a, str) and _is_number(a) else a for a in args]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# ---- samplers: each maps (space, n, seed) to n parameter dicts ------------------------------
+
+
+def unit_points(n: int, dims: int, sampler: str, seed: int) -> np.ndarray:
+    """n points in [0, 1)^dims: independent uniform (random), Sobol or Latin-hypercube."""
+    if sampler == "random":
+        return np.random.default_rng(seed).random((n, dims))
+    if sampler == "sobol":
+        return qmc.Sobol(dims, scramble=True, seed=seed).random(n)
+    if sampler == "lhs":
+        return qmc.LatinHypercube(dims, seed=seed).random(n)
+    raise ValueError(f"unknown sampler '{sampler}'")
+
+
+def grid_points(space: Space, n: int) -> list[dict[str, Any]]:
+    """A full grid with at most n points: every option of each choice, and k evenly spaced cell
+    centres per numeric field, k as large as the budget allows. The lecture's foil to random search."""
+    fields = list(space)
+    choices = [len(space[f].options) for f in fields if not space[f].numeric]
+    numeric = [f for f in fields if space[f].numeric]
+    budget = max(n // max(math.prod(choices), 1), 1)
+    levels = max(int(math.floor(budget ** (1 / len(numeric)) + 1e-9)), 1) if numeric else 1
+    axes = []
+    for f in fields:
+        d = space[f]
+        count = len(d.options) if not d.numeric else levels
+        axes.append([d.from_unit((i + 0.5) / count) for i in range(count)])
+    points = [dict(zip(fields, values)) for values in itertools.product(*axes)]
+    return points[:n]
+
+
+def sample(space: Space, n: int, sampler: str, seed: int) -> list[dict[str, Any]]:
+    if sampler == "grid":
+        return grid_points(space, n)
+    fields = list(space)
+    points = unit_points(n, len(fields), sampler, seed)
+    return [{f: space[f].from_unit(u) for f, u in zip(fields, row)} for row in points]
+
+
+# ---- narrowing and edges --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Narrowing:
+    top_k: int = 5  # trials that define the next stage's ranges
+    pad: float = 0.25  # of the current width, added on each side of the top-k span
+    edge: float = 0.10  # best value within this fraction of the width from a bound: at the edge
+    widen: float = 10.0  # edge moves: ×widen (loguniform) or + (widen/10) × width (uniform, int)
+
+
+def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid: Any = None) -> tuple[Space, dict[str, str]]:
+    """The next stage's space from this stage's trials, and the fields whose best value sat at an edge.
+
+    `trials`: dicts with 'params' (field -> value), 'score' (higher is better; None if the trial
+    failed) and 'diverged' (bool). Numeric ranges shrink to the top-k span plus padding (in log
+    space for loguniform); if the best trial lies within `edge` of a bound, that bound moves
+    outwards instead (by `widen`), unless a diverged trial already lies beyond it — diverged
+    trials cap the upper bound (too-high values) from above. `is_valid(field, value)` says whether
+    a moved bound is still a legal config value; a bound that cannot move stays put.
+    Choices keep the options that appear among the top-k.
+    """
+    scored = sorted((t for t in trials if t["score"] is not None and not t.get("diverged")), key=lambda t: -t["score"])
+    if not scored:
+        return space, {}
+    top, best = scored[: cfg.top_k], scored[0]
+    new_space, edges = {}, {}
+    for field, dist in space.items():
+        if not dist.numeric:
+            kept = [o for o in dist.options if any(_same(t["params"][field], o) for t in top)]
+            new_space[field] = replace(dist, options=tuple(kept) or dist.options)
+            continue
+        positions = [dist.to_unit(t["params"][field]) for t in top]
+        best_pos = dist.to_unit(best["params"][field])
+        lo, hi = min(positions) - cfg.pad, max(positions) + cfg.pad
+        shift = math.log(cfg.widen) / (dist._scaled(dist.high) - dist._scaled(dist.low)) if dist.kind == "loguniform" else cfg.widen / 10
+        if best_pos <= cfg.edge:
+            edges[field] = "low"
+            lo = -shift
+        if best_pos >= 1 - cfg.edge:
+            edges[field] = "high"
+            hi = 1 + shift
+        diverged_above = [dist.to_unit(t["params"][field]) for t in trials if t.get("diverged") and dist.to_unit(t["params"][field]) > max(positions)]
+        if diverged_above:
+            hi = min(hi, min(diverged_above))
+        # without an edge, narrowing stays inside the current range
+        lo = lo if field in edges and edges[field] == "low" else max(lo, 0.0)
+        hi = hi if field in edges and edges[field] == "high" else min(hi, 1.0)
+        new_space[field] = _rebuild(field, dist, lo, hi, is_valid)
+    return new_space, edges
+
+
+def _rebuild(field: str, dist: Dist, lo_u: float, hi_u: float, is_valid: Any) -> Dist:
+    lo_s, hi_s = dist._scaled(dist.low), dist._scaled(dist.high)
+
+    def value(u: float) -> float:
+        v = lo_s + u * (hi_s - lo_s)
+        return math.exp(v) if dist.kind == "loguniform" else v
+
+    low, high = value(lo_u), value(hi_u)
+    if dist.kind == "int":
+        low, high = math.floor(low + 1e-9), math.ceil(high - 1e-9)
+    # a bound moved past a hard limit of its field (e.g. dropout below 0) stays where it was
+    if low < dist.low and is_valid is not None and not is_valid(field, low):
+        low = dist.low
+    if high > dist.high and is_valid is not None and not is_valid(field, high):
+        high = dist.high
+    if high <= low and dist.kind != "int":  # all top trials at one value: keep a sliver around it
+        low, high = (low / 1.5, low * 1.5) if dist.kind == "loguniform" else (low - 1e-6, low + 1e-6)
+    return replace(dist, low=float(low), high=float(max(high, low)))
+
+
+def _same(a: Any, b: Any) -> bool:
+    return (list(a) if isinstance(a, (list, tuple)) else a) == (list(b) if isinstance(b, (list, tuple)) else b)
+
+
+def describe(space: Space) -> dict[str, str]:
+    return {field: dist.describe() for field, dist in space.items()}

@@ -1,0 +1,94 @@
+"""Overhead of babysit's train task (with full MLflow tracking) over a bare PyTorch loop.
+
+Same model (same init), same data, same epochs, in one process; runs alternate and the figures
+are medians over --repeats after one untimed warm-up of each (the first torch run and the
+first MLflow model log pay one-off import and allocation costs).
+
+    .venv/bin/python bench/train_overhead.py [--epochs 20] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from babysit import tracking
+from babysit.config import load_config
+from models.mlp import build_model
+from tasks.data import load_dataset, split_dataset
+from tasks.preprocess import fit_preprocess
+from tasks.train import train_task
+
+
+def bare_loop(cfg, prepared) -> float:
+    """The loop a person would write by hand: Adam, shuffled index slices, val accuracy per epoch."""
+    s = prepared.splits
+    X, y = torch.as_tensor(s.X_train), torch.as_tensor(s.y_train)
+    X_val, y_val = torch.as_tensor(s.X_val), torch.as_tensor(s.y_val)
+    model = build_model(cfg.model, s.n_features, s.n_classes, cfg.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    started = time.perf_counter()
+    for _ in range(cfg.train.epochs):
+        model.train()
+        order = torch.randperm(len(y))
+        for start in range(0, len(y), cfg.train.batch_size):
+            idx = order[start : start + cfg.train.batch_size]
+            loss = F.cross_entropy(model(X[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        model.eval()
+        with torch.no_grad():
+            (model(X_val).argmax(1) == y_val).float().mean().item()
+    return time.perf_counter() - started
+
+
+def babysit_task(cfg, prepared, uri: str, raw_example) -> float:
+    run = tracking.start_run(uri, "bench", None, cfg.flat(), {})
+    started = time.perf_counter()
+    train_task.fn(cfg, prepared, run, raw_example)
+    elapsed = time.perf_counter() - started
+    tracking.end_run(run)
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="conf/digits_mlp.yaml")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    cfg = load_config(args.config, [f"train.epochs={args.epochs}", "train.device=cpu"])
+    no_model_cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"log_model": False})})
+    splits = split_dataset(load_dataset(cfg.data, cfg.seed), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    prepared = fit_preprocess(splits, cfg.preprocess)
+    uri = f"sqlite:///{tempfile.mkdtemp()}/mlflow.db"
+    tracking.open_store(uri, "bench")  # schema creation is a one-off cost of a new store
+
+    cases = {
+        "bare PyTorch loop": lambda: bare_loop(cfg, prepared),
+        "babysit train task, metrics per epoch": lambda: babysit_task(no_model_cfg, prepared, uri, splits.X_train[:5]),
+        "babysit train task, full tracking (+ model log)": lambda: babysit_task(cfg, prepared, uri, splits.X_train[:5]),
+    }
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for name, case in cases.items():  # warm-up, untimed
+        case()
+    for _ in range(args.repeats):
+        for name, case in cases.items():
+            times[name].append(case())
+
+    base = statistics.median(times["bare PyTorch loop"])
+    print(f"digits MLP {cfg.model.hidden}, {args.epochs} epochs, batch {cfg.train.batch_size}, torch threads {torch.get_num_threads()}, median of {args.repeats}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"  {name:50s} {median:6.3f} s   x{median / base:5.2f}   (min {min(values):.3f}, max {max(values):.3f})")
+
+
+if __name__ == "__main__":
+    main()

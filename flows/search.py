@@ -1,0 +1,216 @@
+"""search_flow: the lecture's coarse-to-fine random search, stage by stage.
+
+Each stage samples its trials from the current space and runs them concurrently as Prefect
+tasks; the next stage's space narrows around the top-k trials, or moves past an edge where the
+best value sat. A final stage retrains the best config longer and reads the test set, once.
+Re-running the same search resumes it: finished trials are found in MLflow by their key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from prefect import flow, get_run_logger, runtime
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+from babysit import plots, tracking
+from babysit.config import SearchExperiment, field_problem, load_config
+from babysit.pruning import Pruner
+from babysit.space import Narrowing, describe, narrow, parse_dist, sample
+from flows.train import provenance_tags
+from tasks.data import load_data_task
+from tasks.preprocess import Prepared, preprocess_task
+from tasks.trial import TrialResult, TrialSpec, make_spec, result_from_run, run_trial, trial_task
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    best_params: dict
+    best_val_acc: float | None
+    final_val_acc: float | None
+    test_acc: float | None
+    edges: list[str]  # 'edge:<field>=low|high', one per stage where it happened
+    ranges: dict[str, dict[str, str]]  # stage -> field -> distribution it sampled from
+    trials_run: int
+    trials_reused: int
+    url: str
+
+
+def trials_frame(results: list[TrialResult]) -> pd.DataFrame:
+    """One row per trial: stage, status, val_acc, flags, and `param.<field>` per searched field."""
+    rows = []
+    for r in results:
+        row = {"stage": r.stage, "index": r.index, "trial_key": r.key, "status": r.status, "val_acc": r.val_acc, "epochs_run": r.epochs_run,
+               "flags": ",".join(sorted(r.flags)), "reason": r.reason, "seconds": r.seconds, "reused": r.reused, "run_id": r.run_id}
+        row.update({f"param.{k}": (str(v) if isinstance(v, list) else v) for k, v in r.params.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def search_hash(exp: SearchExperiment) -> str:
+    """Identifies a search's definition: a changed file starts a new parent run instead of resuming."""
+    tree = exp.model_dump(mode="json", exclude={"tracking": True, "search": {"workers", "runner"}})
+    return hashlib.sha1(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def open_parent(exp: SearchExperiment, uri: str) -> tuple[tracking.RunRef, dict[str, object]]:
+    """Create the parent run, or reopen the latest one of the same search; return it with its
+    finished child runs by trial key. Children left RUNNING by a killed process become FAILED."""
+    experiment_id = tracking.open_store(uri, exp.tracking.experiment)
+    identity = {"babysit.kind": "search", "babysit.search_name": exp.name, "babysit.search_hash": search_hash(exp)}
+    previous = tracking.find_runs(uri, experiment_id, identity) if exp.search.resume else []
+    if previous:
+        parent = tracking.reopen_run(uri, previous[0].info.run_id, experiment_id)
+    else:
+        parent = tracking.start_run(uri, exp.tracking.experiment, exp.tracking.run_name or exp.name, exp.flat(), {**identity, **provenance_tags(exp)})
+    finished: dict[str, object] = {}
+    for child in tracking.find_runs(uri, experiment_id, {"mlflow.parentRunId": parent.run_id}, newest_first=False):
+        if child.info.status == "RUNNING":
+            tracking.mark_failed(uri, child.info.run_id, "interrupted: found RUNNING when the search was resumed")
+        elif child.info.status == "FINISHED":
+            finished[child.data.tags.get("babysit.trial_key", "")] = child
+    return parent, finished
+
+
+def run_stage(specs: list[TrialSpec], finished: dict, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner, exp: SearchExperiment) -> list[TrialResult]:
+    """Reuse finished trials; run the others `workers` at a time through a Prefect task runner."""
+    reused = {s.key: result_from_run(finished[s.key], s) for s in specs if s.key in finished}
+    todo = [s for s in specs if s.key not in reused]
+    runner = ThreadPoolTaskRunner(max_workers=exp.search.workers) if exp.search.runner == "threads" else ProcessPoolTaskRunner(max_workers=exp.search.workers)
+    with runner:
+        futures = [runner.submit(trial_task, {"spec": s, "prepared": prepared, "parent": parent, "pruner": pruner}) for s in todo]
+        fresh = {s.key: f.result() for s, f in zip(todo, futures)}
+    return [reused.get(s.key) or fresh[s.key] for s in specs]
+
+
+def threads_per_trial(workers: int) -> int:
+    """workers × threads ≤ cores: more threads than cores only makes trials fight for them."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def trial_device(base_device: str, index: int) -> str | None:
+    """Round-robin trials over the GPUs when training would go to CUDA; None keeps the config's."""
+    count = torch.cuda.device_count()
+    if base_device in ("auto", "cuda") and count > 1:
+        return f"cuda:{index % count}"
+    return None
+
+
+def log_stage(parent: tracking.RunRef, stage: str, space_text: dict[str, str], results: list[TrialResult]) -> None:
+    frame = trials_frame(results)
+    table = frame.drop(columns=["trial_key", "run_id", "reason"]).sort_values("val_acc", ascending=False, na_position="last")
+    create_table_artifact(table=table.fillna("").to_dict("records"), key=f"search-stage-{stage}".lower().replace("_", "-"),
+                          description=f"Stage `{stage}`: {len(results)} trials sampled from " + ", ".join(f"`{k}` ~ {v}" for k, v in space_text.items()))
+    tracking.set_tags(parent, {f"range.{stage}.{field}": text for field, text in space_text.items()})
+
+
+def run_search(exp: SearchExperiment) -> SearchSummary:
+    logger = get_run_logger()
+    base = exp.base_config()
+    base_tree = base.model_dump(mode="json")
+    splits = load_data_task(base.data, base.seed)
+    prepared = preprocess_task(splits, base.preprocess)
+    uri = tracking.resolve_uri(base.tracking.uri)
+    parent, finished = open_parent(exp, uri)  # the store and experiment exist before any fan-out
+    threads = threads_per_trial(exp.search.workers) if exp.search.runner == "threads" else None
+    if threads:
+        torch.set_num_threads(threads)
+    narrowing = Narrowing(exp.search.top_k, exp.search.pad, exp.search.edge, exp.search.widen)
+
+    def is_valid(field: str, value: object) -> bool:
+        return field_problem(base_tree, field, value) is None
+
+    space = {field: parse_dist(field, spec) for field, spec in exp.search.space.items()}
+    results: list[TrialResult] = []
+    ranges: dict[str, dict[str, str]] = {}
+    edges: list[str] = []
+    with tracking.finished_or_failed(parent):
+        for number, stage in enumerate(exp.search.stages):
+            ranges[stage.name] = describe(space)
+            points = sample(space, stage.trials, exp.search.sampler, seed=exp.seed * 1000 + number)
+            specs = [make_spec(base_tree, stage.name, i, p, stage.epochs, threads, trial_device(base.train.device, i)) for i, p in enumerate(points)]
+            stage_results = run_stage(specs, finished, prepared, parent, Pruner(stage.prune, stage.prune_warmup_epochs, stage.asha_eta), exp)
+            results += stage_results
+            log_stage(parent, stage.name, ranges[stage.name], stage_results)
+            best = max((r.val_acc for r in stage_results if r.val_acc is not None), default=None)
+            logger.info("stage %s: %d trials (%d reused), best val acc %s", stage.name, len(specs), sum(r.reused for r in stage_results), f"{best:.4f}" if best is not None else "n/a")
+            if number + 1 < len(exp.search.stages):
+                trials = [{"params": r.params, "score": r.val_acc, "diverged": r.status == "diverged"} for r in stage_results]
+                space, stage_edges = narrow(space, trials, narrowing, is_valid)
+                for field, side in stage_edges.items():
+                    edges.append(f"edge:{field}={side}")
+                    logger.warning("stage %s: best %s at the %s edge of its range; the next stage's range moves past it", stage.name, field, side)
+
+        scored = [r for r in results if r.val_acc is not None]
+        if not scored:
+            raise RuntimeError("every trial failed or diverged; see the trials' failure tags in MLflow")
+        best = max(scored, key=lambda r: r.val_acc)
+        final = None
+        if exp.search.final is not None:
+            spec = make_spec(base_tree, "final", 0, best.params, exp.search.final.epochs, threads, None)
+            final = result_from_run(finished[spec.key], spec) if spec.key in finished else run_trial(spec, prepared, parent, final=True, raw_example=splits.X_train[:5])
+            results.append(final)
+        frame = trials_frame(results)
+        log_search_outcome(parent, frame, best, final, edges, list(exp.search.space))
+
+    url = tracking.run_url(parent)
+    if runtime.flow_run.id is not None:
+        create_link_artifact(link=url, link_text=f"MLflow search {parent.run_id}", description=f"Parent MLflow run of search {exp.name}")
+        create_markdown_artifact(markdown=summary_markdown(exp.name, frame, best, final, edges, ranges), key="search-summary", description=f"Search {exp.name}")
+    return SearchSummary(
+        parent.run_id, parent.experiment_id, uri, best.params, best.val_acc,
+        final.val_acc if final else None, final.test_acc if final else None, edges, ranges,
+        int((~frame["reused"]).sum()), int(frame["reused"].sum()), url,
+    )
+
+
+def log_search_outcome(parent: tracking.RunRef, frame: pd.DataFrame, best: TrialResult, final: TrialResult | None, edges: list[str], fields: list[str]) -> None:
+    metrics = {"best_val_acc": best.val_acc, "trials": len(frame), "trials_diverged": int((frame["status"] == "diverged").sum()),
+               "trials_failed": int((frame["status"] == "failed").sum()), "trials_pruned": int((frame["status"] == "pruned").sum())}
+    if final is not None and final.val_acc is not None:
+        metrics.update(final_val_acc=final.val_acc, test_acc=final.test_acc)
+    tracking.log_metrics(parent, metrics)
+    tags = {f"best.{k}": str(v) for k, v in best.params.items()}
+    tags.update({"babysit.best_trial": best.key, "babysit.flags": ",".join(edges) or "none"})
+    tags.update({f"edge.{e.split(':', 1)[1].split('=')[0]}": e.rsplit("=", 1)[1] for e in edges})
+    if final is not None:
+        tags["babysit.final_run_id"] = final.run_id or ""
+    tracking.set_tags(parent, tags)
+    tracking.log_csv(parent, frame, "trials.csv")
+    searched = frame[frame["stage"] != "final"]
+    for field in fields:
+        figure = plots.score_against_field(searched, field)
+        tracking.log_figure(parent, figure, f"plots/val_acc_vs_{field}.png")
+        plots.close(figure)
+    figure = plots.best_so_far(searched)
+    tracking.log_figure(parent, figure, "plots/best_so_far.png")
+    plots.close(figure)
+
+
+def summary_markdown(name: str, frame: pd.DataFrame, best: TrialResult, final: TrialResult | None, edges: list[str], ranges: dict) -> str:
+    lines = [f"# Search `{name}`", "", "| stage | trials | finished | diverged | pruned | failed | best val acc | sampled from |", "|---|---|---|---|---|---|---|---|"]
+    for stage, group in frame[frame["stage"] != "final"].groupby("stage", sort=False):
+        counts = group["status"].value_counts()
+        space = "; ".join(f"{k} ~ {v}" for k, v in ranges.get(stage, {}).items())
+        lines.append(f"| {stage} | {len(group)} | {counts.get('finished', 0)} | {counts.get('diverged', 0)} | {counts.get('pruned', 0)} | {counts.get('failed', 0)} | {group['val_acc'].max():.4f} | {space} |")
+    lines += ["", f"Best trial: `{best.stage}-{best.index:03d}` val acc {best.val_acc:.4f} with " + ", ".join(f"`{k}={v}`" for k, v in best.params.items())]
+    if final is not None:
+        lines.append(f"Final retrain: val acc {final.val_acc or float('nan'):.4f}, test acc {final.test_acc:.4f}")
+    if edges:
+        lines.append("Edges (range moved past them): " + ", ".join(f"`{e}`" for e in edges))
+    return "\n".join(lines)
+
+
+@flow(name="search", flow_run_name="search-{config}")
+def search_flow(config: str = "conf/search_digits.yaml", overrides: list[str] | None = None) -> SearchSummary:
+    """Coarse-to-fine hyperparameter search from a YAML search file plus `--set` overrides."""
+    return run_search(load_config(config, overrides, model=SearchExperiment))

@@ -1,0 +1,131 @@
+"""Search trials: one training of one sampled config, tracked as a nested MLflow run.
+
+A trial never raises: a failure is recorded (FAILED child run, reason tag) and returned as data,
+so one bad corner of a search space cannot stop the search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from babysit import tracking
+from babysit.config import Config, with_values
+from babysit.flags import run_flags
+from babysit.pruning import Pruner
+from tasks.preprocess import Prepared
+from tasks.track import flag_tags, log_outcome, outcome_metrics
+from tasks.train import deployable, train_and_test
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    stage: str
+    index: int  # position within its stage
+    params: dict[str, Any]  # searched field -> value
+    config: dict[str, Any]  # the full resolved training config (plain data)
+    key: str  # deterministic: hash of config and stage
+
+
+@dataclass
+class TrialResult:
+    key: str
+    stage: str
+    index: int
+    params: dict[str, Any]
+    status: str  # finished | diverged | pruned | failed
+    val_acc: float | None  # best validation accuracy; None when the trial failed
+    epochs_run: int = 0
+    flags: dict[str, str] = field(default_factory=dict)
+    reason: str | None = None  # why it stopped early or failed
+    run_id: str | None = None
+    seconds: float = 0.0
+    test_acc: float = math.nan  # final stage only
+    reused: bool = False  # found finished in MLflow by a resumed search
+
+
+def make_spec(base: dict[str, Any], stage: str, index: int, params: dict[str, Any], epochs: int, threads: int | None, device: str | None) -> TrialSpec:
+    overrides = {**params, "train.epochs": epochs}
+    if threads:
+        overrides["train.threads"] = threads
+    if device:
+        overrides["train.device"] = device
+    config = Config.model_validate(with_values(base, overrides)).model_dump(mode="json")
+    # threads and device do not change the result; leave them out of the key so a resumed
+    # search on other hardware still finds its finished trials
+    keyed = {k: v for k, v in config.items() if k != "tracking"}
+    keyed["train"] = {k: v for k, v in config["train"].items() if k not in ("threads", "device")}
+    digest = hashlib.sha1(json.dumps([stage, keyed], sort_keys=True).encode()).hexdigest()[:16]
+    return TrialSpec(stage, index, {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}, config, digest)
+
+
+def run_trial(spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner | None = None, final: bool = False, raw_example: Any = None) -> TrialResult:
+    """Train one trial under a nested MLflow run. Only the final stage reads the test split."""
+    started = time.perf_counter()
+    cfg = Config.model_validate(spec.config)
+    tags = {"babysit.stage": spec.stage, "babysit.trial_key": spec.key, "babysit.trial_index": str(spec.index)}
+    run = tracking.start_run(parent.uri, cfg.tracking.experiment, f"{spec.stage}-{spec.index:03d}", cfg.flat(), tags, parent=parent)
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> str | None:
+        tracking.log_metrics(run, metrics, step=epoch)
+        return pruner.report(epoch, metrics["val_acc"]) if pruner is not None else None
+
+    try:
+        result, model = train_and_test(cfg, prepared, on_epoch, test=final)
+        flags = run_flags(result.history, result.initial_loss, cfg.flags)
+        reason = result.stop_reason
+        status = "diverged" if "diverged" in flags else "pruned" if reason and reason.startswith("pruned") else "finished"
+        if final:
+            log_outcome(run, cfg, result, flags, prepared)
+            if cfg.tracking.log_model and raw_example is not None:
+                tracking.log_torch_model(run, deployable(model, prepared), raw_example)
+        else:
+            tracking.log_metrics(run, outcome_metrics(result), step=result.epochs_run)
+        tracking.set_tags(run, {**flag_tags(flags), "babysit.status": status, "babysit.stop_reason": reason or "completed"})
+        tracking.end_run(run, "FINISHED")
+    except Exception as err:  # recorded, never raised: the search goes on
+        reason = f"{type(err).__name__}: {err}"
+        tracking.set_tags(run, {"babysit.status": "failed", "babysit.failure": reason})
+        tracking.end_run(run, "FAILED")
+        return TrialResult(spec.key, spec.stage, spec.index, spec.params, "failed", None, reason=reason, run_id=run.run_id, seconds=time.perf_counter() - started)
+    except BaseException:
+        tracking.set_tags(run, {"babysit.status": "failed", "babysit.failure": "interrupted"})
+        tracking.end_run(run, "FAILED")
+        raise
+    val_acc = result.best_val_acc if status != "diverged" else None
+    return TrialResult(
+        spec.key, spec.stage, spec.index, spec.params, status, None if val_acc is None or math.isnan(val_acc) else val_acc,
+        result.epochs_run, flags, reason, run.run_id, time.perf_counter() - started, result.test_acc,
+    )
+
+
+def result_from_run(run: Any, spec: TrialSpec) -> TrialResult:
+    """Rebuild a finished trial's result from its MLflow run (a resumed search)."""
+    tags, metrics = run.data.tags, run.data.metrics
+    flags = {k.removeprefix("flag."): v for k, v in tags.items() if k.startswith("flag.")}
+    val_acc = metrics.get("best_val_acc")
+    status = tags.get("babysit.status", "finished")
+    return TrialResult(
+        spec.key, spec.stage, spec.index, spec.params, status,
+        None if status == "diverged" or val_acc is None or math.isnan(val_acc) else val_acc,
+        int(metrics.get("epochs_run", 0)), flags, tags.get("babysit.stop_reason"), run.info.run_id,
+        float(metrics.get("train_seconds", 0.0)), metrics.get("test_acc", math.nan), reused=True,
+    )
+
+
+def param_value(text: str) -> Any:
+    """An MLflow param string back to its value ('[256, 256]' -> [256, 256], '0.001' -> 0.001)."""
+    return yaml.safe_load(text)
+
+
+@task(name="trial", cache_policy=NO_CACHE)
+def trial_task(spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner | None = None, final: bool = False, raw_example: Any = None) -> TrialResult:
+    return run_trial(spec, prepared, parent, pruner, final, raw_example)
