@@ -1,0 +1,138 @@
+"""The real search flow: Prefect tasks, nested MLflow runs in a temporary store, resume."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from babysit import tracking
+from flows.search import search_flow
+
+SMALL = [
+    "model.hidden=[32]",
+    "search.workers=2",
+    "search.stages=[{name: coarse, trials: 4, epochs: 1}, {name: fine, trials: 3, epochs: 2}]",
+    "search.final.epochs=3",
+]
+
+
+@pytest.fixture
+def fresh_uri(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def children(uri, parent_id):
+    parent = tracking.get_run(uri, parent_id)
+    return tracking.find_runs(uri, parent.info.experiment_id, {"mlflow.parentRunId": parent_id})
+
+
+@pytest.fixture(scope="module")
+def search_store(tmp_path_factory):
+    """One store for the tests that read the same finished search (a search costs ~20 s)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('search')}/mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def finished_search(prefect_harness, search_store):
+    return search_flow(config="conf/search_digits.yaml", overrides=SMALL)
+
+
+@pytest.fixture
+def tracking_uri(search_store):  # the tests below read the shared store
+    return search_store
+
+
+def test_search_tracks_a_parent_with_nested_trials(finished_search, tracking_uri):
+    summary = finished_search
+    parent = tracking.get_run(tracking_uri, summary.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    kids = children(tracking_uri, summary.parent_run_id)
+    assert len(kids) == 4 + 3 + 1
+    stages = [k.data.tags["babysit.stage"] for k in kids]
+    assert stages.count("coarse") == 4 and stages.count("fine") == 3 and stages.count("final") == 1
+    assert all(k.info.status == "FINISHED" and k.data.tags["babysit.trial_key"] for k in kids)
+    # test-set discipline: only the final retrain has a test metric
+    assert [k.data.tags["babysit.stage"] for k in kids if "test_acc" in k.data.metrics] == ["final"]
+    final = next(k for k in kids if k.data.tags["babysit.stage"] == "final")
+    assert len(tracking.metric_history(tracking_uri, final.info.run_id, "val_acc")) == 3
+    assert math.isclose(summary.test_acc, final.data.metrics["test_acc"])
+    # the parent logs each stage's ranges, the best params, the trial table and the plots
+    assert parent.data.tags["range.coarse.optim.lr"] == "loguniform(1e-05, 0.1)"
+    assert "range.fine.optim.lr" in parent.data.tags and "best.optim.lr" in parent.data.tags
+    artifacts = {a.path for a in tracking._client(tracking_uri).list_artifacts(summary.parent_run_id)}
+    assert {"trials.csv", "plots"} <= artifacts
+    plots = {a.path for a in tracking._client(tracking_uri).list_artifacts(summary.parent_run_id, "plots")}
+    assert "plots/best_so_far.png" in plots and "plots/val_acc_vs_optim.lr.png" in plots
+
+
+def test_best_trial_is_chosen_on_validation_accuracy(finished_search, tracking_uri):
+    kids = [k for k in children(tracking_uri, finished_search.parent_run_id) if k.data.tags["babysit.stage"] != "final"]
+    top = max(k.data.metrics.get("best_val_acc", -1) for k in kids)
+    assert finished_search.best_val_acc == pytest.approx(top)
+    tied = [float(k.data.params["optim.lr"]) for k in kids if k.data.metrics.get("best_val_acc") == top]
+    assert any(finished_search.best_params["optim.lr"] == pytest.approx(lr) for lr in tied)
+
+
+def test_rerunning_a_search_reuses_finished_trials_and_redoes_interrupted_ones(finished_search, tracking_uri):
+    client = tracking._client(tracking_uri)
+    kids = children(tracking_uri, finished_search.parent_run_id)
+    # what `kill -9` mid-stage leaves behind: one trial RUNNING, one never started
+    interrupted = next(k for k in kids if k.data.tags["babysit.stage"] == "coarse")
+    client.update_run(interrupted.info.run_id, "RUNNING")
+    never_started = next(k for k in kids if k.data.tags["babysit.stage"] == "coarse" and k.info.run_id != interrupted.info.run_id)
+    client.delete_run(never_started.info.run_id)
+
+    again = search_flow(config="conf/search_digits.yaml", overrides=SMALL)
+
+    assert again.parent_run_id == finished_search.parent_run_id
+    assert again.trials_run == 2 and again.trials_reused == 4 + 3 + 1 - 2
+    after = children(tracking_uri, again.parent_run_id)
+    assert not [k for k in after if k.info.status == "RUNNING"]
+    assert tracking.get_run(tracking_uri, interrupted.info.run_id).info.status == "FAILED"
+    finished_keys = pd.Series([k.data.tags["babysit.trial_key"] for k in after if k.info.status == "FINISHED"])
+    assert finished_keys.is_unique and len(finished_keys) == 4 + 3 + 1
+    assert again.best_val_acc == pytest.approx(finished_search.best_val_acc)
+
+
+def test_failed_trials_are_recorded_and_do_not_stop_the_search(prefect_harness, fresh_uri):
+    tracking_uri = fresh_uri
+    # train.device=cuda cannot work on a machine without a GPU: those trials fail, the rest go on.
+    overrides = SMALL[:2] + [
+        "search.space={optim.lr: 'loguniform(1e-3, 1e-2)', train.device: 'choice([cpu, cuda])'}",
+        "search.stages=[{name: coarse, trials: 6, epochs: 1}]",
+        "search.final=null",
+    ]
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA, where device=cuda fails")
+    summary = search_flow(config="conf/search_digits.yaml", overrides=overrides)
+    kids = children(tracking_uri, summary.parent_run_id)
+    failed = [k for k in kids if k.info.status == "FAILED"]
+    assert failed and all(k.data.tags["babysit.status"] == "failed" and k.data.tags["babysit.failure"] for k in failed)
+    assert all(k.data.params["train.device"] == "cuda" for k in failed)
+    assert summary.best_params["train.device"] == "cpu"
+    assert tracking.get_run(tracking_uri, summary.parent_run_id).info.status == "FINISHED"
+
+
+def test_diverged_trials_are_flagged_and_end_early(prefect_harness, fresh_uri):
+    tracking_uri = fresh_uri
+    overrides = SMALL[:2] + [
+        "optim.name=sgd",
+        "search.space={optim.lr: 'loguniform(1e-2, 1e3)'}",
+        "search.stages=[{name: coarse, trials: 6, epochs: 3}]",
+        "search.final=null",
+    ]
+    summary = search_flow(config="conf/search_digits.yaml", overrides=overrides)
+    kids = children(tracking_uri, summary.parent_run_id)
+    diverged = [k for k in kids if k.data.tags["babysit.status"] == "diverged"]
+    assert diverged and all("diverged" in k.data.tags["babysit.flags"] for k in diverged)
+    assert all(k.data.metrics["epochs_run"] < 3 for k in diverged)
+    assert min(float(k.data.params["optim.lr"]) for k in diverged) > summary.best_params["optim.lr"]

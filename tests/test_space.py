@@ -1,0 +1,167 @@
+"""Search spaces, samplers, narrowing and edges, pruning: pure functions on synthetic objectives."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from babysit.config import SearchExperiment, load_config
+from babysit.errors import BabysitError
+from babysit.pruning import Pruner
+from babysit.space import Narrowing, narrow, parse_dist, sample
+
+
+def space_of(**specs):
+    return {field.replace("__", "."): parse_dist(field, spec) for field, spec in specs.items()}
+
+
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        ("loguniform(1e-2, 1e-4)", "low must be below high"),
+        ("loguniform(0, 1)", "0 < low"),
+        ("uniform(1, 1)", "low must be below high"),
+        ("normal(0, 1)", "expected loguniform"),
+        ("uniform(a, b)", "two numbers"),
+        ("int(1.5, 4)", "whole-number"),
+        (0.001, "expected loguniform"),
+    ],
+)
+def test_bad_distributions_are_refused(spec, problem):
+    with pytest.raises(ValueError, match=problem):
+        parse_dist("optim.lr", spec)
+
+
+def write_search(tmp_path, space: str):
+    path = tmp_path / "search.yaml"
+    path.write_text(f"name: s\nsearch:\n  space:\n{space}\n  stages:\n    - {{name: coarse, trials: 2, epochs: 1}}\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "space, named",
+    [
+        ("    optim.lrr: loguniform(1e-4, 1e-1)", "optim.lrr"),
+        ("    optim.lr: choice([fast, slow])", "optim.lr"),
+        ("    model.init: uniform(0, 1)", "model.init"),
+        ("    model.dropout: uniform(0.1, 1.5)", "model.dropout"),
+        ("    optim.lr: loguniform(-1, 1)", "optim.lr"),
+    ],
+)
+def test_invalid_search_files_fail_at_load_naming_the_field(tmp_path, space, named):
+    path = write_search(tmp_path, space)
+    with pytest.raises(BabysitError) as err:
+        load_config(path, model=SearchExperiment)
+    assert str(path) in str(err.value) and named in str(err.value)
+
+
+def test_shipped_search_config_loads():
+    exp = load_config("conf/search_digits.yaml", model=SearchExperiment)
+    assert exp.search.stages[0].name == "coarse" and exp.base_config().data.source == "digits"
+
+
+def test_loguniform_random_samples_spread_evenly_over_decades():
+    space = space_of(lr="loguniform(1e-5, 1e-1)")
+    values = np.array([p["lr"] for p in sample(space, 4000, "random", seed=0)])
+    assert values.min() >= 1e-5 and values.max() <= 1e-1
+    per_decade = np.histogram(np.log10(values), bins=4, range=(-5, -1))[0] / len(values)
+    assert np.allclose(per_decade, 0.25, atol=0.03)  # log-uniform: a quarter of the draws in each decade
+
+
+@pytest.mark.parametrize("sampler", ["random", "sobol", "lhs"])
+def test_samplers_stay_in_range_and_are_seeded(sampler):
+    space = space_of(lr="loguniform(1e-4, 1e-1)", d="uniform(0, 0.5)", b="int(16, 128)", init="choice([he, xavier])")
+    points = sample(space, 16, sampler, seed=3)
+    assert points == sample(space, 16, sampler, seed=3) and points != sample(space, 16, sampler, seed=4)
+    for p in points:
+        assert 1e-4 <= p["lr"] <= 1e-1 and 0 <= p["d"] <= 0.5 and 16 <= p["b"] <= 128 and isinstance(p["b"], int)
+        assert p["init"] in ("he", "xavier")
+
+
+def test_grid_is_a_full_grid_within_budget():
+    space = space_of(lr="loguniform(1e-4, 1e-0)", init="choice([he, xavier])")
+    points = sample(space, 20, "grid", seed=0)
+    lrs = sorted({p["lr"] for p in points})
+    assert len(points) == 20 and len(lrs) == 10
+    assert np.allclose(np.diff(np.log10(lrs)), 0.4)  # evenly spaced cell centres in log space
+    assert {p["init"] for p in points} == {"he", "xavier"}
+
+
+def trials_for(points, objective, diverged=lambda p: False):
+    return [{"params": p, "score": None if diverged(p) else objective(p), "diverged": diverged(p)} for p in points]
+
+
+def test_narrowing_shrinks_around_the_top_trials_in_log_space():
+    space = space_of(lr="loguniform(1e-6, 1e-0)")
+    points = [{"lr": 10.0**e} for e in np.linspace(-5.5, -0.5, 11)]
+    new, edges = narrow(space, trials_for(points, lambda p: -abs(math.log10(p["lr"]) + 3)), Narrowing(top_k=3, pad=0.0))
+    assert edges == {}
+    assert new["lr"].low == pytest.approx(10**-3.5) and new["lr"].high == pytest.approx(10**-2.5)
+
+
+def test_best_at_the_high_edge_moves_the_range_one_decade_past_it():
+    space = space_of(lr="loguniform(1e-5, 1e-2)")
+    points = [{"lr": v} for v in (1e-5, 1e-4, 1e-3, 5e-3, 9.5e-3)]
+    new, edges = narrow(space, trials_for(points, lambda p: p["lr"]), Narrowing(top_k=2, widen=10))
+    assert edges == {"lr": "high"}
+    assert new["lr"].high == pytest.approx(1e-1) and new["lr"].low > 1e-5
+
+
+def test_diverged_trials_cap_the_upper_bound():
+    space = space_of(lr="loguniform(1e-5, 1e-1)")
+    points = [{"lr": v} for v in (1e-5, 1e-4, 1e-3, 5e-3, 2e-2, 8e-2)]
+    new, edges = narrow(space, trials_for(points, lambda p: p["lr"], diverged=lambda p: p["lr"] > 1e-2), Narrowing(top_k=2, widen=10))
+    assert edges == {}  # the best finished trial (5e-3) is inside the range
+    assert new["lr"].high == pytest.approx(2e-2)  # the smallest diverged value above the top trials
+
+
+def test_edges_do_not_move_past_a_fields_hard_limit():
+    space = space_of(model__dropout="uniform(0.0, 0.5)")
+    points = [{"model.dropout": v} for v in (0.0, 0.1, 0.3, 0.45)]
+    valid = lambda field, value: 0 <= value < 1  # noqa: E731 - the schema's rule for dropout
+    new, edges = narrow(space, trials_for(points, lambda p: -p["model.dropout"]), Narrowing(top_k=2), valid)
+    assert edges == {"model.dropout": "low"} and new["model.dropout"].low == 0.0
+
+
+def test_choices_keep_only_what_the_top_trials_used():
+    space = space_of(init="choice([small, he, xavier])", hidden="choice([[64], [128, 64]])")
+    points = [{"init": i, "hidden": h} for i in ("small", "he", "xavier") for h in ((64,), (128, 64))]
+    score = {"he": 2, "xavier": 1, "small": 0}
+    trials = trials_for(points, lambda p: score[p["init"]] + (p["hidden"] == (64,)) * 0.5)
+    new, _ = narrow(space, trials, Narrowing(top_k=2))  # top two: he with either width
+    assert new["init"].options == ("he",) and set(new["hidden"].options) == {(64,), (128, 64)}
+    new, _ = narrow(space, trials, Narrowing(top_k=1))
+    assert new["init"].options == ("he",) and new["hidden"].options == ((64,),)
+
+
+def test_coarse_to_fine_reaches_an_optimum_outside_the_initial_range():
+    # The objective peaks at lr = 1 and dropout = 0.2; the coarse lr range ends at 1e-2.
+    def objective(p):
+        return -((math.log10(p["lr"]) - 0.0) ** 2) - 4 * (p["dropout"] - 0.2) ** 2
+
+    space = space_of(lr="loguniform(1e-5, 1e-2)", dropout="uniform(0, 0.5)")
+    seen_edges = []
+    for stage in range(6):
+        trials = trials_for(sample(space, 20, "random", seed=stage), objective)
+        best = max(trials, key=lambda t: t["score"])
+        space, edges = narrow(space, trials, Narrowing())
+        seen_edges.append(edges.get("lr"))
+    assert "high" in seen_edges  # the search said the range was wrong...
+    assert 0.3 < best["params"]["lr"] < 3.0  # ...and moved it until it found the optimum
+
+
+def test_median_pruner_stops_trials_below_their_stage_median():
+    pruner = Pruner("median", warmup=1)
+    assert pruner.report(1, 0.9) is None and pruner.report(1, 0.8) is None  # too few peers yet
+    assert pruner.report(1, 0.5) is not None  # below median(0.9, 0.8)
+    assert pruner.report(1, 0.95) is None
+
+
+def test_asha_keeps_the_top_third_at_each_rung():
+    pruner = Pruner("asha", eta=3)
+    assert pruner.report(1, 0.5) is None and pruner.report(1, 0.6) is None  # first eta-1 trials pass
+    assert pruner.report(1, 0.4) is not None  # not in the top third of {0.5, 0.6, 0.4}
+    assert pruner.report(1, 0.7) is None
+    assert pruner.report(2, 0.1) is None  # epoch 2 is not a rung for eta = 3
