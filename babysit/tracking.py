@@ -70,7 +70,7 @@ def open_store(uri: str, experiment: str) -> str:
 def start_run(uri: str, experiment: str, run_name: str | None, params: dict[str, Any], tags: dict[str, str], parent: RunRef | None = None) -> RunRef:
     from mlflow.entities import Param
 
-    experiment_id = open_store(uri, experiment)
+    experiment_id = parent.experiment_id if parent is not None else open_store(uri, experiment)
     client = _client(uri)
     if parent is not None:
         tags = {**tags, "mlflow.parentRunId": parent.run_id}
@@ -139,10 +139,14 @@ def log_torch_model(run: RunRef, model: Any, input_example: Any) -> str:
     with torch.no_grad():
         output = model(torch.as_tensor(input_example)).numpy()
     mlflow.set_tracking_uri(run.uri)  # log_model resolves its store from the global URI
+    # Create the LoggedModel in the run's own experiment: left to itself, log_model files it
+    # under the process's active experiment (Default), away from the run.
+    logged = _client(run.uri).create_logged_model(run.experiment_id, name="model", source_run_id=run.run_id, model_type="pytorch")
     info = mlflow.pytorch.log_model(
         model,
         name="model",
         run_id=run.run_id,
+        model_id=logged.model_id,
         signature=infer_signature(input_example, output),
         input_example=input_example,
         # Explicit requirements: inferring them imports and probes the model (seconds).
@@ -167,12 +171,76 @@ def finished_or_failed(run: RunRef) -> Iterator[RunRef]:
     end_run(run, "FINISHED")
 
 
+def log_csv(run: RunRef, frame: Any, artifact_file: str) -> None:
+    """A pandas DataFrame as a CSV artifact."""
+    _client(run.uri).log_text(run.run_id, frame.to_csv(index=False), artifact_file)
+
+
+def find_runs(uri: str, experiment_id: str, tags: dict[str, str], newest_first: bool = True) -> list:
+    """Runs of an experiment whose tags equal `tags` (all of them)."""
+    from mlflow.entities import ViewType
+
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    order = ["attributes.start_time DESC" if newest_first else "attributes.start_time ASC"]
+    runs, token = [], None
+    while True:
+        page = _client(uri).search_runs([experiment_id], query, ViewType.ACTIVE_ONLY, max_results=1000, order_by=order, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def reopen_run(uri: str, run_id: str, experiment_id: str) -> RunRef:
+    """Mark an earlier run RUNNING again, to resume it."""
+    _client(uri).update_run(run_id, status="RUNNING")
+    return RunRef(uri, run_id, experiment_id)
+
+
+def mark_failed(uri: str, run_id: str, reason: str) -> None:
+    """End a run that a killed process left RUNNING."""
+    run = RunRef(uri, run_id, "")
+    set_tags(run, {"babysit.failure": reason})
+    end_run(run, "FAILED")
+
+
 def get_run(uri: str, run_id: str):
     return _client(uri).get_run(run_id)
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(_client(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A logged run read back: what `babysit report` needs to rebuild the run's report."""
+
+    run_id: str
+    status: str  # MLflow's: FINISHED, FAILED, RUNNING, ...
+    tags: dict[str, str]
+    metrics: dict[str, float]  # the last value of each metric
+    histories: dict[str, list[float]]  # the requested metrics, ordered by step
+
+
+def read_run(uri: str, run_id: str, history_keys: tuple[str, ...] = ()) -> RunRecord:
+    """Read run `run_id` with the step-ordered history of each metric in `history_keys` (a key
+    ending in '/' stands for every metric under that prefix). Raises BabysitError when the store
+    or the run does not exist; a missing SQLite file is not created.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from babysit.errors import BabysitError
+
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise BabysitError(f"no MLflow store at {db} (tracking URI {uri}): train a model first, or pass --uri / set MLFLOW_TRACKING_URI to the store that holds run '{run_id}'.")
+    try:
+        run = get_run(uri, run_id)
+    except MlflowException:
+        raise BabysitError(f"no MLflow run '{run_id}' in {uri}: check the id (`babysit ui` lists runs), or pass --uri / set MLFLOW_TRACKING_URI to the store that holds it.") from None
+    wanted = [key for key in run.data.metrics if key in history_keys or any(p.endswith("/") and key.startswith(p) for p in history_keys)]
+    return RunRecord(run_id, run.info.status, dict(run.data.tags), dict(run.data.metrics), {key: metric_history(uri, run_id, key) for key in wanted})
 
 
 def run_url(run: RunRef, host: str = "127.0.0.1", port: int = 5000) -> str:

@@ -50,9 +50,9 @@ class Splits:
 def make_spiral(n_samples: int, n_classes: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The CS231n spiral: `n_classes` arms, each a radius 0→1 sweep of 4 radians plus angle noise."""
     rng = np.random.default_rng(seed)
-    per_class = n_samples // n_classes
     X, y = [], []
     for label in range(n_classes):
+        per_class = n_samples // n_classes + (label < n_samples % n_classes)  # n_samples in all
         radius = np.linspace(0.0, 1.0, per_class)
         angle = np.linspace(label * 4.0, (label + 1) * 4.0, per_class) + rng.normal(0.0, noise, per_class)
         X.append(np.c_[radius * np.sin(angle), radius * np.cos(angle)])
@@ -111,6 +111,8 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
 
 def validate_dataset(X: np.ndarray, labels: np.ndarray, origin: str) -> Dataset:
     """Check what training needs of any dataset and encode labels as 0..C-1."""
+    if len(labels) == 0:
+        raise BabysitError(f"{origin}: no rows.")
     bad = ~np.isfinite(X)
     if bad.any():
         columns = sorted(set(np.nonzero(bad)[1].tolist()))
@@ -120,8 +122,8 @@ def validate_dataset(X: np.ndarray, labels: np.ndarray, origin: str) -> Dataset:
     classes, y = np.unique(labels, return_inverse=True)
     if len(classes) < 2:
         raise BabysitError(f"{origin}: found {len(classes)} class(es); a classifier needs at least 2 distinct labels.")
-    if len(y) < len(classes):
-        raise BabysitError(f"{origin}: {len(y)} rows for {len(classes)} classes; every class needs rows for train, val and test.")
+    if len(y) < 3 * len(classes):
+        raise BabysitError(f"{origin}: {len(y)} rows for {len(classes)} classes; a stratified train/val/test split needs at least 3 rows per class.")
     return Dataset(X=X, y=y.astype(np.int64), classes=[str(c) for c in classes], origin=origin)
 
 

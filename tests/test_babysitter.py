@@ -1,0 +1,282 @@
+"""The babysitter: flags on hand-made curves and on real small trainings, diagnostics against
+formulas, advice, and `babysit report` on real MLflow runs."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from babysit import flags as F
+from babysit import tracking
+from babysit.advice import run_report, search_advice
+from babysit.cli import main
+from babysit.config import FlagsConfig, load_config
+from babysit.diagnostics import dead_unit_fractions, param_label, snapshot, step_diagnostics
+from tasks.build import inspect_init
+from tasks.data import load_dataset, split_dataset
+from tasks.preprocess import fit_preprocess
+from tasks.train import HISTORY_KEYS, fit, to_device, train_and_test
+
+CFG = FlagsConfig()
+
+
+@pytest.fixture
+def one_thread():
+    """Small models on a shared 2-core machine: one torch thread avoids oversubscription stalls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def prepared_for(cfg):
+    splits = split_dataset(load_dataset(cfg.data, cfg.seed), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    return fit_preprocess(splits, cfg.preprocess)
+
+
+def history(train_loss, train_acc=None, val_loss=None, val_acc=None):
+    n = len(train_loss)
+    return {
+        "train_loss": list(train_loss),
+        "train_acc": list(train_acc or [0.5] * n),
+        "val_loss": list(val_loss or train_loss),
+        "val_acc": list(val_acc or [0.5] * n),
+    }
+
+
+# Flags on hand-made histories: each rule at and beyond its threshold
+
+
+def test_initial_loss_off_compares_with_ln_classes():
+    assert F.initial_loss_off(math.log(10) * 1.05, 10, 0.1) is None
+    reason = F.initial_loss_off(4.0, 10, 0.1)
+    assert "4.000" in reason and "ln(10) = 2.303" in reason
+    assert F.initial_loss_off(float("nan"), 3, 0.1)
+
+
+def test_activation_flags_on_hand_made_stats():
+    assert "layer 3" in F.vanishing_activations([0.5, 0.1, 0.01], 0.1)
+    assert F.vanishing_activations([0.5, 0.3, 0.06], 0.1) is None
+    assert F.vanishing_activations([1e-9], 0.1) is None  # one layer: nothing to compare
+    assert F.exploding_activations([0.5, 2.0, 6.0], 10.0) is not None
+    assert F.exploding_activations([0.5, float("inf")], 10.0) is not None
+    assert F.exploding_activations([0.5, 0.6], 10.0) is None
+    assert "layer 2" in F.saturated([0.0, 0.6], 0.25)
+    assert F.saturated([0.1, 0.2], 0.25) is None
+    assert "50% of layer 2" in F.dead_relu([0.1, 0.5], 0.25, "at init")
+    assert F.dead_relu([0.1, 0.2], 0.25, "at init") is None
+    assert F.dead_relu([], 0.25, "at init") is None
+
+
+def test_lr_too_high_on_rising_loss_and_on_large_update_ratios():
+    assert "epoch 2" in F.lr_too_high([2.0, 2.6, 1.0], 2.3, [], 3, 0.05, 0.03)
+    assert F.lr_too_high([float("nan")], 2.3, [], 3, 0.05, 0.03) is not None
+    assert F.lr_too_high([2.2, 2.0, 1.9], 2.3, [0.1, 0.08, 0.05], 3, 0.05, 0.03) is not None
+    assert F.lr_too_high([2.2, 2.0, 1.9], 2.3, [1e-3, 1e-3, 1e-3], 3, 0.05, 0.03) is None
+    assert F.lr_too_high([2.0, 1.0, 0.5, 5.0], 2.3, [], 3, 0.05, 0.03) is None  # only the first epochs count
+
+
+def test_lr_too_low_on_flat_loss_and_on_tiny_update_ratios():
+    assert "after 3 epoch(s)" in F.lr_too_low([2.30, 2.29, 2.28, 1.0], 2.3, [], 3, 0.1, 1e-5)
+    assert F.lr_too_low([2.0, 1.5, 1.0], 2.3, [1e-7, 1e-7, 1e-7], 3, 0.1, 1e-5) is not None
+    assert F.lr_too_low([2.0, 1.5, 1.0], 2.3, [1e-3, 1e-3, 1e-3], 3, 0.1, 1e-5) is None
+    assert F.lr_too_low([2.2], 2.3, [], 3, 0.1, 1e-5) is not None  # one epoch ran: judged on it
+
+
+def test_plateau_and_underfitting_rules():
+    stalled = [2.0, 1.5, 1.2, 1.0, 1.0, 0.999, 1.0, 0.998, 0.999]
+    assert F.plateau(stalled, [0.6] * 9, 5, 0.01, 0.99) is not None
+    assert F.plateau(stalled, [1.0] * 9, 5, 0.01, 0.99) is None  # fits the training set: converged
+    assert F.plateau([2.0, 1.5, 1.2, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5], [0.6] * 9, 5, 0.01, 0.99) is None
+    assert F.plateau(stalled[:5], [0.6] * 5, 5, 0.01, 0.99) is None  # too short to tell
+    assert "62.0%" in F.underfitting(history([1.0], [0.62], val_acc=[0.60]), 0.9, 0.05)
+    assert F.underfitting(history([1.0], [0.62], val_acc=[0.40]), 0.9, 0.05) is None
+    assert F.underfitting(history([1.0], [0.95], val_acc=[0.94]), 0.9, 0.05) is None
+
+
+def test_run_flags_collects_and_orders_by_cause():
+    exploded = history([float("nan")])
+    found = F.run_flags(exploded, 2.3, CFG, n_classes=10)
+    assert set(found) == {"diverged", "lr_too_high"}  # not also lr_too_low / underfitting
+    flat = history([2.3] * 9, [0.1] * 9, val_acc=[0.1] * 9)
+    found = F.run_flags(flat, 2.3, CFG, {"update_ratio": [1e-7] * 9}, n_classes=10)
+    assert "lr_too_low" in found and "plateau" not in found and "underfitting" in found
+    stats = {"act_std": [0.5, 1e-6], "act_frac_saturated": [0, 0], "act_frac_dead": [0, 0]}
+    assert "vanishing_activations" in F.run_flags(history([1.0, 0.5, 0.2]), 2.3, CFG, init_stats=stats)
+    dead_later = {"dead_frac/layer1": [0.0, 0.1], "dead_frac/layer2": [0.1, 0.7]}
+    assert "after epoch 2" in F.run_flags(history([1.0, 0.5]), 2.3, CFG, dead_later)["dead_relu"]
+
+
+# Diagnostics against formulas
+
+
+def test_step_diagnostics_match_the_sgd_update_formula():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    nn.functional.cross_entropy(model(torch.randn(8, 5)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])).backward()
+    w0, g0 = model[0].weight.detach().clone(), model[0].weight.grad.clone()
+    before = snapshot(model)
+    optimizer.step()
+    found = step_diagnostics(model, before)
+    # plain SGD: Δw = −lr·g, so ‖Δw‖/‖w‖ = lr·‖g‖/‖w‖
+    assert found["grad_norm/0.weight"] == pytest.approx(g0.norm().item(), rel=1e-5)
+    assert found["update_ratio/0.weight"] == pytest.approx(0.1 * g0.norm().item() / w0.norm().item(), rel=1e-4)
+    total = math.sqrt(sum(p.grad.norm().item() ** 2 for p in model.parameters()))
+    assert found["grad_norm"] == pytest.approx(total, rel=1e-5)
+    assert param_label("blocks.2.0.weight") == "fc3.weight" and param_label("blocks.0.1.bias") == "bn1.bias"
+
+
+def test_dead_units_are_units_zero_for_every_row():
+    from models.mlp import build_model
+
+    mlp = build_model(load_config(None, ["model.hidden=[4]"]).model, 3, 2, seed=0)
+    with torch.no_grad():
+        mlp.blocks[0][0].weight.copy_(torch.tensor([[1.0, 0, 0], [-1, 0, 0], [0, 1, 0], [0, 0, 0]]))
+        mlp.blocks[0][0].bias.copy_(torch.tensor([0.0, 0.0, -10.0, 0.0]))
+    X = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]])
+    # unit 1 is positive on row 1, unit 2 on row 2; unit 3 is always < 0 and unit 4 always 0: 2 of 4 dead
+    assert dead_unit_fractions(mlp, X) == [0.5]
+
+
+def test_diagnostics_are_logged_per_epoch_and_do_not_change_training(one_thread):
+    cfg = load_config("conf/digits_mlp.yaml", ["train.epochs=3", "train.device=cpu"])
+    prepared = prepared_for(cfg)
+    s = prepared.splits
+    X, y, Xv, yv = to_device(s.X_train, s.y_train, s.X_val, s.y_val, device=torch.device("cpu"))
+    from models.mlp import build_model
+
+    runs = []
+    for diagnose in (False, True):
+        model = build_model(cfg.model, s.n_features, s.n_classes, cfg.seed)
+        seen = []
+        runs.append(fit(model, X, y, Xv, yv, cfg.optim, cfg.train, 3.0, cfg.seed, lambda e, m: seen.append(m) and None, diagnose))
+    plain, diagnosed = runs
+    assert plain.diagnostics == {}
+    assert diagnosed.history == plain.history  # measuring does not perturb the run
+    assert set(diagnosed.history) == set(HISTORY_KEYS)
+    for key in ("grad_norm", "update_ratio", "dead_frac", "update_ratio/fc1.weight", "grad_norm/head.bias", "dead_frac/layer2"):
+        assert len(diagnosed.diagnostics[key]) == 3, key
+    assert set(diagnosed.diagnostics) <= set(seen[-1])  # the same numbers go to on_epoch (MLflow)
+    assert 1e-4 < diagnosed.diagnostics["update_ratio"][0] < 3e-2  # Adam 1e-3 on digits: near the 1e-3 rule
+
+
+# Flags on real small trainings
+
+
+@pytest.mark.parametrize("overrides, vanishes", [
+    ([], True),
+    (["model.init=xavier"], False),
+    (["model.activation=relu", "model.init=he"], False),
+])
+def test_vanishing_activations_at_init_of_a_10_layer_mlp(overrides, vanishes):
+    cfg = load_config("conf/deep_tanh_small_init.yaml", overrides)
+    assert len(cfg.model.hidden) == 10
+    prepared = prepared_for(cfg)
+    s = prepared.splits
+    report = inspect_init(cfg.model, s.n_features, s.n_classes, cfg.seed, s.X_train[:256])
+    found = F.init_flags(report.layer_stats, cfg.flags)
+    assert ("vanishing_activations" in found) == vanishes, found
+    assert len(report.histograms) == 10 and sum(report.histograms[0][0]) == 256 * 256
+
+
+def test_lr_1e_minus_7_flags_lr_too_low(one_thread):
+    cfg = load_config("conf/digits_mlp.yaml", ["optim.lr=1e-7", "train.epochs=3", "train.device=cpu"])
+    prepared = prepared_for(cfg)
+    result, _ = train_and_test(cfg, prepared)
+    found = F.run_flags(result.history, result.initial_loss, cfg.flags, result.diagnostics, n_classes=prepared.splits.n_classes)
+    assert "lr_too_low" in found and "lr_too_high" not in found and "diverged" not in found
+    assert max(result.diagnostics["update_ratio"]) < 1e-5
+
+
+def test_wide_mlp_without_regularization_on_a_small_split_overfits(one_thread):
+    cfg = load_config("conf/digits_mlp.yaml", [
+        "data.val_fraction=0.9", "data.test_fraction=0.07",  # ~53 training images
+        "model.hidden=[1024]", "optim.weight_decay=0", "model.dropout=0", "train.epochs=30", "train.batch_size=32", "train.device=cpu",
+    ])
+    prepared = prepared_for(cfg)
+    result, _ = train_and_test(cfg, prepared)
+    found = F.run_flags(result.history, result.initial_loss, cfg.flags, result.diagnostics, n_classes=prepared.splits.n_classes)
+    assert "overfitting" in found and "underfitting" not in found
+    assert result.history["train_acc"][-1] == 1.0
+    assert "overfitting — increase L2" in run_report(cfg.name, found, result.history, result.initial_loss)
+
+
+# Advice
+
+
+def test_run_report_speaks_the_lectures_language():
+    h = history([1.0, 0.2], [0.8, 1.0], val_acc=[0.8, 0.86])
+    text = run_report("demo", {"overfitting": "gap 0.14", "diverged": "loss nan"}, h, 2.3, {"update_ratio": [2e-3, 5e-4]}, "diverged in epoch 2", "abc123")
+    assert "training accuracy 100%, validation 86%: overfitting — increase L2" in text
+    assert text.index("loss exploded") < text.index("overfitting —")  # causes before symptoms
+    assert "lower the learning rate" in text and "abc123" in text and "2.0e-03" in text
+    assert "No flags" in run_report("ok", {}, h, 2.3)
+
+
+def test_search_advice_blames_the_range_and_reports_edges():
+    lrs = [1e-4 * 1.5**i for i in range(20)]  # 1e-4 .. 2.2e-1
+    trials = pd.DataFrame({
+        "stage": "coarse",
+        "status": ["diverged" if lr > 3e-2 else "finished" for lr in lrs],
+        "val_acc": [None if lr > 3e-2 else 0.9 + i / 1000 for i, lr in enumerate(lrs)],
+        "flags": ["diverged,lr_too_high" if lr > 3e-2 else "" for lr in lrs],
+        "param.optim.lr": lrs,
+        "param.optim.weight_decay": [1e-5, 1e-3] * 10,
+    })
+    exploded = sum(lr > 3e-2 for lr in lrs)
+    text = search_advice(trials, {"optim.lr": "high"})
+    assert f"loss exploded in {exploded} of 20 coarse trials, all with optim.lr >= 0.038: lower the upper bound of optim.lr" in text
+    assert "best optim.lr at the upper edge of its range: the range was widened" in text
+    assert "best trial: validation accuracy" in text
+    mixed = trials.assign(**{"param.optim.lr": list(reversed(lrs[:10])) + lrs[10:]})  # diverged at both ends
+    assert "no single parameter range to blame" in search_advice(mixed, {})
+    assert search_advice(trials.iloc[0:0], {}).startswith("No trials")
+
+
+# Real runs through the train flow, then `babysit report`
+
+
+def test_sgd_lr_10_diverges_in_epoch_1_and_the_run_records_it(prefect_harness, tracking_uri, capsys):
+    from flows.train import train_flow
+
+    summary = train_flow(config="conf/digits_mlp.yaml", overrides=["optim.name=sgd", "optim.lr=10", "tracking.log_model=false"])
+    assert summary.epochs_run == 1 and "diverged" in summary.flags
+    run = tracking.get_run(tracking_uri, summary.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["babysit.status"] == "diverged"
+    assert run.data.tags["babysit.stop_reason"].startswith("diverged in epoch 1")
+    assert main(["report", summary.run_id]) == 0
+    out = capsys.readouterr().out
+    assert "**diverged**" in out and "lower the learning rate" in out and "Stopped early: diverged in epoch 1" in out
+
+
+def test_deep_tanh_small_init_flags_vanishing_and_babysit_report_prints_it(prefect_harness, tracking_uri, capsys, one_thread):
+    from flows.train import train_flow
+
+    summary = train_flow(config="conf/deep_tanh_small_init.yaml", overrides=["train.epochs=2", "tracking.log_model=false"])
+    assert "vanishing_activations" in summary.flags
+    run = tracking.get_run(tracking_uri, summary.run_id)
+    assert "vanishing_activations" in run.data.tags["babysit.flags"]
+    artifacts = {a.path for a in tracking._client(tracking_uri).list_artifacts(summary.run_id)}
+    assert {"report.md", "init_activations.png", "curves.png"} <= artifacts
+    assert "update_ratio" in run.data.metrics and "grad_norm/fc10.weight" in run.data.metrics
+    assert len(tracking.metric_history(tracking_uri, summary.run_id, "update_ratio")) == 2
+    capsys.readouterr()
+    assert main(["report", summary.run_id]) == 0
+    out = capsys.readouterr().out
+    assert "# babysit report: deep_tanh_small_init" in out
+    assert "**vanishing_activations**" in out and "use Xavier init for tanh" in out
+
+
+def test_babysit_report_on_an_unknown_run_exits_2_without_traceback(tracking_uri, capsys):
+    assert main(["report", "0123456789abcdef"]) == 2  # no store yet
+    assert "no MLflow store" in capsys.readouterr().out
+    tracking.open_store(tracking_uri, "babysit")
+    assert main(["report", "0123456789abcdef"]) == 2
+    out = capsys.readouterr().out
+    assert "no MLflow run '0123456789abcdef'" in out and "Traceback" not in out

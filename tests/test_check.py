@@ -1,0 +1,85 @@
+"""Pre-flight checks (tasks/check.py) and `babysit check`, on real models and data."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from babysit.cli import main
+from babysit.config import load_config
+from tasks.check import check_activations, check_initial_loss, overfit_task, overfit_tiny_subset
+from tasks.data import load_dataset, split_dataset
+from tasks.preprocess import fit_preprocess
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def prepared_for(cfg):
+    splits = split_dataset(load_dataset(cfg.data, cfg.seed), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    return fit_preprocess(splits, cfg.preprocess)
+
+
+def test_babysit_check_passes_the_default_config_in_a_few_lines(capsys, one_thread):
+    assert main(["check", "conf/digits_mlp.yaml"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    text = " ".join(lines)
+    assert len(lines) <= 12
+    for name in ("initial loss", "tiny-subset overfit", "activations at init"):
+        assert f"PASS  {name}" in text
+    assert "FAIL" not in text and "all 3 checks passed" in text
+
+
+def test_babysit_check_fails_on_deep_tanh_small_init_with_reasons(capsys, one_thread, tmp_path):
+    assert main(["check", "conf/deep_tanh_small_init.yaml", "--budget", "5", "--plots", str(tmp_path)]) == 1
+    text = capsys.readouterr().out
+    assert "FAIL  activations at init: vanishing_activations" in text
+    assert "FAIL  tiny-subset overfit" in text and "PASS  initial loss" in text
+    assert (tmp_path / "init_activations.png").stat().st_size > 0 and (tmp_path / "overfit_curve.png").stat().st_size > 0
+
+
+def test_initial_loss_is_ln_classes_with_the_scaled_head():
+    cfg = load_config("conf/digits_mlp.yaml")
+    result = check_initial_loss(cfg, prepared_for(cfg))
+    assert result.passed and result.data["expected"] == pytest.approx(math.log(10))
+    assert abs(result.data["initial_loss"] - math.log(10)) < 0.1 * math.log(10)
+
+
+def test_initial_loss_check_fails_when_the_logits_start_large():
+    # a 3-class problem whose head is not scaled down and whose activations are large (lecun on
+    # unstandardized pixels 0..16): confident random logits, loss far above ln 3
+    cfg = load_config("conf/digits_mlp.yaml", ["preprocess.method=none", "model.head_init_scale=1.0", "model.init=lecun"])
+    result = check_initial_loss(cfg, prepared_for(cfg))
+    assert not result.passed and "initial_loss_off" in result.flags
+    assert f"expected ln(10) = {math.log(10):.3f}" in result.reason
+
+
+def test_overfit_tiny_subset_reaches_100_percent_with_regularization_off(one_thread):
+    cfg = load_config("conf/digits_mlp.yaml", ["model.dropout=0.5", "optim.weight_decay=0.1"])  # turned off by the check
+    result = overfit_tiny_subset(cfg, prepared_for(cfg), n=20, budget_epochs=200)
+    assert result.passed and result.data["accuracy"] == 1.0
+    assert result.data["epochs"] == len(result.curve) < 200
+    assert result.curve[-1] < result.curve[0]
+
+
+def test_overfit_check_fails_with_the_loss_curve_attached(one_thread):
+    cfg = load_config("conf/digits_mlp.yaml", ["optim.lr=1e-7"])
+    result = overfit_task.fn(cfg, prepared_for(cfg), n=20, budget_epochs=15)
+    assert not result.passed
+    assert len(result.curve) == 15 and "after 15 epochs (the budget)" in result.reason
+    assert result.curve[-1] == pytest.approx(result.curve[0], rel=1e-3)  # lr 1e-7: nothing moves
+
+
+def test_activation_check_reports_per_layer_numbers():
+    cfg = load_config("conf/digits_mlp.yaml")
+    result = check_activations(cfg, prepared_for(cfg))
+    assert result.passed and "over 2 hidden layers" in result.reason
+    stats = result.data["report"].layer_stats
+    assert len(stats["act_std"]) == 2 and stats["act_frac_dead"] == [0.0, 0.0]

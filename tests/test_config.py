@@ -1,0 +1,157 @@
+"""The config is validated once, at the edge: typed overrides, and one readable error per mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from babysit.config import Config, load_config
+from babysit.errors import BabysitError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def write_yaml(tmp_path: Path, tree: dict, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.mark.parametrize("name", ["digits_mlp.yaml", "spiral_mlp.yaml"])
+def test_shipped_configs_load_with_their_yaml_values(name):
+    path = CONF / name
+    tree = yaml.safe_load(path.read_text())
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    # every value written in the file arrives unchanged in the validated config
+    dumped = cfg.model_dump(mode="json")
+    for section, values in tree.items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                assert dumped[section][key] == value, f"{section}.{key}"
+        else:
+            assert dumped[section] == values
+
+
+def test_yaml_file_loads_into_typed_sections(tmp_path):
+    path = write_yaml(tmp_path, {"name": "t", "seed": 7, "model": {"hidden": [8, 4], "activation": "tanh"}, "optim": {"name": "sgd", "lr": 0.5}})
+    cfg = load_config(path)
+    assert (cfg.name, cfg.seed) == ("t", 7)
+    assert cfg.model.hidden == [8, 4] and cfg.model.activation == "tanh"
+    assert cfg.optim.name == "sgd" and cfg.optim.lr == 0.5
+    # sections left out take their defaults
+    assert cfg.train.epochs == 20 and cfg.data.source == "digits"
+
+
+def test_overrides_are_typed_by_the_schema():
+    cfg = load_config(CONF / "digits_mlp.yaml", ["optim.lr=3e-3", "model.hidden=[32,16]", "model.batchnorm=true", "train.epochs=4", "preprocess.pca_components=0.5"])
+    assert type(cfg.optim.lr) is float and cfg.optim.lr == pytest.approx(0.003)
+    assert cfg.model.hidden == [32, 16] and all(type(w) is int for w in cfg.model.hidden)
+    assert cfg.model.batchnorm is True
+    assert type(cfg.train.epochs) is int and cfg.train.epochs == 4
+    assert type(cfg.preprocess.pca_components) is float and cfg.preprocess.pca_components == 0.5
+
+
+def test_overrides_win_over_the_file_and_leave_the_rest():
+    cfg = load_config(CONF / "digits_mlp.yaml", ["model.activation=tanh", "tracking.experiment=other"])
+    assert cfg.model.activation == "tanh" and cfg.tracking.experiment == "other"
+    assert cfg.model.hidden == [256, 256] and cfg.optim.weight_decay == pytest.approx(1e-4)
+
+
+def test_overrides_create_missing_sections(tmp_path):
+    cfg = load_config(write_yaml(tmp_path, {"name": "bare"}), ["optim.schedule=cosine", "flags.overfit_gap=0.2"])
+    assert cfg.optim.schedule == "cosine" and cfg.flags.overfit_gap == pytest.approx(0.2)
+
+
+def test_flat_config_has_dotted_keys():
+    flat = load_config(CONF / "digits_mlp.yaml", ["optim.lr=0.01"]).flat()
+    assert flat["optim.lr"] == 0.01 and flat["model.init"] == "he" and flat["data.source"] == "digits"
+    assert flat["model.hidden"] == [256, 256]
+    assert not any(isinstance(v, dict) for v in flat.values())
+
+
+@pytest.mark.parametrize(
+    ("tree", "overrides", "field"),
+    [
+        ({"epochz": 3}, [], "epochz"),  # unknown top-level key
+        ({"model": {"activaton": "relu"}}, [], "model.activaton"),  # unknown nested key (a typo)
+        ({}, ["model.activaton=relu"], "model.activaton"),
+        ({"train": {"epochs": "many"}}, [], "train.epochs"),  # wrong type
+        ({"model": {"hidden": [32, "wide"]}}, [], "model.hidden"),
+        ({"model": {"batchnorm": "perhaps"}}, [], "model.batchnorm"),
+        ({"optim": {"lr": -0.1}}, [], "optim.lr"),  # negative learning rate
+        ({}, ["optim.lr=0"], "optim.lr"),
+        ({"model": {"activation": "swish"}}, [], "model.activation"),  # unknown activation
+        ({"model": {"init": "kaiming"}}, [], "model.init"),  # unknown init scheme
+        ({"optim": {"name": "lbfgs"}}, [], "optim.name"),
+        ({"train": {"device": "tpu"}}, [], "train.device"),
+        ({"data": {"source": "csv"}}, [], "data.path"),  # a file source needs a path
+    ],
+)
+def test_invalid_field_names_file_and_dotted_field(tmp_path, tree, overrides, field):
+    path = write_yaml(tmp_path, tree)
+    with pytest.raises(BabysitError) as err:
+        load_config(path, overrides)
+    message = str(err.value)
+    assert str(path) in message
+    assert field in message
+    assert "\n" not in message  # one paragraph
+
+
+@pytest.mark.parametrize("fractions", [(0.5, 0.5), (0.6, 0.5), (0.7, 0.3)])
+def test_val_plus_test_fraction_must_leave_training_rows(tmp_path, fractions):
+    path = write_yaml(tmp_path, {"data": {"val_fraction": fractions[0], "test_fraction": fractions[1]}})
+    with pytest.raises(BabysitError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert str(path) in message and "data" in message
+    assert "val_fraction" in message and "test_fraction" in message
+
+
+def test_fractions_just_below_one_are_accepted(tmp_path):
+    cfg = load_config(write_yaml(tmp_path, {"data": {"val_fraction": 0.45, "test_fraction": 0.45}}))
+    assert cfg.data.val_fraction + cfg.data.test_fraction < 1
+
+
+def test_unknown_field_lists_the_known_ones(tmp_path):
+    with pytest.raises(BabysitError) as err:
+        load_config(write_yaml(tmp_path, {"model": {"activaton": "relu"}}))
+    assert "activation" in str(err.value).split("activaton", 1)[1]  # the right spelling is offered
+
+
+def test_missing_file_names_the_file(tmp_path):
+    path = tmp_path / "nowhere.yaml"
+    with pytest.raises(BabysitError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "not found" in str(err.value)
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model:\n  hidden: [32, 16\n  activation: relu\n")
+    with pytest.raises(BabysitError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "YAML" in str(err.value)
+
+
+def test_yaml_that_is_not_a_mapping_names_the_file(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(BabysitError) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(("item", "names"), [("optim.lr", "optim.lr"), ("=3", "=3"), ("model.hidden.width=3", "hidden")])
+def test_malformed_override_names_itself(item, names):
+    with pytest.raises(BabysitError) as err:
+        load_config(CONF / "digits_mlp.yaml", [item])
+    assert names in str(err.value)
+
+
+def test_assignment_is_validated():
+    cfg = load_config(CONF / "digits_mlp.yaml")
+    with pytest.raises(ValueError):
+        cfg.optim.lr = -1.0

@@ -1,0 +1,209 @@
+"""Data stage: every source loads into X (float32) and y (0..C-1); bad files fail with the file named."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.datasets import load_digits
+
+from babysit.config import DataConfig
+from babysit.errors import BabysitError
+from tasks.data import Dataset, load_data_task, load_dataset, split_dataset
+
+
+def table(rows: int = 60, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"a": rng.normal(size=rows), "b": rng.integers(0, 5, rows), "species": rng.choice(["setosa", "virginica", "versicolor"], rows)})
+
+
+def raises_naming(cfg: DataConfig, *fragments: str) -> str:
+    with pytest.raises(BabysitError) as err:
+        load_dataset(cfg, seed=0)
+    message = str(err.value)
+    for fragment in fragments:
+        assert fragment.lower() in message.lower(), (fragment, message)
+    return message
+
+
+def test_digits_is_sklearns_digits():
+    data = load_dataset(DataConfig(source="digits"), seed=0)
+    reference = load_digits()
+    assert data.X.shape == (1797, 64) and data.X.dtype == np.float32
+    np.testing.assert_array_equal(data.X, reference.data.astype(np.float32))
+    np.testing.assert_array_equal(data.y, reference.target)
+    assert data.y.dtype == np.int64
+    assert data.classes == [str(d) for d in range(10)]
+
+
+def test_spiral_shape_classes_and_seeding():
+    cfg = DataConfig(source="spiral", n_samples=300, n_classes=3, noise=0.2)
+    a, b, c = load_dataset(cfg, seed=1), load_dataset(cfg, seed=1), load_dataset(cfg, seed=2)
+    assert a.X.shape == (300, 2) and a.X.dtype == np.float32
+    np.testing.assert_array_equal(np.bincount(a.y), [100, 100, 100])
+    np.testing.assert_array_equal(a.X, b.X)
+    assert not np.allclose(a.X, c.X)
+    # points lie on arms of radius 0..1 (the angle noise does not change the radius)
+    assert np.linalg.norm(a.X, axis=1).max() <= 1.0 + 1e-6
+
+
+def test_spiral_class_count_follows_config():
+    data = load_dataset(DataConfig(source="spiral", n_samples=500, n_classes=5), seed=0)
+    assert len(data.classes) == 5 and data.X.shape == (500, 2)
+
+
+def test_blobs_shape_classes_and_seeding():
+    cfg = DataConfig(source="blobs", n_samples=400, n_classes=4)
+    a, b, c = load_dataset(cfg, seed=3), load_dataset(cfg, seed=3), load_dataset(cfg, seed=4)
+    assert a.X.shape == (400, 2) and sorted(set(a.y.tolist())) == [0, 1, 2, 3]
+    np.testing.assert_array_equal(a.X, b.X)
+    assert not np.allclose(a.X, c.X)
+
+
+def test_csv_with_string_labels(tmp_path):
+    frame = table()
+    path = tmp_path / "iris.csv"
+    frame.to_csv(path, index=False)
+    data = load_dataset(DataConfig(source="csv", path=path, target="species"), seed=0)
+    np.testing.assert_allclose(data.X, frame[["a", "b"]].to_numpy(np.float32))
+    assert data.classes == ["setosa", "versicolor", "virginica"]
+    # y indexes `classes`: decoding it gives back the original labels
+    assert [data.classes[i] for i in data.y] == frame["species"].tolist()
+
+
+def test_parquet_with_named_target(tmp_path):
+    frame = table(seed=1)
+    frame["label"] = np.arange(len(frame)) % 2 * 7 + 3  # labels 3 and 10: encoded as 0 and 1
+    frame = frame.drop(columns="species")
+    path = tmp_path / "data.parquet"
+    frame.to_parquet(path)
+    data = load_dataset(DataConfig(source="parquet", path=path, target="label"), seed=0)
+    np.testing.assert_allclose(data.X, frame[["a", "b"]].to_numpy(np.float32))
+    assert data.classes == ["3", "10"]
+    np.testing.assert_array_equal(data.y, (frame["label"] == 10).to_numpy().astype(int))
+
+
+def test_npz_with_X_and_y(tmp_path):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(50, 3)), rng.integers(0, 4, 50)
+    path = tmp_path / "data.npz"
+    np.savez(path, X=X, y=y)
+    data = load_dataset(DataConfig(source="npz", path=path), seed=0)
+    np.testing.assert_allclose(data.X, X.astype(np.float32))
+    np.testing.assert_array_equal(data.y, np.unique(y, return_inverse=True)[1])
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "absent.csv"
+    raises_naming(DataConfig(source="csv", path=path, target="y"), str(path), "not found")
+
+
+def test_missing_target_column(tmp_path):
+    path = tmp_path / "t.csv"
+    table().to_csv(path, index=False)
+    raises_naming(DataConfig(source="csv", path=path, target="label"), str(path), "label", "species")
+
+
+def test_nan_features(tmp_path):
+    frame = table()
+    frame.loc[5, "a"] = np.nan
+    path = tmp_path / "nan.csv"
+    frame.to_csv(path, index=False)
+    raises_naming(DataConfig(source="csv", path=path, target="species"), str(path), "NaN")
+
+
+def test_infinite_features_in_npz(tmp_path):
+    X = np.ones((20, 2))
+    X[3, 1] = np.inf
+    path = tmp_path / "inf.npz"
+    np.savez(path, X=X, y=np.arange(20) % 2)
+    raises_naming(DataConfig(source="npz", path=path), str(path), "infinite")
+
+
+def test_non_numeric_feature_column(tmp_path):
+    frame = table()
+    frame["colour"] = np.where(frame["b"] > 2, "red", "blue")
+    path = tmp_path / "text.parquet"
+    frame.to_parquet(path)
+    raises_naming(DataConfig(source="parquet", path=path, target="species"), str(path), "colour", "numeric")
+
+
+def test_single_class(tmp_path):
+    frame = table().assign(species="setosa")
+    path = tmp_path / "one.csv"
+    frame.to_csv(path, index=False)
+    raises_naming(DataConfig(source="csv", path=path, target="species"), str(path), "class")
+
+
+def test_too_few_rows_to_split_names_file(tmp_path):
+    # three rows, three classes: no class can have a row in each of train, val and test
+    path = tmp_path / "tiny.csv"
+    pd.DataFrame({"x": [0.0, 1.0, 2.0], "y": ["a", "b", "c"]}).to_csv(path, index=False)
+    cfg = DataConfig(source="csv", path=path, target="y")
+    with pytest.raises(BabysitError) as err:
+        load_data_task.fn(cfg, seed=0)
+    assert str(path) in str(err.value)
+
+
+def test_fewer_generated_points_than_classes():
+    # 2 points for 3 spiral arms: not a usable dataset
+    with pytest.raises(BabysitError) as err:
+        load_dataset(DataConfig(source="spiral", n_samples=2, n_classes=3), seed=0)
+    assert "spiral" in str(err.value)
+
+
+def test_npz_missing_y(tmp_path):
+    path = tmp_path / "noy.npz"
+    np.savez(path, X=np.zeros((4, 2)), labels=np.arange(4))
+    raises_naming(DataConfig(source="npz", path=path), str(path), "'y'", "labels")
+
+
+def test_unreadable_parquet_names_file(tmp_path):
+    path = tmp_path / "junk.parquet"
+    path.write_bytes(b"this is not parquet")
+    raises_naming(DataConfig(source="parquet", path=path, target="y"), str(path), "parquet")
+
+
+def data_of(n_rows: int, weights: list[float], seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    y = rng.choice(len(weights), size=n_rows, p=weights)
+    X = np.c_[np.arange(n_rows), rng.normal(size=n_rows)].astype(np.float32)  # column 0: row id
+    return Dataset(X=X, y=y.astype(np.int64), classes=[str(c) for c in range(len(weights))], origin="test")
+
+
+def test_split_fractions_disjoint_and_covering():
+    data = data_of(1000, [0.5, 0.3, 0.2])
+    s = split_dataset(data, val_fraction=0.2, test_fraction=0.1, seed=0)
+    assert len(s.y_train) == pytest.approx(700, abs=2)
+    assert len(s.y_val) == pytest.approx(200, abs=2)
+    assert len(s.y_test) == pytest.approx(100, abs=2)
+    ids = [s.X_train[:, 0], s.X_val[:, 0], s.X_test[:, 0]]
+    all_ids = np.concatenate(ids)
+    assert len(all_ids) == 1000 and len(np.unique(all_ids)) == 1000  # disjoint and covering
+    # each row keeps its own label
+    for X_part, y_part in [(s.X_train, s.y_train), (s.X_val, s.y_val), (s.X_test, s.y_test)]:
+        np.testing.assert_array_equal(y_part, data.y[X_part[:, 0].astype(int)])
+
+
+def test_split_is_stratified():
+    data = data_of(2000, [0.7, 0.2, 0.1])
+    overall = np.bincount(data.y) / len(data.y)
+    s = split_dataset(data, val_fraction=0.15, test_fraction=0.15, seed=0)
+    for y_part in (s.y_train, s.y_val, s.y_test):
+        np.testing.assert_allclose(np.bincount(y_part, minlength=3) / len(y_part), overall, atol=0.01)
+
+
+def test_split_is_seeded():
+    data = data_of(500, [0.5, 0.5])
+    a, b, c = (split_dataset(data, 0.15, 0.15, seed) for seed in (0, 0, 1))
+    np.testing.assert_array_equal(a.X_train, b.X_train)
+    np.testing.assert_array_equal(a.X_test, b.X_test)
+    assert not np.array_equal(a.X_train[:, 0], c.X_train[:, 0])
+
+
+def test_load_data_task_fn_splits_digits():
+    s = load_data_task.fn(DataConfig(source="digits", val_fraction=0.2, test_fraction=0.2), seed=0)
+    assert s.n_features == 64 and s.n_classes == 10
+    assert len(s.y_train) + len(s.y_val) + len(s.y_test) == 1797
+    assert len(s.y_test) == pytest.approx(0.2 * 1797, abs=1)

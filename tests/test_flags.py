@@ -1,0 +1,99 @@
+"""Flags on hand-made histories: each rule fires where it should and stays quiet on healthy curves."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from babysit.config import FlagsConfig
+from babysit.flags import diverged, overfitting, run_flags
+
+INITIAL = math.log(10)  # 2.303: a 10-class model at init
+
+# Loss falls fast from ln(10), then keeps falling; train and val accuracy end high and close.
+HEALTHY = {
+    "train_loss": [1.2, 0.6, 0.35, 0.25, 0.18, 0.14],
+    "val_loss": [1.25, 0.65, 0.4, 0.32, 0.28, 0.27],
+    "train_acc": [0.7, 0.85, 0.91, 0.94, 0.96, 0.97],
+    "val_acc": [0.68, 0.83, 0.89, 0.91, 0.92, 0.93],
+}
+
+
+def test_not_diverged_on_decreasing_loss():
+    assert diverged(HEALTHY["train_loss"], INITIAL, 3.0) is None
+
+
+def test_not_diverged_on_a_bump_below_the_factor():
+    assert diverged([2.0, 5.0, 1.0], INITIAL, 3.0) is None  # 5.0 < 3 x 2.303
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_diverged_on_non_finite(bad):
+    reason = diverged([2.0, 1.5, bad, 1.0], INITIAL, 3.0)
+    assert reason is not None and "epoch 3" in reason
+
+
+def test_diverged_above_factor_times_initial():
+    reason = diverged([2.0, 1.5, 7.0], INITIAL, 3.0)  # 7.0 > 6.91
+    assert reason is not None and "epoch 3" in reason
+    assert diverged([2.0, 1.5, 6.9], INITIAL, 3.0) is None  # 6.9 < 6.91
+    assert diverged([2.0, 1.5, 6.9], INITIAL, 2.0) is not None
+
+
+def test_overfitting_on_accuracy_gap():
+    history = {**HEALTHY, "train_acc": [0.5, 0.7, 0.9, 0.97, 0.99, 1.0], "val_acc": [0.48, 0.66, 0.8, 0.83, 0.84, 0.85]}
+    reason = overfitting(history, gap=0.10, patience=3)
+    assert reason is not None and "gap" in reason
+
+
+def test_gap_is_checked_at_the_last_epoch_only():
+    # a gap that closed again is not overfitting
+    history = {**HEALTHY, "train_acc": [0.5, 0.9, 0.9, 0.9, 0.9, 0.9], "val_acc": [0.5, 0.7, 0.8, 0.85, 0.86, 0.86]}
+    assert overfitting(history, gap=0.10, patience=3) is None
+    # and the threshold is a strict "above"
+    assert overfitting(history, gap=0.03, patience=3) is not None
+
+
+def test_overfitting_on_rising_val_loss_while_train_falls():
+    history = {
+        "train_loss": [2.0, 1.0, 0.7, 0.5, 0.4, 0.3],
+        "val_loss": [2.1, 1.1, 0.8, 0.85, 0.9, 0.95],  # rises in epochs 4, 5, 6
+        "train_acc": [0.4, 0.7, 0.8, 0.85, 0.87, 0.88],
+        "val_acc": [0.4, 0.68, 0.79, 0.82, 0.83, 0.83],  # gap 0.05: below threshold
+    }
+    reason = overfitting(history, gap=0.10, patience=3)
+    assert reason is not None and "validation loss rose" in reason
+    assert overfitting(history, gap=0.10, patience=4) is None
+
+
+def test_rising_val_loss_must_be_consecutive():
+    history = {**HEALTHY, "train_loss": [2.0, 1.5, 1.2, 1.0, 0.8, 0.6], "val_loss": [2.0, 2.1, 2.0, 2.1, 2.0, 2.1]}
+    assert overfitting(history, gap=0.10, patience=2) is None
+
+
+def test_rising_val_loss_with_rising_train_loss_is_not_overfitting():
+    history = {**HEALTHY, "train_loss": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5], "val_loss": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5]}
+    assert overfitting(history, gap=0.10, patience=3) is None
+
+
+def test_healthy_curves_raise_no_flags():
+    assert overfitting(HEALTHY, gap=0.10, patience=3) is None
+    assert run_flags(HEALTHY, INITIAL, FlagsConfig()) == {}
+
+
+def test_empty_history_raises_no_flags():
+    empty = {key: [] for key in HEALTHY}
+    assert run_flags(empty, INITIAL, FlagsConfig()) == {}
+
+
+def test_run_flags_collects_both():
+    history = {
+        "train_loss": [2.0, 1.0, math.nan],
+        "val_loss": [2.0, 1.5, 1.6],
+        "train_acc": [0.5, 0.9, 0.95],
+        "val_acc": [0.5, 0.6, 0.6],
+    }
+    flags = run_flags(history, INITIAL, FlagsConfig(overfit_gap=0.2))
+    assert {"diverged", "overfitting"} <= set(flags)
+    assert all(isinstance(reason, str) and reason for reason in flags.values())

@@ -1,0 +1,156 @@
+"""The MLP and its init schemes, checked against the papers' variance formulas."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from babysit.config import ModelConfig
+from models.init import expected_std
+from models.mlp import MLP, Affine, build_model
+from tasks.build import inspect_init
+
+FAN_IN, FAN_OUT = 512, 256  # a hidden layer of 131,072 weights: its sample std is within ~0.5%
+
+# The references, written out: Glorot & Bengio 2010, He et al. 2015, LeCun et al. 1998, Saxe et al. 2014.
+RELU_GAIN, TANH_GAIN = math.sqrt(2.0), 5.0 / 3.0
+REFERENCE_STD = {
+    ("small", "relu"): 0.01,
+    ("xavier", "relu"): math.sqrt(2.0 / (FAN_IN + FAN_OUT)),
+    ("xavier", "tanh"): math.sqrt(2.0 / (FAN_IN + FAN_OUT)),
+    ("he", "relu"): math.sqrt(2.0 / FAN_IN),
+    ("he", "leaky_relu"): math.sqrt(2.0 / ((1 + 0.2**2) * FAN_IN)),  # leaky_slope 0.2 below
+    ("lecun", "relu"): math.sqrt(1.0 / FAN_IN),
+    ("lecun", "tanh"): math.sqrt(1.0 / FAN_IN),
+    ("orthogonal", "relu"): RELU_GAIN / math.sqrt(FAN_IN),
+    ("orthogonal", "tanh"): TANH_GAIN / math.sqrt(FAN_IN),
+}
+
+
+def first_layer(model: MLP) -> nn.Linear:
+    return model.blocks[0][0]
+
+
+@pytest.mark.parametrize("distribution", ["normal", "uniform"])
+@pytest.mark.parametrize(("scheme", "activation"), list(REFERENCE_STD))
+def test_init_std_matches_formula(scheme, activation, distribution):
+    cfg = ModelConfig(hidden=[FAN_OUT], activation=activation, init=scheme, init_distribution=distribution, leaky_slope=0.2)
+    layer = first_layer(build_model(cfg, FAN_IN, 3, seed=0))
+    w = layer.weight.detach().double()
+    reference = REFERENCE_STD[(scheme, activation)]
+    assert expected_std(scheme, FAN_IN, FAN_OUT, activation, leaky_slope=0.2) == pytest.approx(reference, rel=1e-9)
+    assert w.std().item() == pytest.approx(reference, rel=0.05)
+    assert abs(w.mean().item()) < 0.05 * reference
+    torch.testing.assert_close(layer.bias, torch.zeros(FAN_OUT))
+    if scheme in ("xavier", "he", "lecun") and distribution == "uniform":
+        # a uniform of std s lives in [-s√3, s√3], and reaches close to both ends
+        bound = reference * math.sqrt(3.0)
+        assert w.abs().max().item() <= bound * 1.0001 and w.abs().max().item() > 0.99 * bound
+    elif scheme != "orthogonal":
+        # a normal's 131,072 draws go well beyond 3 std
+        assert w.abs().max().item() > 3.0 * reference
+
+
+def test_orthogonal_rows_are_orthogonal():
+    cfg = ModelConfig(hidden=[64], activation="tanh", init="orthogonal")
+    w = first_layer(build_model(cfg, 256, 3, seed=0)).weight.detach().double()
+    torch.testing.assert_close(w @ w.T, TANH_GAIN**2 * torch.eye(64, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_default_model_is_relu_he_without_batchnorm():
+    cfg = ModelConfig()
+    assert (cfg.activation, cfg.init, cfg.batchnorm, cfg.dropout) == ("relu", "he", False, 0.0)
+    model = build_model(cfg, 64, 10, seed=0)
+    kinds = [type(m) for m in model.modules()]
+    assert nn.ReLU in kinds and nn.BatchNorm1d not in kinds and nn.Dropout not in kinds
+    assert [first_layer(model).in_features, *(b[0].out_features for b in model.blocks), model.head.out_features] == [64, 256, 256, 10]
+    for block in model.blocks:
+        assert block[0].bias is not None
+
+
+def test_batchnorm_removes_the_linear_bias():
+    model = build_model(ModelConfig(hidden=[32, 16], batchnorm=True), 8, 3, seed=0)
+    for block in model.blocks:
+        assert isinstance(block[0], nn.Linear) and block[0].bias is None
+        assert isinstance(block[1], nn.BatchNorm1d) and block[1].num_features == block[0].out_features
+    assert model.head.bias is not None  # the classifier keeps its bias
+
+
+@pytest.mark.parametrize(("p", "present"), [(0.0, False), (0.3, True)])
+def test_dropout_layer_when_p_positive(p, present):
+    model = build_model(ModelConfig(hidden=[32, 16], dropout=p), 8, 3, seed=0)
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert len(dropouts) == (2 if present else 0)
+    assert all(d.p == p for d in dropouts)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu"])
+def test_activation_is_the_configured_one(activation):
+    model = build_model(ModelConfig(hidden=[16], activation=activation, leaky_slope=0.2), 4, 2, seed=0)
+    x = torch.linspace(-3, 3, 61)
+    reference = {
+        "sigmoid": torch.sigmoid(x), "tanh": torch.tanh(x), "relu": x.clamp(min=0),
+        "leaky_relu": torch.where(x > 0, x, 0.2 * x), "elu": torch.where(x > 0, x, torch.expm1(x)),
+        "gelu": 0.5 * x * (1 + torch.erf(x / math.sqrt(2))),
+    }[activation]
+    act = model.blocks[0][-1]
+    torch.testing.assert_close(act(x), reference, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.1, 0.01])
+def test_head_weights_are_scaled(scale):
+    cfg = ModelConfig(hidden=[FAN_IN], init="he", head_init_scale=scale)
+    model = build_model(cfg, 8, 400, seed=0)
+    w = model.head.weight.detach().double()
+    assert w.std().item() == pytest.approx(scale * math.sqrt(2.0 / FAN_IN), rel=0.05)
+    torch.testing.assert_close(model.head.bias, torch.zeros(400))
+    # hidden layers are not scaled
+    assert first_layer(model).weight.std().item() == pytest.approx(math.sqrt(2.0 / 8), rel=0.05)
+
+
+def test_same_seed_same_weights_other_seed_other_weights():
+    cfg = ModelConfig(hidden=[32, 32], init="xavier")
+    a, b, c = build_model(cfg, 10, 3, seed=5), build_model(cfg, 10, 3, seed=5), build_model(cfg, 10, 3, seed=6)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
+    assert not torch.equal(a.head.weight, c.head.weight)
+
+
+def test_initial_logits_are_small():
+    # head_init_scale=0.1 on standardized inputs: softmax is near uniform, loss ≈ ln(classes)
+    model = build_model(ModelConfig(), 64, 10, seed=0).eval()
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(0))
+    loss = nn.functional.cross_entropy(model(x), torch.randint(0, 10, (512,), generator=torch.Generator().manual_seed(1)))
+    assert loss.item() == pytest.approx(math.log(10), abs=0.05)
+
+
+def test_hidden_activations_are_block_outputs():
+    model = build_model(ModelConfig(hidden=[8, 6]), 4, 3, seed=0).eval()
+    x = torch.randn(5, 4)
+    h1, h2 = model.hidden_activations(x)
+    torch.testing.assert_close(h1, torch.relu(x @ model.blocks[0][0].weight.T + model.blocks[0][0].bias))
+    torch.testing.assert_close(h2, torch.relu(h1 @ model.blocks[1][0].weight.T + model.blocks[1][0].bias))
+    torch.testing.assert_close(model(x), h2 @ model.head.weight.T + model.head.bias)
+
+
+def test_affine_is_x_w_plus_b():
+    W, b, x = torch.randn(4, 3), torch.randn(3), torch.randn(7, 4)
+    torch.testing.assert_close(Affine(W, b)(x), x @ W + b)
+
+
+def test_inspect_init_reports_relu_activation_stats():
+    X = np.random.default_rng(0).normal(size=(256, 20)).astype(np.float32)
+    report = inspect_init(ModelConfig(hidden=[400, 400], init="he"), 20, 4, 0, X)
+    assert report.n_params == 20 * 400 + 400 + 400 * 400 + 400 + 400 * 4 + 4
+    assert report.architecture == "20 -> 400 -> 400 -> 4"
+    # ReLU zeroes about half the units at init
+    assert all(0.4 < f < 0.6 for f in report.layer_stats["act_frac_zero"])
+    assert report.layer_stats["act_frac_saturated"] == [0.0, 0.0]
+    # "small" init: activations shrink layer by layer (the lecture's vanishing-activation demo)
+    small = inspect_init(ModelConfig(hidden=[400, 400, 400], init="small", activation="tanh"), 20, 4, 0, X)
+    stds = small.layer_stats["act_std"]
+    assert stds[0] > stds[1] > stds[2]

@@ -1,0 +1,204 @@
+"""train_flow end to end: a real Prefect flow writing to a real (temporary) MLflow store."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+import uuid
+from pathlib import Path
+
+import joblib
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from babysit.config import Config, load_config
+from babysit.errors import BabysitError
+from flows.train import RunSummary, train_flow
+from tasks.data import load_dataset, split_dataset
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "conf" / "digits_mlp.yaml")
+EPOCHS = 3
+OVERRIDES = [f"train.epochs={EPOCHS}", "model.hidden=[64]", "optim.lr=3e-3", "train.device=cpu", "train.threads=1", "tracking.experiment=flow-test"]
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+
+
+@dataclass(frozen=True)
+class Finished:
+    uri: str
+    client: MlflowClient
+    summary: RunSummary
+    run: Run
+    cwd: Path  # the working directory during the flow
+
+
+@pytest.fixture(scope="module")
+def finished(prefect_harness, tmp_path_factory) -> Finished:
+    """One successful flow run into its own store (module-wide: a flow run costs seconds)."""
+    store, cwd = tmp_path_factory.mktemp("flow"), tmp_path_factory.mktemp("cwd")
+    uri = f"sqlite:///{store}/mlruns/mlflow.db"
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(cwd)  # nothing may land in the working directory; a stray ./mlruns would show here
+        summary = train_flow(config=CONFIG, overrides=OVERRIDES)
+    torch.set_num_threads(threads)
+    client = MlflowClient(tracking_uri=uri)
+    return Finished(uri, client, summary, client.get_run(summary.run_id), cwd)
+
+
+def store_folder(uri: str) -> Path:
+    return Path(uri.removeprefix("sqlite:///")).parent
+
+
+def all_runs(uri: str):
+    client = MlflowClient(tracking_uri=uri)
+    experiments = client.search_experiments()
+    return client.search_runs([e.experiment_id for e in experiments]) if experiments else []
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_run_is_finished_in_the_configured_experiment(finished):
+    uri, client, summary, run = finished.uri, finished.client, finished.summary, finished.run
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "flow-test"
+    assert summary.tracking_uri == uri and summary.experiment_id == run.info.experiment_id
+    assert [r.info.run_id for r in all_runs(uri)] == [summary.run_id]
+
+
+def test_nothing_lands_in_the_working_directory(finished):
+    assert sorted(p.name for p in finished.cwd.iterdir()) == []
+
+
+def test_params_are_the_flattened_config(finished):
+    run = finished.run
+    params = run.data.params
+    assert params["optim.lr"] == "0.003"
+    assert params["model.init"] == "he"
+    assert params["model.hidden"] == "[64]"
+    assert params["train.epochs"] == str(EPOCHS)
+    assert params["optim.weight_decay"] == "0.0001"  # from the YAML file
+    assert params["data.source"] == "digits" and params["seed"] == "0"
+    # every field of every section, nothing nested
+    cfg = load_config(CONFIG, OVERRIDES)
+    expected = {f"{section}.{field}" for section, model in cfg if hasattr(model, "model_fields") for field in type(model).model_fields}
+    assert expected <= set(params)
+
+
+def test_each_epoch_metric_has_one_entry_per_epoch(finished):
+    uri, client, summary, run = finished.uri, finished.client, finished.summary, finished.run
+    for key in EPOCH_METRICS:
+        history = sorted(client.get_metric_history(summary.run_id, key), key=lambda m: m.step)
+        assert [m.step for m in history] == list(range(1, EPOCHS + 1)), key
+    val_acc = [m.value for m in sorted(client.get_metric_history(summary.run_id, "val_acc"), key=lambda m: m.step)]
+    assert summary.best_val_acc == pytest.approx(max(val_acc))
+    assert summary.best_val_acc > 0.9
+    assert [m.value for m in client.get_metric_history(summary.run_id, "lr")] == [pytest.approx(3e-3)] * EPOCHS
+
+
+def test_outcome_metrics_match_the_summary(finished):
+    summary, run = finished.summary, finished.run
+    metrics = run.data.metrics
+    assert metrics["test_acc"] == pytest.approx(summary.test_acc)
+    assert metrics["best_val_acc"] == pytest.approx(summary.best_val_acc)
+    assert metrics["initial_loss"] == pytest.approx(summary.initial_loss)
+    assert summary.initial_loss == pytest.approx(math.log(10), abs=0.1)
+    assert summary.epochs_run == EPOCHS and summary.stop_reason is None
+
+
+def test_tags_carry_flags_and_provenance(prefect_harness, finished):
+    summary, run = finished.summary, finished.run
+    tags = run.data.tags
+    assert "babysit.flags" in tags
+    listed = set(filter(None, tags["babysit.flags"].split(","))) - {"none"}
+    assert listed == set(summary.flags)
+    assert all(tags[f"flag.{name}"] == reason for name, reason in summary.flags.items())
+    assert tags["babysit.seed"] == "0" and tags["babysit.config_name"] == "digits_mlp"
+    # the Prefect flow run that produced the MLflow run, and it completed
+    from prefect import get_client
+
+    with get_client(sync_client=True) as prefect:
+        flow_run = prefect.read_flow_run(uuid.UUID(tags["prefect.flow_run_id"]))
+    assert flow_run.state.is_completed()
+
+
+def test_artifacts_config_curves_transformer(finished):
+    uri, client, summary, run = finished.uri, finished.client, finished.summary, finished.run
+    paths = artifact_paths(client, summary.run_id)
+    assert {"config.yaml", "curves.png", "preprocess/transformer.joblib"} <= paths
+    local = client.download_artifacts(summary.run_id, "config.yaml")
+    logged = Config.model_validate(yaml.safe_load(Path(local).read_text()))
+    assert logged == load_config(CONFIG, OVERRIDES)
+    png = Path(client.download_artifacts(summary.run_id, "curves.png")).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # the transformer was fitted on the raw training split: its mean is that split's mean
+    transformer = joblib.load(client.download_artifacts(summary.run_id, "preprocess/transformer.joblib"))
+    cfg = load_config(CONFIG, OVERRIDES)
+    raw = split_dataset(load_dataset(cfg.data, cfg.seed), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    np.testing.assert_allclose(transformer.mean_, raw.X_train.astype(np.float64).mean(axis=0), rtol=1e-6, atol=1e-9)
+
+
+def test_logged_model_belongs_to_the_run_and_its_store(finished):
+    uri, client, summary, run = finished.uri, finished.client, finished.summary, finished.run
+    # MLflow 3: a run's model is a LoggedModel of the run's experiment, addressable as runs:/<run>/model
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{summary.run_id}'")
+    assert [m.name for m in models] == ["model"]
+    assert Path(models[0].artifact_location.removeprefix("file://")).is_relative_to(store_folder(uri))
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # runs:/ URIs resolve through the global tracking URI
+    try:
+        assert isinstance(mlflow.pytorch.load_model(f"runs:/{summary.run_id}/model"), torch.nn.Module)
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def test_logged_model_predicts_raw_test_inputs(finished):
+    uri, client, summary, run = finished.uri, finished.client, finished.summary, finished.run
+    # the run records its model's id among its outputs
+    (output,) = run.outputs.model_outputs
+    assert client.get_logged_model(output.model_id).source_run_id == summary.run_id
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        model = mlflow.pytorch.load_model(f"models:/{output.model_id}")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    cfg = load_config(CONFIG, OVERRIDES)
+    raw = split_dataset(load_dataset(cfg.data, cfg.seed), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    assert raw.X_test.max() == 16.0  # raw pixel intensities 0..16, not standardized
+    with torch.no_grad():
+        predicted = model(torch.as_tensor(raw.X_test)).argmax(1).numpy()
+    assert np.mean(predicted == raw.y_test) == pytest.approx(summary.test_acc, abs=0.02)
+    assert summary.test_acc > 0.85
+
+
+def test_bad_data_raises_and_leaves_no_running_run(prefect_harness, tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "missing.csv"
+    with pytest.raises(BabysitError) as err:
+        train_flow(config=CONFIG, overrides=["data.source=csv", f"data.path={missing}", "data.target=label", "train.epochs=1"])
+    assert str(missing) in str(err.value)
+    assert [r.info.status for r in all_runs(tracking_uri) if r.info.status == "RUNNING"] == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA to make training fail")
+def test_failure_during_training_ends_the_run_failed(prefect_harness, tracking_uri, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # device=cuda validates, but moving the model to a missing GPU raises inside the train task
+    with pytest.raises(Exception):
+        train_flow(config=CONFIG, overrides=["train.device=cuda", "train.epochs=1", "model.hidden=[8]"])
+    runs = all_runs(tracking_uri)
+    assert len(runs) == 1
+    assert runs[0].info.status == "FAILED"
+    assert runs[0].data.tags.get("babysit.failure")
