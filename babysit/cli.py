@@ -51,7 +51,166 @@ def train(args: argparse.Namespace) -> int:
         table.add_row("stopped", summary.stop_reason)
     table.add_row("MLflow run", f"{summary.run_id} ({summary.tracking_uri})")
     table.add_row("see it", f"babysit ui  →  {summary.url}")
+    table.add_row("what next", f"babysit report {summary.run_id}")
     console.print(table)
+    return 0
+
+
+def search(args: argparse.Namespace) -> int:
+    from babysit.config import SearchExperiment
+
+    exp = load_config(args.config, args.set, model=SearchExperiment)
+    with console.status("starting Prefect (ephemeral server unless PREFECT_API_URL is set)..."):
+        from flows.search import search_flow
+    quiet_user_errors()
+    summary = search_flow(config=args.config, overrides=args.set)
+
+    table = Table(title=f"babysit search: {exp.name}", show_header=False)
+    for stage, space in summary.ranges.items():
+        table.add_row(f"stage {stage}", "\n".join(f"{field} ~ {dist}" for field, dist in space.items()))
+    table.add_row("best trial", f"val acc {summary.best_val_acc:.4f}: " + ", ".join(f"{k}={v}" for k, v in summary.best_params.items()))
+    if summary.test_acc is not None:
+        table.add_row("final retrain", f"val acc {summary.final_val_acc:.4f}, test acc {summary.test_acc:.4f}")
+    table.add_row("edges", "\n".join(summary.edges) or "none: every best value sat inside its range")
+    table.add_row("trials", f"{summary.trials_run} run, {summary.trials_reused} reused from an earlier run of this search")
+    if summary.changes:
+        table.add_row("since last run", "\n".join(summary.changes))
+    table.add_row("MLflow parent run", f"{summary.parent_run_id} ({summary.tracking_uri})")
+    table.add_row("see it", f"babysit ui  →  {summary.url}")
+    console.print(table)
+    return 0
+
+
+def check(args: argparse.Namespace) -> int:
+    """Pre-flight checks on plain functions (no Prefect server, no MLflow run): exit 0 if all pass, 1 if not."""
+    import torch
+    from rich.markup import escape
+
+    from tasks.check import preflight
+    from tasks.data import load_dataset, split_dataset
+    from tasks.preprocess import fit_preprocess
+
+    cfg = load_config(args.config, args.set)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    splits = split_dataset(load_dataset(cfg.data, cfg.seed), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    prepared = fit_preprocess(splits, cfg.preprocess)
+    results = preflight(cfg, prepared, n=args.subset, budget_epochs=args.budget)
+    architecture = next((r.data["report"].architecture for r in results if "report" in r.data), "")
+    console.print(f"babysit check: {cfg.name} ({architecture})", highlight=False)
+    for result in results:
+        verdict = "[green]PASS[/]" if result.passed else "[bold red]FAIL[/]"
+        console.print(f"{verdict}  {result.name}: {escape(result.reason)}", highlight=False)
+    if args.plots:
+        saved = save_check_plots(results, args.plots, cfg.name)
+        console.print(f"plots: {', '.join(saved)}", highlight=False)
+    failed = [r.name for r in results if not r.passed]
+    console.print(f"{len(failed)} of {len(results)} checks failed: {', '.join(failed)}" if failed else f"all {len(results)} checks passed", highlight=False)
+    return 1 if failed else 0
+
+
+def save_check_plots(results: list, folder: str, name: str) -> list[str]:
+    """The activation histograms at init and the tiny-subset loss curve, as PNGs in `folder`."""
+    from pathlib import Path
+
+    from babysit import plots
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    saved = []
+    for result in results:
+        if result.curve:
+            figure, file = plots.loss_curve(result.curve, f"{name}: {result.name}"), Path(folder) / "overfit_curve.png"
+        elif (report := result.data.get("report")) is not None and report.histograms:
+            figure, file = plots.activation_histograms(report.histograms, report.layer_stats, name), Path(folder) / "init_activations.png"
+        else:
+            continue
+        figure.savefig(file, dpi=100)
+        plots.close(figure)
+        saved.append(str(file))
+    return saved
+
+
+def report(args: argparse.Namespace) -> int:
+    """Rebuild a run's report from what MLflow holds (tags flag.*, metric histories) and print it."""
+    from babysit import tracking
+    from babysit.advice import run_report
+
+    uri = tracking.resolve_uri(args.uri)
+    record = tracking.read_run(uri, args.run_id, ("train_loss", "train_acc", "val_loss", "val_acc", "update_ratio"))
+    names = [n for n in record.tags.get("babysit.flags", "").split(",") if n and n != "none"]
+    flags = {name: record.tags.get(f"flag.{name}", "") for name in names}
+    history = {key: record.histories[key] for key in ("train_loss", "train_acc", "val_loss", "val_acc") if key in record.histories}
+    name = record.tags.get("babysit.config_name") or record.tags.get("mlflow.runName", args.run_id)
+    text = run_report(name, flags, history, record.metrics.get("initial_loss", float("nan")), record.histories,
+                      record.tags.get("babysit.stop_reason"), args.run_id)
+    if record.status != "FINISHED":
+        text += f"\nMLflow status: {record.status}" + (f" ({record.tags['babysit.failure']})" if "babysit.failure" in record.tags else "") + "\n"
+    print(text, end="")
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    """flow.serve with a schedule: runs come while this process runs (no worker, no work pool)."""
+    from babysit import deploy
+
+    schedule = deploy.schedule_for(args.cron, args.interval, args.timezone)
+    search, name = deploy.check_config(args.config, args.set)
+    if not (api := os.environ.get("PREFECT_API_URL")):
+        from pathlib import Path
+
+        from babysit import servers
+
+        running = [r for r, alive, ok in servers.status(Path(".babysit")) if r.name == "prefect" and alive and ok]
+        raise BabysitError("schedules need a Prefect server (the temporary one Prefect starts when PREFECT_API_URL is unset runs no scheduler): "
+                           + (f"`babysit server up` started one; run `{servers.exports(running)[0]}` and try again." if running
+                              else "start one with `babysit server up`, run the `export PREFECT_API_URL=...` line it prints, and try again."))
+    with console.status("loading the flow..."):
+        flow = deploy.flow_of(search)
+    console.print(f"serving {args.config} as deployment '{flow.name}/{args.name or name}' on the Prefect server at {api}; Ctrl-C stops serving and pauses the schedule", highlight=False)
+    quiet_user_errors()
+    deploy.serve(flow, args.config, args.set, schedule, args.name or name)
+    return 0
+
+
+def server(args: argparse.Namespace) -> int:
+    """babysit server up|down|status|env (babysit.servers)."""
+    from pathlib import Path
+
+    from babysit import servers
+
+    state = Path(args.state)
+    names = [args.only] if args.only else ["prefect", "mlflow"]
+    if args.action == "down":
+        for name, was_running in servers.down(state, names):
+            console.print(f"{name}: {'stopped' if was_running else 'was not running'}", highlight=False)
+        return 0
+    if args.action in ("status", "env"):
+        found = servers.status(state)
+        if args.action == "env":
+            print("\n".join(servers.exports([r for r, running, _ in found if running])))
+            return 0
+        for record, running, ok in found:
+            console.print(f"{record.name}: pid {record.pid} {'running' if running else 'not running'}, "
+                          f"{'healthy' if ok else 'not healthy'} at {record.health_url} (log {record.log})", highlight=False)
+        if not found:
+            console.print(f"no servers recorded in {state}/ (babysit server up starts them)", highlight=False)
+        return 0 if found and all(running and ok for _, running, ok in found) else 1
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"[yellow]warning:[/] binding {args.host}: the servers are reachable from the network, without authentication", highlight=False)
+    specs = []
+    if "prefect" in names:
+        specs.append(servers.prefect_spec(state, args.host, args.prefect_port, args.prefect_db))
+    if "mlflow" in names:
+        specs.append(servers.mlflow_spec(state, args.host, args.mlflow_port, args.backend_store_uri, args.artifacts_destination, args.mlflow_workers))
+    with console.status(f"starting {' and '.join(s.name for s in specs)} (logs in {state}/)..."):
+        records = servers.up(specs, state, args.timeout)
+        if "prefect" in names:
+            servers.ensure_work_pool(records[0].export["PREFECT_API_URL"])
+    for record in records:
+        since = f"healthy after {record.healthy_after_s:.1f} s" if record.healthy_after_s is not None else "already running"
+        console.print(f"{record.name}: pid {record.pid}, {since}, UI {record.ui} (log {record.log})", highlight=False)
+    console.print("point babysit, prefect and mlflow at them (babysit server env prints these; babysit server down stops them):", highlight=False)
+    print("\n".join(servers.exports(records)))
     return 0
 
 
@@ -59,10 +218,13 @@ def ui(args: argparse.Namespace) -> int:
     from babysit import tracking
 
     uri = tracking.resolve_uri(args.uri)
+    if tracking.is_remote(uri):  # a tracking server is its own UI
+        console.print(f"{uri} is a tracking server: its UI is {uri.rstrip('/')}/#/experiments?{tracking.UI_VIEW}", highlight=False)
+        return 0
     if db := tracking.sqlite_path(uri):
         db.parent.mkdir(parents=True, exist_ok=True)
     console.print(f"MLflow UI for {uri} on http://{args.host}:{args.port}/#/experiments?{tracking.UI_VIEW} (Ctrl-C stops it)")
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port), "--workers", "1"]
     try:
         return subprocess.call(command)
     except KeyboardInterrupt:
@@ -80,6 +242,36 @@ def parser() -> argparse.ArgumentParser:
         return sub
 
     with_config("train", "train one model and track it in MLflow").set_defaults(handler=train)
+    check_cmd = with_config("check", "pre-flight checks: initial loss, tiny-subset overfit, activations at init")
+    check_cmd.add_argument("--subset", type=int, default=20, metavar="N", help="training examples the model must overfit (default 20)")
+    check_cmd.add_argument("--budget", type=int, default=200, metavar="EPOCHS", help="epochs allowed to overfit them (default 200)")
+    check_cmd.add_argument("--plots", default=None, metavar="DIR", help="also save init_activations.png and overfit_curve.png there")
+    check_cmd.set_defaults(handler=check)
+    report_cmd = commands.add_parser("report", help="a run's flags and advice, rebuilt from MLflow")
+    report_cmd.add_argument("run_id", help="MLflow run id (shown by `babysit train` and in `babysit ui`)")
+    report_cmd.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
+    report_cmd.set_defaults(handler=report)
+    with_config("search", "coarse-to-fine hyperparameter search (conf/search_*.yaml)").set_defaults(handler=search)
+    serve_cmd = with_config("serve", "serve the config's flow on a schedule (flow.serve; search files serve the search flow)")
+    when = serve_cmd.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", default=None, metavar="EXPR", help="cron schedule, e.g. '0 3 * * *' (nightly at 03:00)")
+    when.add_argument("--interval", type=float, default=None, metavar="SECONDS", help="run every SECONDS")
+    serve_cmd.add_argument("--timezone", default="UTC", help="IANA time zone of --cron (default UTC)")
+    serve_cmd.add_argument("--name", default=None, help="deployment name (default: the config's `name`)")
+    serve_cmd.set_defaults(handler=serve)
+    server_cmd = commands.add_parser("server", help="local Prefect and MLflow servers: up | down | status | env")
+    server_cmd.add_argument("action", choices=["up", "down", "status", "env"])
+    server_cmd.add_argument("--only", choices=["prefect", "mlflow"], default=None, help="just this server")
+    server_cmd.add_argument("--state", default=".babysit", metavar="DIR", help="PIDs and logs (default .babysit)")
+    server_cmd.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes them)")
+    server_cmd.add_argument("--prefect-port", type=int, default=4200)
+    server_cmd.add_argument("--mlflow-port", type=int, default=5000)
+    server_cmd.add_argument("--prefect-db", default=None, metavar="URL", help="Prefect's database (default SQLite under --state; postgresql+asyncpg://...)")
+    server_cmd.add_argument("--backend-store-uri", default=None, metavar="URL", help="MLflow's store: any SQLAlchemy URL (default sqlite:///mlruns/mlflow.db, the local store)")
+    server_cmd.add_argument("--artifacts-destination", default=None, metavar="URI", help="where the MLflow server keeps artifacts it serves (default mlruns/served-artifacts; s3://...)")
+    server_cmd.add_argument("--mlflow-workers", type=int, default=2, help="MLflow server worker processes (default 2)")
+    server_cmd.add_argument("--timeout", type=float, default=180, metavar="SECONDS", help="how long to wait for health (default 180)")
+    server_cmd.set_defaults(handler=server)
     ui_cmd = commands.add_parser("ui", help="open the MLflow UI on the local store (127.0.0.1)")
     ui_cmd.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
     ui_cmd.add_argument("--host", default="127.0.0.1")

@@ -17,7 +17,8 @@ from babysit.errors import BabysitError
 
 Activation = Literal["sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu"]
 InitScheme = Literal["small", "xavier", "he", "lecun", "orthogonal"]
-DataSource = Literal["digits", "spiral", "blobs", "csv", "parquet", "npz"]
+DataSource = Literal["digits", "spiral", "blobs", "csv", "parquet", "npz", "digits_images", "image_folder", "cifar10", "mnist", "fashion_mnist"]
+IMAGE_SOURCES = ("digits_images", "image_folder", "cifar10", "mnist", "fashion_mnist")
 Preprocess = Literal["none", "center", "standardize", "pca", "whiten"]
 Optimizer = Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw"]
 Schedule = Literal["constant", "step", "exponential", "cosine", "inverse_time"]
@@ -31,13 +32,21 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     source: DataSource = "digits"
-    path: Path | None = None  # csv / parquet / npz file
+    path: Path | None = None  # csv / parquet / npz file; image folder; torchvision dataset root
     target: str | None = None  # label column of a csv / parquet file
     n_samples: int = Field(900, ge=2)  # generated data (spiral, blobs): points in all
     n_classes: int = Field(3, ge=2)  # generated data
     noise: float = Field(0.2, ge=0)  # generated data: std of the added Gaussian noise
     val_fraction: float = Field(0.15, gt=0, lt=1)
     test_fraction: float = Field(0.15, gt=0, lt=1)
+    image_size: int = Field(32, ge=4)  # image_folder: every image resized to this many pixels a side
+    channels: Literal[1, 3] = 3  # image_folder: grey or RGB
+    download: bool = False  # cifar10 / mnist / fashion_mnist: fetch with torchvision if missing
+    max_rows: int | None = Field(None, ge=6)  # a stratified subsample of this many rows (big sets on a CPU)
+
+    @property
+    def images(self) -> bool:
+        return self.source in IMAGE_SOURCES
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -46,7 +55,7 @@ class DataConfig(Section):
                 f"val_fraction + test_fraction must be below 1 so that rows are left for training "
                 f"(got {self.val_fraction} + {self.test_fraction})"
             )
-        if self.source in ("csv", "parquet", "npz") and self.path is None:
+        if self.source in ("csv", "parquet", "npz", "image_folder", "cifar10", "mnist", "fashion_mnist") and self.path is None:
             raise ValueError(f"source '{self.source}' needs `data.path`, the file to read")
         if self.source in ("csv", "parquet") and not self.target:
             raise ValueError(f"source '{self.source}' needs `data.target`, the label column's name")
@@ -68,6 +77,8 @@ class PreprocessConfig(Section):
 
 
 class ModelConfig(Section):
+    kind: Literal["mlp", "cnn", "resnet"] = "mlp"  # cnn / resnet need image data
+    channels: list[int] = Field(default_factory=lambda: [32, 64])  # cnn / resnet: width per stage
     hidden: list[int] = Field(default_factory=lambda: [256, 256])  # units per hidden layer
     activation: Activation = "relu"
     leaky_slope: float = Field(0.01, ge=0, lt=1)  # leaky_relu only
@@ -79,7 +90,7 @@ class ModelConfig(Section):
     batchnorm: bool = False
     dropout: float = Field(0.0, ge=0, lt=1)  # probability of zeroing a hidden unit
 
-    @field_validator("hidden")
+    @field_validator("hidden", "channels")
     @classmethod
     def _positive_widths(cls, hidden: list[int]) -> list[int]:
         if any(width < 1 for width in hidden):
@@ -108,6 +119,11 @@ class TrainConfig(Section):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int | None = Field(None, ge=1)  # torch CPU threads; None: torch's default
     early_stopping_patience: int | None = Field(None, ge=1)  # epochs without a better val acc
+    flip: bool = False  # images: mirror a random half of each batch left-right (on the device)
+    translate: int = Field(0, ge=0)  # images: shift each image by up to this many pixels (on the device)
+    # Per-epoch gradient norms, update/weight ratios and dead units, measured on each epoch's
+    # last step only (babysit.diagnostics); they feed the lr_too_high / lr_too_low / dead_relu flags.
+    diagnostics: bool = True
 
     @field_validator("device")
     @classmethod
@@ -121,6 +137,32 @@ class FlagsConfig(Section):
     overfit_gap: float = Field(0.10, gt=0, lt=1)  # train acc - val acc above this: overfitting
     overfit_patience: int = Field(3, ge=2)  # epochs of rising val loss while train loss falls
     diverge_factor: float = Field(3.0, gt=1)  # loss above this × the initial loss: diverged
+    # Initial loss: softmax over C classes with small logits starts at ln(C) (ln 10 ≈ 2.303).
+    initial_loss_tolerance: float = Field(0.1, gt=0)  # |loss − ln C| above this fraction of ln C: initial_loss_off
+    # Activations at init (one forward pass of a training batch through the fresh model)
+    vanishing_ratio: float = Field(0.1, gt=0, lt=1)  # last hidden layer's std below this × the first's: vanishing
+    exploding_ratio: float = Field(10.0, gt=1)  # last hidden layer's std above this × the first's: exploding
+    saturated_fraction: float = Field(0.25, gt=0, le=1)  # share of a layer's tanh/sigmoid outputs in the flat tails
+    # Share of a layer's units that output 0 for every example of a 256-row batch, at init or at the
+    # last epoch. CS231n: with a too-high learning rate "as much as 40% of your network can be dead".
+    dead_fraction: float = Field(0.25, gt=0, le=1)
+    # Learning rate, judged on the first `early_epochs` epochs (update ratio: median over weight
+    # matrices of ‖Δw‖/‖w‖ on an epoch's last step; CS231n's rule of thumb is ≈ 1e-3)
+    early_epochs: int = Field(3, ge=1)
+    min_loss_drop: float = Field(0.1, gt=0, lt=1)  # training loss not below (1 − this) × initial by then: lr_too_low
+    early_loss_rise: float = Field(0.05, ge=0)  # an early epoch's training loss above (1 + this) × initial: lr_too_high
+    # Measured on digits (MLP 256-256): Adam 1e-3 ≈ 7e-3 in epoch 1; Adam 3e-2 ≈ 2e-2 with 2/3 of the
+    # ReLUs dead; SGD 1 ≈ 5e-2 with the loss rising; SGD 1e-2 ≈ 2e-4; SGD 1e-4 ≈ 1.5e-6.
+    update_ratio_high: float = Field(0.03, gt=0)  # median update ratio above this (≫ 1e-2): lr_too_high
+    update_ratio_low: float = Field(1e-5, gt=0)  # median update ratio below this (≪ 1e-4): lr_too_low
+    # Plateau: the best training loss of the last `plateau_epochs` epochs is not `plateau_min_drop`
+    # (a fraction) below the best before them, while training accuracy is under `plateau_max_acc`.
+    plateau_epochs: int = Field(5, ge=2)
+    plateau_min_drop: float = Field(0.01, gt=0, lt=1)
+    plateau_max_acc: float = Field(0.99, gt=0, le=1)
+    # Underfitting: final training accuracy below `underfit_acc` and within `underfit_gap` of validation
+    underfit_acc: float = Field(0.9, gt=0, le=1)
+    underfit_gap: float = Field(0.05, gt=0, lt=1)
 
 
 class TrackingConfig(Section):
@@ -142,6 +184,14 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     flags: FlagsConfig = Field(default_factory=FlagsConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _model_fits_data(self) -> Config:
+        if self.model.kind != "mlp" and not self.data.images:
+            raise ValueError(f"model.kind '{self.model.kind}' needs image data (data.source one of {', '.join(IMAGE_SOURCES)}), got '{self.data.source}'")
+        if self.data.images and self.preprocess.method in ("pca", "whiten"):
+            raise ValueError(f"preprocess.method '{self.preprocess.method}' works on feature vectors; for images use none, center or standardize (per channel)")
+        return self
 
     def flat(self) -> dict[str, Any]:
         """The config as dotted keys, e.g. {'optim.lr': 0.001}: MLflow params."""
@@ -184,12 +234,30 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str], source: str = "-
         *parents, leaf = key.strip().split(".")
         node = tree
         for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise BabysitError(f"{source} '{item}': '{part}' is a value, not a section.")
-            node = child
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+            node = _child(node, part, item, source)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        if isinstance(node, list):
+            node[_index(node, leaf, item, source)] = value
+        else:
+            node[leaf] = value
     return tree
+
+
+def _child(node: Any, part: str, item: str, source: str) -> Any:
+    """Step into a section, or into a list by position ('search.stages.0.trials')."""
+    if isinstance(node, list):
+        child = node[_index(node, part, item, source)]
+    else:
+        child = node.setdefault(part, {})
+    if not isinstance(child, (dict, list)):
+        raise BabysitError(f"{source} '{item}': '{part}' is a value, not a section.")
+    return child
+
+
+def _index(node: list, part: str, item: str, source: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise BabysitError(f"{source} '{item}': '{part}' is not a position in a list of {len(node)} entries (0..{len(node) - 1}).")
+    return int(part)
 
 
 def validate(model: type[BaseModel], tree: dict[str, Any], source: str) -> Any:
@@ -225,3 +293,93 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     tree = read_yaml(path) if path is not None else {}
     tree = apply_overrides(tree, list(overrides or []))
     return validate(model, tree, str(path) if path is not None else "config")
+
+
+class StageConfig(Section):
+    name: str = Field(min_length=1)
+    trials: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    prune: Literal["none", "median", "asha"] = "none"  # stop poor trials on their val accuracy
+    prune_warmup_epochs: int = Field(1, ge=1)  # median: no trial is stopped before this epoch
+    asha_eta: int = Field(3, ge=2)  # asha: keep the top 1/eta at each rung (epochs 1, eta, eta², ...)
+
+
+class FinalStageConfig(Section):
+    epochs: int = Field(30, ge=1)  # the best config retrained longer; the test set is read here, once
+
+
+class SearchConfig(Section):
+    """Coarse-to-fine random search: stages sample from `space`, each narrowing it for the next."""
+
+    space: dict[str, Any] = Field(min_length=1)  # field -> 'loguniform(lo, hi)' | 'uniform(..)' | 'int(..)' | 'choice([..])'
+    stages: list[StageConfig] = Field(min_length=1)
+    final: FinalStageConfig | None = Field(default_factory=FinalStageConfig)
+    sampler: Literal["random", "sobol", "lhs", "grid"] = "random"
+    workers: int = Field(2, ge=1)  # trials at a time
+    # threads | processes on this machine; dask: prefect-dask's DaskTaskRunner on a LocalCluster of
+    # `workers` processes, or on the running scheduler at `dask_address` (docs/scale-out.md)
+    runner: Literal["threads", "processes", "dask"] = "threads"
+    dask_address: str | None = None  # e.g. tcp://10.0.0.5:8786; its workers need a shared tracking server
+    # latest: the first stage samples from the last ranges of the latest finished run of this
+    # search (same name) instead of `space`; each run is then a new parent run (babysit.recurring)
+    warm_start: Literal["none", "latest"] = "none"
+    top_k: int = Field(5, ge=1)  # trials that set the next stage's ranges
+    pad: float = Field(0.25, ge=0)  # padding around the top-k span, as a fraction of the range
+    edge: float = Field(0.10, gt=0, lt=0.5)  # best within this fraction of a bound: "at the edge"
+    widen: float = Field(10.0, gt=1)  # an edge moves by ×widen in log space (one decade by default)
+    sanity_check: bool = False  # overfit a tiny subset before the first stage; stop if it cannot
+    resume: bool = True  # reuse the finished trials of the latest run of this same search
+
+    @model_validator(mode="after")
+    def _dask_address_needs_dask(self) -> SearchConfig:
+        if self.dask_address and self.runner != "dask":
+            raise ValueError(f"`dask_address` is only used by `runner: dask` (got runner '{self.runner}'); set search.runner=dask or drop the address")
+        return self
+
+
+class SearchExperiment(Config):
+    """A search file: a base training config plus its `search` section."""
+
+    search: SearchConfig
+
+    @model_validator(mode="after")
+    def _check_space(self) -> SearchExperiment:
+        from babysit.space import parse_dist  # the space's grammar lives with the samplers
+
+        base = self.model_dump(exclude={"search"})
+        for field, spec in self.search.space.items():
+            dist = parse_dist(field, spec)
+            values = dist.options if not dist.numeric else (dist.low, dist.high)
+            for value in values:
+                problem = field_problem(base, field, value)
+                if problem:
+                    raise ValueError(f"search.space: {problem}")
+        return self
+
+    def base_config(self) -> Config:
+        return Config.model_validate(self.model_dump(exclude={"search"}))
+
+
+def with_values(tree: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config tree with dotted fields set, e.g. {'optim.lr': 0.01}."""
+    tree = yaml.safe_load(yaml.safe_dump(tree))
+    for field, value in values.items():
+        *parents, leaf = field.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = list(value) if isinstance(value, tuple) else value
+    return tree
+
+
+def field_problem(base: dict[str, Any], field: str, value: Any) -> str | None:
+    """Why `field = value` is not a legal training config, or None if it is."""
+    if field.split(".")[0] not in Config.model_fields or field in ("name", "seed"):
+        return f"unknown or unsearchable field `{field}` (expected a dotted field such as optim.lr or model.dropout)"
+    try:
+        Config.model_validate(with_values(base, {field: value}))
+    except (ValidationError, AttributeError, TypeError) as err:
+        detail = err.errors()[0] if isinstance(err, ValidationError) else {"msg": str(err), "loc": ()}
+        where = ".".join(map(str, detail["loc"])) or field
+        return f"`{field}` cannot take {value!r} (`{where}`: {detail['msg']})"
+    return None

@@ -2,11 +2,18 @@
 
 A history is a dict of equal-length lists: train_loss, train_acc, val_loss, val_acc (one value
 per finished epoch). Each function states its rule; thresholds come from `FlagsConfig`.
+
+Three families, as in the CS231n lecture:
+  at init       initial_loss_off, vanishing_activations, exploding_activations, saturated, dead_relu
+  the lr        diverged, lr_too_high, lr_too_low, plateau
+  the fit       overfitting, underfitting
+Each returns a one-line reason with the measured numbers, or None.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 
 from babysit.config import FlagsConfig
 
@@ -43,10 +50,159 @@ def overfitting(history: dict[str, list[float]], gap: float, patience: int) -> s
     return None
 
 
-def run_flags(history: dict[str, list[float]], initial_loss: float, cfg: FlagsConfig) -> dict[str, str]:
-    """All flags that fire for a finished run: {flag name: reason}."""
+def initial_loss_off(initial_loss: float, n_classes: int, tolerance: float) -> str | None:
+    """Off when |initial loss − ln(n_classes)| > `tolerance` × ln(n_classes).
+
+    With small logits the softmax is uniform, so the cross-entropy before any update is
+    ln(classes) (ln 10 ≈ 2.303). Regularization is not part of this loss (L2 lives in the
+    optimizer, dropout is off in eval mode), so this is the lecture's check with reg off.
+    """
+    expected = math.log(n_classes)
+    if not math.isfinite(initial_loss) or abs(initial_loss - expected) > tolerance * expected:
+        return f"initial loss {initial_loss:.3f}, expected ln({n_classes}) = {expected:.3f} (tolerance {tolerance:.0%})"
+    return None
+
+
+def vanishing_activations(act_std: list[float], ratio: float) -> str | None:
+    """Vanishing when the last hidden layer's activation std at init is below `ratio` × the first's.
+
+    Needs at least two hidden layers. The lecture's demo: tanh with N(0, 0.01²) weights shrinks
+    the std by ~6× per 256-wide layer, so deep layers output ~0 and their gradients vanish.
+    """
+    if len(act_std) < 2:
+        return None
+    first, last = act_std[0], act_std[-1]
+    if last < ratio * first:
+        return f"activation std falls from {first:.2g} (layer 1) to {last:.2g} (layer {len(act_std)}) at init, below {ratio:g} x the first layer's"
+    return None
+
+
+def exploding_activations(act_std: list[float], ratio: float) -> str | None:
+    """Exploding when some hidden layer's activation std at init is NaN/Inf, or the last layer's is
+    above `ratio` × the first's (needs at least two hidden layers for the second rule)."""
+    for layer, std in enumerate(act_std, start=1):
+        if not math.isfinite(std):
+            return f"activation std of layer {layer} is {std} at init"
+    if len(act_std) >= 2 and act_std[-1] > ratio * act_std[0]:
+        return f"activation std grows from {act_std[0]:.3g} (layer 1) to {act_std[-1]:.3g} (layer {len(act_std)}) at init, above {ratio:g} x the first layer's"
+    return None
+
+
+def saturated(frac_saturated: list[float], limit: float) -> str | None:
+    """Saturated when more than `limit` of some hidden layer's outputs at init sit in a squashing
+    unit's flat tail (|tanh| > 0.99, sigmoid < 0.01 or > 0.99), where its gradient is ~0."""
+    for layer, fraction in enumerate(frac_saturated, start=1):
+        if fraction > limit:
+            return f"{fraction:.0%} of layer {layer}'s activations are saturated at init (above {limit:.0%})"
+    return None
+
+
+def dead_relu(frac_dead: list[float], limit: float, when: str) -> str | None:
+    """Dead ReLUs when more than `limit` of some hidden layer's units output 0 for every example of
+    the probe batch (256 training rows). Such a unit gets no gradient and never recovers.
+    `when` names the measurement in the reason ("at init", "after epoch 12")."""
+    worst = max(range(len(frac_dead)), key=lambda i: frac_dead[i], default=None)
+    if worst is not None and frac_dead[worst] > limit:
+        return f"{frac_dead[worst]:.0%} of layer {worst + 1}'s units are dead {when} (output 0 for every example; above {limit:.0%})"
+    return None
+
+
+def lr_too_high(train_loss: list[float], initial_loss: float, update_ratio: list[float], early_epochs: int, loss_rise: float, ratio_high: float) -> str | None:
+    """Too high when, in the first `early_epochs` epochs, an epoch's mean training loss is NaN/Inf or
+    above (1 + `loss_rise`) × the initial loss (the loss rose or exploded); or when the median over
+    those epochs of the update ratio (median over weight matrices of ‖Δw‖/‖w‖ on an epoch's last
+    step; rule of thumb ≈ 1e-3) is above `ratio_high`.
+    """
+    for epoch, loss in enumerate(train_loss[:early_epochs], start=1):
+        if not math.isfinite(loss) or loss > (1 + loss_rise) * initial_loss:
+            return f"training loss rose to {loss:.3g} in epoch {epoch} from {initial_loss:.3g} at init"
+    early = [r for r in update_ratio[:early_epochs] if math.isfinite(r)]
+    if early and (ratio := statistics.median(early)) > ratio_high:
+        return f"update/weight ratio {ratio:.1e} in the first {len(early)} epoch(s), above {ratio_high:.0e} (rule of thumb: about 1e-3)"
+    return None
+
+
+def lr_too_low(train_loss: list[float], initial_loss: float, update_ratio: list[float], early_epochs: int, min_drop: float, ratio_low: float) -> str | None:
+    """Too low when the training loss of epoch `early_epochs` (or of the last epoch, if fewer ran)
+    is not below (1 − `min_drop`) × the initial loss; or when the median over the first
+    `early_epochs` epochs of the update ratio is below `ratio_low` (rule of thumb ≈ 1e-3).
+    """
+    if not train_loss or not math.isfinite(initial_loss):
+        return None
+    early = [r for r in update_ratio[:early_epochs] if math.isfinite(r)]
+    if early and (ratio := statistics.median(early)) < ratio_low:
+        return f"update/weight ratio {ratio:.1e} in the first {len(early)} epoch(s), below {ratio_low:.0e} (rule of thumb: about 1e-3)"
+    epoch = min(early_epochs, len(train_loss))
+    loss = train_loss[epoch - 1]
+    if math.isfinite(loss) and loss > (1 - min_drop) * initial_loss:
+        return f"training loss {loss:.3g} after {epoch} epoch(s) is only {1 - loss / initial_loss:.1%} below the initial {initial_loss:.3g} (expected a drop of at least {min_drop:.0%})"
+    return None
+
+
+def plateau(train_loss: list[float], train_acc: list[float], window: int, min_drop: float, max_acc: float) -> str | None:
+    """Plateau when the best training loss of the last `window` epochs is not at least `min_drop`
+    (a fraction) below the best loss before them, while the last training accuracy is below
+    `max_acc` (a model that fits its training set has converged, not stalled). Needs more than
+    `window` epochs.
+    """
+    if len(train_loss) <= window or train_acc[-1] >= max_acc:
+        return None
+    before, recent = min(train_loss[:-window]), min(train_loss[-window:])
+    if recent > (1 - min_drop) * before:
+        return f"training loss stalled: best {recent:.4g} in the last {window} epochs vs {before:.4g} before (less than {min_drop:.0%} lower), training accuracy {train_acc[-1]:.1%}"
+    return None
+
+
+def underfitting(history: dict[str, list[float]], max_acc: float, gap: float) -> str | None:
+    """Underfitting when, at the last epoch, training accuracy is below `max_acc` and within `gap`
+    of validation accuracy: the model cannot fit even the data it sees."""
+    train_acc, val_acc = history["train_acc"], history["val_acc"]
+    if train_acc and train_acc[-1] < max_acc and abs(train_acc[-1] - val_acc[-1]) <= gap:
+        return f"training accuracy {train_acc[-1]:.1%} (below {max_acc:.0%}) is close to validation {val_acc[-1]:.1%}"
+    return None
+
+
+def init_flags(layer_stats: dict[str, list[float]], cfg: FlagsConfig) -> dict[str, str]:
+    """Flags on the activation statistics at init (tasks.build.InitReport.layer_stats)."""
     found = {
-        "diverged": diverged(history["train_loss"], initial_loss, cfg.diverge_factor),
-        "overfitting": overfitting(history, cfg.overfit_gap, cfg.overfit_patience),
+        "vanishing_activations": vanishing_activations(layer_stats.get("act_std", []), cfg.vanishing_ratio),
+        "exploding_activations": exploding_activations(layer_stats.get("act_std", []), cfg.exploding_ratio),
+        "saturated": saturated(layer_stats.get("act_frac_saturated", []), cfg.saturated_fraction),
+        "dead_relu": dead_relu(layer_stats.get("act_frac_dead", []), cfg.dead_fraction, "at init"),
     }
+    return {name: reason for name, reason in found.items() if reason}
+
+
+def layer_series(diagnostics: dict[str, list[float]], prefix: str) -> list[list[float]]:
+    """Per-layer histories, e.g. prefix 'dead_frac/layer' → [[layer 1 per epoch], [layer 2 ...], ...]."""
+    layers = sorted((int(key.removeprefix(prefix)), values) for key, values in diagnostics.items() if key.startswith(prefix) and key.removeprefix(prefix).isdigit())
+    return [values for _, values in layers]
+
+
+def run_flags(
+    history: dict[str, list[float]], initial_loss: float, cfg: FlagsConfig,
+    diagnostics: dict[str, list[float]] | None = None, init_stats: dict[str, list[float]] | None = None, n_classes: int | None = None,
+) -> dict[str, str]:
+    """All flags that fire for a finished run: {flag name: reason}.
+
+    `diagnostics` (TrainResult.diagnostics), `init_stats` (InitReport.layer_stats) and `n_classes`
+    enable the flags that need them. A diverged run is not also called lr_too_low, plateau or
+    underfitting (its curves are garbage), and a run with lr_too_low is not also a plateau.
+    dead_relu is judged at init and, if it did not fire there, after the last epoch.
+    """
+    diagnostics = diagnostics or {}
+    found = init_flags(init_stats or {}, cfg)
+    if n_classes is not None:
+        found["initial_loss_off"] = initial_loss_off(initial_loss, n_classes, cfg.initial_loss_tolerance)
+    ratio = diagnostics.get("update_ratio", [])
+    found["diverged"] = diverged(history["train_loss"], initial_loss, cfg.diverge_factor)
+    found["lr_too_high"] = lr_too_high(history["train_loss"], initial_loss, ratio, cfg.early_epochs, cfg.early_loss_rise, cfg.update_ratio_high)
+    if not found["diverged"]:
+        found["lr_too_low"] = lr_too_low(history["train_loss"], initial_loss, ratio, cfg.early_epochs, cfg.min_loss_drop, cfg.update_ratio_low)
+        if not found["lr_too_low"]:
+            found["plateau"] = plateau(history["train_loss"], history["train_acc"], cfg.plateau_epochs, cfg.plateau_min_drop, cfg.plateau_max_acc)
+        found["underfitting"] = underfitting(history, cfg.underfit_acc, cfg.underfit_gap)
+    found["overfitting"] = overfitting(history, cfg.overfit_gap, cfg.overfit_patience)
+    if (dead_now := [layer[-1] for layer in layer_series(diagnostics, "dead_frac/layer") if layer]) and not found.get("dead_relu"):
+        found["dead_relu"] = dead_relu(dead_now, cfg.dead_fraction, f"after epoch {len(history['train_loss'])}")
     return {name: reason for name, reason in found.items() if reason}

@@ -27,5 +27,64 @@ def training_curves(history: dict[str, list[float]], title: str = "") -> Figure:
     return fig
 
 
+def activation_histograms(histograms: list[tuple[list[int], list[float]]], layer_stats: dict[str, list[float]], title: str = "") -> Figure:
+    """One histogram of activations per hidden layer at init, mean and std above each: the
+    lecture's init figure (with tanh and N(0, 0.01²) weights the deep layers collapse onto 0)."""
+    n = max(len(histograms), 1)
+    cols = min(n, 5)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.3 * rows + 0.5), squeeze=False, sharex=True)
+    for ax in axes.flat[len(histograms):]:
+        ax.set_visible(False)
+    for layer, (ax, (counts, edges)) in enumerate(zip(axes.flat, histograms), start=1):
+        ax.stairs(counts, edges, fill=True)
+        mean, std = layer_stats["act_mean"][layer - 1], layer_stats["act_std"][layer - 1]
+        ax.set_title(f"layer {layer}: mean {mean:.2g}, std {std:.2g}", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_yticks([])
+    fig.suptitle(f"{title}: hidden activations at init" if title else "hidden activations at init")
+    fig.tight_layout()
+    return fig
+
+
+def loss_curve(losses: list[float], title: str = "") -> Figure:
+    """Training loss per epoch on a log scale (the tiny-subset overfit check's curve)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses)
+    ax.set(xlabel="epoch", ylabel="cross-entropy loss", title=title, yscale="log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def close(fig: Figure) -> None:
     plt.close(fig)
+
+
+def score_against_field(trials, field: str) -> Figure:
+    """Validation accuracy against one searched field, coloured by stage: the lecture's
+    coarse/fine scatter. `trials` has columns stage, val_acc and param.<field>."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    values = trials[f"param.{field}"]
+    numeric = values.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all()
+    for stage, group in trials.groupby("stage", sort=False):
+        x = group[f"param.{field}"] if numeric else group[f"param.{field}"].astype(str)
+        ax.scatter(x, group["val_acc"], label=stage, alpha=0.7)
+    if numeric and (values > 0).all() and values.max() / values.min() > 20:
+        ax.set_xscale("log")
+    ax.set(xlabel=field, ylabel="best validation accuracy", title=f"validation accuracy vs {field}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def best_so_far(trials) -> Figure:
+    """Best validation accuracy found after each trial, in the order the stages ran."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    best = trials["val_acc"].astype(float).fillna(0.0).cummax()
+    ax.plot(range(1, len(best) + 1), best, drawstyle="steps-post")
+    ax.set(xlabel="trials", ylabel="best validation accuracy so far", title="search progress")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

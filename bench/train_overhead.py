@@ -30,7 +30,7 @@ def bare_loop(cfg, prepared) -> float:
     s = prepared.splits
     X, y = torch.as_tensor(s.X_train), torch.as_tensor(s.y_train)
     X_val, y_val = torch.as_tensor(s.X_val), torch.as_tensor(s.y_val)
-    model = build_model(cfg.model, s.n_features, s.n_classes, cfg.seed)
+    model = build_model(cfg.model, s.input_shape, s.n_classes, cfg.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     started = time.perf_counter()
     for _ in range(cfg.train.epochs):

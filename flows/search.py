@@ -11,15 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from babysit import plots, tracking
+from babysit import plots, recurring, scaleout, tracking
 from babysit.config import SearchExperiment, field_problem, load_config
 from babysit.pruning import Pruner
 from babysit.space import Narrowing, describe, narrow, parse_dist, sample
@@ -43,6 +43,7 @@ class SearchSummary:
     trials_run: int
     trials_reused: int
     url: str
+    changes: list[str] = field(default_factory=list)  # since the latest finished run of this search
 
 
 def trials_frame(results: list[TrialResult]) -> pd.DataFrame:
@@ -58,20 +59,21 @@ def trials_frame(results: list[TrialResult]) -> pd.DataFrame:
 
 def search_hash(exp: SearchExperiment) -> str:
     """Identifies a search's definition: a changed file starts a new parent run instead of resuming."""
-    tree = exp.model_dump(mode="json", exclude={"tracking": True, "search": {"workers", "runner"}})
+    tree = exp.model_dump(mode="json", exclude={"tracking": True, "search": {"workers", "runner", "dask_address"}})
     return hashlib.sha1(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def open_parent(exp: SearchExperiment, uri: str) -> tuple[tracking.RunRef, dict[str, object]]:
+def open_parent(exp: SearchExperiment, uri: str, recurrence: dict[str, str] | None = None, run_name: str | None = None) -> tuple[tracking.RunRef, dict[str, object]]:
     """Create the parent run, or reopen the latest one of the same search; return it with its
-    finished child runs by trial key. Children left RUNNING by a killed process become FAILED."""
+    finished child runs by trial key. Children left RUNNING by a killed process become FAILED.
+    `recurrence` (babysit.recurring) tells a scheduled or warm-started run from earlier ones."""
     experiment_id = tracking.open_store(uri, exp.tracking.experiment)
-    identity = {"babysit.kind": "search", "babysit.search_name": exp.name, "babysit.search_hash": search_hash(exp)}
+    identity = {"babysit.kind": "search", "babysit.search_name": exp.name, "babysit.search_hash": search_hash(exp), **(recurrence or {})}
     previous = tracking.find_runs(uri, experiment_id, identity) if exp.search.resume else []
     if previous:
         parent = tracking.reopen_run(uri, previous[0].info.run_id, experiment_id)
     else:
-        parent = tracking.start_run(uri, exp.tracking.experiment, exp.tracking.run_name or exp.name, exp.flat(), {**identity, **provenance_tags(exp)})
+        parent = tracking.start_run(uri, exp.tracking.experiment, run_name or exp.tracking.run_name or exp.name, exp.flat(), {**identity, **provenance_tags(exp)})
     finished: dict[str, object] = {}
     for child in tracking.find_runs(uri, experiment_id, {"mlflow.parentRunId": parent.run_id}, newest_first=False):
         if child.info.status == "RUNNING":
@@ -81,12 +83,12 @@ def open_parent(exp: SearchExperiment, uri: str) -> tuple[tracking.RunRef, dict[
     return parent, finished
 
 
-def run_stage(specs: list[TrialSpec], finished: dict, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner, exp: SearchExperiment) -> list[TrialResult]:
-    """Reuse finished trials; run the others `workers` at a time through a Prefect task runner."""
+def run_stage(specs: list[TrialSpec], finished: dict, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner, exp: SearchExperiment, runner=None) -> list[TrialResult]:
+    """Reuse finished trials; run the others `workers` at a time through a Prefect task runner
+    (`runner`, already entered, is shared by the stages: a Dask cluster starts once per search)."""
     reused = {s.key: result_from_run(finished[s.key], s) for s in specs if s.key in finished}
     todo = [s for s in specs if s.key not in reused]
-    runner = ThreadPoolTaskRunner(max_workers=exp.search.workers) if exp.search.runner == "threads" else ProcessPoolTaskRunner(max_workers=exp.search.workers)
-    with runner:
+    with nullcontext(runner) if runner is not None else scaleout.task_runner(exp.search.runner, exp.search.workers, exp.search.dask_address) as runner:
         futures = [runner.submit(trial_task, {"spec": s, "prepared": prepared, "parent": parent, "pruner": pruner}) for s in todo]
         fresh = {s.key: f.result() for s, f in zip(todo, futures)}
     return [reused.get(s.key) or fresh[s.key] for s in specs]
@@ -120,8 +122,14 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     splits = load_data_task(base.data, base.seed)
     prepared = preprocess_task(splits, base.preprocess)
     uri = tracking.resolve_uri(base.tracking.uri)
-    parent, finished = open_parent(exp, uri)  # the store and experiment exist before any fan-out
-    threads = threads_per_trial(exp.search.workers) if exp.search.runner == "threads" else None
+    dask = exp.search.runner == "dask"
+    if dask:  # every Dask worker must write to the same store
+        uri = scaleout.dask_tracking_uri(uri, exp.search.dask_address)
+    past, recurrence, parent_name = recurrence_of(exp, uri)
+    parent, finished = open_parent(exp, uri, recurrence, parent_name)  # the store and experiment exist before any fan-out
+    previous = next((recurring.past_search(r, list(exp.search.space), [s.name for s in exp.search.stages]) for r in past if r.info.run_id != parent.run_id), None)
+    on_this_machine = exp.search.runner == "threads" or dask and not exp.search.dask_address
+    threads = threads_per_trial(exp.search.workers) if on_this_machine else None
     if threads:
         torch.set_num_threads(threads)
     narrowing = Narrowing(exp.search.top_k, exp.search.pad, exp.search.edge, exp.search.widen)
@@ -130,15 +138,21 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         return field_problem(base_tree, field, value) is None
 
     space = {field: parse_dist(field, spec) for field, spec in exp.search.space.items()}
+    if "babysit.warm_from" in recurrence and previous is not None:
+        space, notes = recurring.warm_space(space, previous, is_valid)
+        logger.info("warm start from %s: %s", previous.run_name, "; ".join(f"{k} ~ {v}" for k, v in notes.items()))
     results: list[TrialResult] = []
     ranges: dict[str, dict[str, str]] = {}
     edges: list[str] = []
-    with tracking.finished_or_failed(parent):
+    runner = scaleout.task_runner("dask", exp.search.workers, exp.search.dask_address, prefect_api_for_dask(exp)) if dask else None
+    with tracking.finished_or_failed(parent), runner or nullcontext():
+        if dask and scaleout.is_local_file_store(uri):  # workers that joined a loopback scheduler from elsewhere
+            scaleout.dask_tracking_uri(uri, exp.search.dask_address, scaleout.dask_workers(runner))
         for number, stage in enumerate(exp.search.stages):
             ranges[stage.name] = describe(space)
             points = sample(space, stage.trials, exp.search.sampler, seed=exp.seed * 1000 + number)
             specs = [make_spec(base_tree, stage.name, i, p, stage.epochs, threads, trial_device(base.train.device, i)) for i, p in enumerate(points)]
-            stage_results = run_stage(specs, finished, prepared, parent, Pruner(stage.prune, stage.prune_warmup_epochs, stage.asha_eta), exp)
+            stage_results = run_stage(specs, finished, prepared, parent, Pruner(stage.prune, stage.prune_warmup_epochs, stage.asha_eta), exp, runner)
             results += stage_results
             log_stage(parent, stage.name, ranges[stage.name], stage_results)
             best = max((r.val_acc for r in stage_results if r.val_acc is not None), default=None)
@@ -161,16 +175,41 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             results.append(final)
         frame = trials_frame(results)
         log_search_outcome(parent, frame, best, final, edges, list(exp.search.space))
+        changes = recurring.changes_since(previous, best.val_acc, ranges)
+        if changes:
+            tracking.set_tags(parent, {"babysit.previous_search": previous.run_id})
+            tracking.log_text(parent, "\n".join(changes) + "\n", "changes.txt")
 
     url = tracking.run_url(parent)
     if runtime.flow_run.id is not None:
         create_link_artifact(link=url, link_text=f"MLflow search {parent.run_id}", description=f"Parent MLflow run of search {exp.name}")
-        create_markdown_artifact(markdown=summary_markdown(exp.name, frame, best, final, edges, ranges), key="search-summary", description=f"Search {exp.name}")
+        markdown = summary_markdown(exp.name, frame, best, final, edges, ranges) + "".join(f"\n- {line}" if i else f"\n\nChanges {line}" for i, line in enumerate(changes))
+        create_markdown_artifact(markdown=markdown, key="search-summary", description=f"Search {exp.name}")
     return SearchSummary(
         parent.run_id, parent.experiment_id, uri, best.params, best.val_acc,
         final.val_acc if final else None, final.test_acc if final else None, edges, ranges,
-        int((~frame["reused"]).sum()), int(frame["reused"].sum()), url,
+        int((~frame["reused"]).sum()), int(frame["reused"].sum()), url, changes,
     )
+
+
+def prefect_api_for_dask(exp: SearchExperiment) -> str | None:
+    """The Prefect API that this search's Dask workers report their task runs to."""
+    from prefect import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    return scaleout.dask_prefect_api(exp.search.dask_address, PREFECT_API_URL.value(), get_client(sync_client=True).api_url.__str__())
+
+
+def recurrence_of(exp: SearchExperiment, uri: str) -> tuple[list, dict[str, str], str]:
+    """Earlier finished runs of this search (newest first), this run's recurrence tags (a
+    deployment's schedule, the run it warm-starts from) and its parent run's name."""
+    experiment_id = tracking.open_store(uri, exp.tracking.experiment)
+    past = [r for r in tracking.find_runs(uri, experiment_id, {"babysit.kind": "search", "babysit.search_name": exp.name}) if r.info.status == "FINISHED"]
+    scheduled = runtime.flow_run.scheduled_start_time if runtime.deployment.id else None
+    recurrence = recurring.schedule_identity(runtime.deployment.name, scheduled)
+    if exp.search.warm_start == "latest" and past:
+        recurrence["babysit.warm_from"] = past[0].info.run_id
+    return past, recurrence, recurring.run_name(exp.tracking.run_name or exp.name, recurrence)
 
 
 def log_search_outcome(parent: tracking.RunRef, frame: pd.DataFrame, best: TrialResult, final: TrialResult | None, edges: list[str], fields: list[str]) -> None:

@@ -6,15 +6,16 @@ import subprocess
 from dataclasses import dataclass
 
 from prefect import flow, runtime
-from prefect.artifacts import create_link_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from babysit import tracking
 from babysit.config import Config, load_config
-from babysit.flags import run_flags
+from babysit.advice import run_report
+from babysit.flags import init_flags, run_flags
 from tasks.build import build_task
 from tasks.data import load_data_task
 from tasks.preprocess import preprocess_task
-from tasks.track import log_init_report, log_results_task
+from tasks.track import log_init_report, log_results_task, warn_init_flags
 from tasks.train import train_task
 
 
@@ -55,18 +56,21 @@ def run_training(cfg: Config) -> RunSummary:
     splits = load_data_task(cfg.data, cfg.seed)
     prepared = preprocess_task(splits, cfg.preprocess)
     s = prepared.splits
-    init_report = build_task(cfg.model, s.n_features, s.n_classes, cfg.seed, s.X_train[:256])
+    init_report = build_task(cfg.model, s.input_shape, s.n_classes, cfg.seed, s.X_train[:256])
 
     uri = tracking.resolve_uri(cfg.tracking.uri)
     run = tracking.start_run(uri, cfg.tracking.experiment, cfg.tracking.run_name, cfg.flat(), provenance_tags(cfg))
     with tracking.finished_or_failed(run):
         log_init_report(run, init_report)
+        warn_init_flags(run, init_flags(init_report.layer_stats, cfg.flags))  # before any epoch is spent
         result = train_task(cfg, prepared, run, splits.X_train[:5])
-        flags = run_flags(result.history, result.initial_loss, cfg.flags)
-        log_results_task(run, cfg, result, flags, prepared)
+        flags = run_flags(result.history, result.initial_loss, cfg.flags, result.diagnostics, init_report.layer_stats, s.n_classes)
+        report = run_report(cfg.name, flags, result.history, result.initial_loss, result.diagnostics, result.stop_reason, run.run_id)
+        log_results_task(run, cfg, result, flags, prepared, report)
     url = tracking.run_url(run)
     if runtime.flow_run.id is not None:
         create_link_artifact(link=url, link_text=f"MLflow run {run.run_id}", description=f"MLflow run of {cfg.name} (open with `babysit ui`)")
+        create_markdown_artifact(markdown=report, key="babysit-report", description=f"flags and advice for {cfg.name} (`babysit report {run.run_id}`)")
     return RunSummary(
         run.run_id, run.experiment_id, uri, result.best_val_acc, result.test_acc, result.best_epoch,
         result.epochs_run, result.initial_loss, flags, result.stop_reason, url,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -30,13 +31,14 @@ class MLP(nn.Module):
         self.head = nn.Linear(width_in, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)  # images arrive as (batch, channels, height, width)
         for block in self.blocks:
             x = block(x)
         return self.head(x)
 
     def hidden_activations(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Each hidden block's output for input `x`: the lecture's per-layer activation plots."""
-        outputs = []
+        outputs, x = [], x.flatten(1)
         for block in self.blocks:
             x = block(x)
             outputs.append(x)
@@ -44,7 +46,8 @@ class MLP(nn.Module):
 
 
 class Affine(nn.Module):
-    """A fixed x @ weight + bias: the fitted preprocessing, carried inside the logged model."""
+    """A fixed x @ weight + bias (images: x · weight[c] + bias[c] per channel): the fitted
+    preprocessing, carried inside the logged model."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
@@ -52,13 +55,24 @@ class Affine(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dim() == 1:
+            return x * self.weight[:, None, None] + self.bias[:, None, None]
         return x @ self.weight + self.bias
 
 
-def build_model(cfg: ModelConfig, n_inputs: int, n_classes: int, seed: int) -> MLP:
-    """A freshly initialised MLP; the same seed gives the same weights."""
+def build_model(cfg: ModelConfig, inputs: int | tuple[int, ...], n_classes: int, seed: int) -> nn.Module:
+    """A freshly initialised network; the same seed gives the same weights.
+
+    `inputs` is the feature count, or one row's shape: (features,) or (channels, height, width).
+    """
+    from models.cnn import ConvNet, ResNet  # the MLP module stays importable on its own
+
+    shape = (inputs,) if isinstance(inputs, int) else tuple(inputs)
     torch.manual_seed(seed)
-    model = MLP(n_inputs, n_classes, cfg)
+    if cfg.kind == "mlp":
+        model = MLP(math.prod(shape), n_classes, cfg)
+    else:
+        model = (ConvNet if cfg.kind == "cnn" else ResNet)(shape[0], n_classes, cfg)
     model.apply(partial(init_layer, scheme=cfg.init, activation=cfg.activation, distribution=cfg.init_distribution, leaky_slope=cfg.leaky_slope))
     with torch.no_grad():
         model.head.weight.mul_(cfg.head_init_scale)

@@ -14,6 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from babysit.config import ModelConfig
+from babysit.diagnostics import dead_unit_fractions
 from models.mlp import build_model
 
 
@@ -21,7 +22,9 @@ from models.mlp import build_model
 class InitReport:
     n_params: int
     architecture: str
-    layer_stats: dict[str, list[float]]  # per hidden layer: mean, std, frac_zero, frac_saturated
+    layer_stats: dict[str, list[float]]  # per hidden layer: mean, std, frac_zero, frac_saturated, frac_dead
+    # per hidden layer: (counts, bin edges) of its activations, for the lecture's histogram plot
+    histograms: list[tuple[list[int], list[float]]] = ()
 
 
 def saturated(activations: torch.Tensor, activation: str) -> torch.Tensor:
@@ -45,15 +48,34 @@ def activation_stats(model: torch.nn.Module, X: torch.Tensor, activation: str) -
     return stats
 
 
-def inspect_init(cfg: ModelConfig, n_features: int, n_classes: int, seed: int, X_batch: np.ndarray) -> InitReport:
-    model = build_model(cfg, n_features, n_classes, seed)
+@torch.no_grad()
+def activation_histograms(model: torch.nn.Module, X: torch.Tensor, bins: int = 50) -> list[tuple[list[int], list[float]]]:
+    """Each hidden layer's activations, binned on bins shared by all layers (as in the lecture's
+    figure: vanishing layers collapse onto the bin at 0): small data to pass and plot."""
+    model.eval()
+    layers = [h.float().cpu().numpy().ravel() for h in model.hidden_activations(X)]
+    layers = [values[np.isfinite(values)] for values in layers]  # an exploded net has inf
+    finite = [values for values in layers if values.size]
+    if not finite:
+        return []
+    edges = np.histogram_bin_edges(np.concatenate(finite), bins=bins)
+    return [(np.histogram(values, bins=edges)[0].tolist(), edges.tolist()) for values in layers]
+
+
+def inspect_init(cfg: ModelConfig, inputs: int | tuple[int, ...], n_classes: int, seed: int, X_batch: np.ndarray) -> InitReport:
+    """`inputs`: the feature count or one row's shape, as for models.mlp.build_model."""
+    model = build_model(cfg, inputs, n_classes, seed)
+    widths = cfg.hidden if cfg.kind == "mlp" else cfg.channels
+    X = torch.as_tensor(X_batch)
     return InitReport(
         n_params=sum(p.numel() for p in model.parameters()),
-        architecture=" -> ".join(str(w) for w in [n_features, *cfg.hidden, n_classes]),
-        layer_stats=activation_stats(model, torch.as_tensor(X_batch), cfg.activation),
+        architecture=f"{cfg.kind}: " + " -> ".join(str(w) for w in [inputs, *widths, n_classes]),
+        # act_frac_dead: units that output 0 for every row of the batch (dead ReLUs)
+        layer_stats={**activation_stats(model, X, cfg.activation), "act_frac_dead": dead_unit_fractions(model, X)},
+        histograms=activation_histograms(model, X),
     )
 
 
 @task(name="build-model", cache_policy=NO_CACHE)
-def build_task(cfg: ModelConfig, n_features: int, n_classes: int, seed: int, X_batch: np.ndarray) -> InitReport:
-    return inspect_init(cfg, n_features, n_classes, seed, X_batch)
+def build_task(cfg: ModelConfig, inputs: int | tuple[int, ...], n_classes: int, seed: int, X_batch: np.ndarray) -> InitReport:
+    return inspect_init(cfg, inputs, n_classes, seed, X_batch)

@@ -18,6 +18,7 @@ from sklearn.model_selection import train_test_split
 
 from babysit.config import DataConfig
 from babysit.errors import BabysitError
+from tasks.images import digits_images, read_image_folder, read_torchvision
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,13 @@ class Splits:
 
     @property
     def n_features(self) -> int:
-        return self.X_train.shape[1]
+        """Features per row (for images: channels × height × width)."""
+        return int(np.prod(self.X_train.shape[1:]))
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One row's shape: (features,) or (channels, height, width)."""
+        return tuple(self.X_train.shape[1:])
 
     @property
     def n_classes(self) -> int:
@@ -92,6 +99,12 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     elif cfg.source == "spiral":
         X, labels = make_spiral(cfg.n_samples, cfg.n_classes, cfg.noise, seed)
         origin = "generated spiral"
+    elif cfg.source == "digits_images":
+        (X, labels), origin = digits_images(), "sklearn digits as 1x8x8 images"
+    elif cfg.source == "image_folder":
+        (X, labels), origin = read_image_folder(Path(cfg.path), cfg.image_size, cfg.channels), str(cfg.path)
+    elif cfg.source in ("cifar10", "mnist", "fashion_mnist"):
+        (X, labels), origin = read_torchvision(cfg.source, Path(cfg.path), cfg.download), f"{cfg.source} under {cfg.path}"
     elif cfg.source == "blobs":
         X, labels = make_blobs(cfg.n_samples, n_features=2, centers=cfg.n_classes, cluster_std=1.0 + cfg.noise, random_state=seed)
         origin = "generated blobs"
@@ -106,7 +119,14 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         except Exception as err:  # a parser's own complaint, e.g. a truncated Parquet file
             raise BabysitError(f"{path}: could not be read as {cfg.source} ({' '.join(str(err).split())}).") from None
         origin = str(path)
-    return validate_dataset(np.asarray(X, dtype=np.float32), np.asarray(labels), origin)
+    data = validate_dataset(np.asarray(X, dtype=np.float32), np.asarray(labels), origin)
+    return subsample(data, cfg.max_rows, seed) if cfg.max_rows and cfg.max_rows < len(data.y) else data
+
+
+def subsample(data: Dataset, rows: int, seed: int) -> Dataset:
+    """A stratified random subset of `rows` rows (to train on a slice of a big set on a CPU)."""
+    keep, _ = train_test_split(np.arange(len(data.y)), train_size=rows, stratify=data.y, random_state=seed)
+    return Dataset(data.X[np.sort(keep)], data.y[np.sort(keep)], data.classes, f"{data.origin} ({rows} rows)")
 
 
 def validate_dataset(X: np.ndarray, labels: np.ndarray, origin: str) -> Dataset:

@@ -25,8 +25,8 @@ from tasks.data import Splits
 class Prepared:
     splits: Splits  # transformed features
     transformer: TransformerMixin  # fitted on the training split
-    weight: np.ndarray  # (raw features, features) — transform(x) == x @ weight + bias
-    bias: np.ndarray  # (features,)
+    weight: np.ndarray  # (raw features, features) — transform(x) == x @ weight + bias; images: (channels,) scales
+    bias: np.ndarray  # (features,); images: (channels,) shifts
 
 
 def make_transformer(cfg: PreprocessConfig, n_train: int, n_features: int) -> TransformerMixin:
@@ -50,7 +50,25 @@ def affine_parameters(transformer: TransformerMixin, n_features: int) -> tuple[n
     return weight.astype(np.float32), bias.astype(np.float32)
 
 
+def fit_channel_preprocess(splits: Splits, cfg: PreprocessConfig) -> Prepared:
+    """Images: the lecture's CNN recipe, a mean (and std) per channel, fitted on training pixels."""
+    channels = splits.X_train.shape[1]
+    scaler = StandardScaler(with_mean=cfg.method != "none", with_std=cfg.method == "standardize")
+    scaler.fit(splits.X_train.transpose(0, 2, 3, 1).reshape(-1, channels).astype(np.float64))
+
+    def apply(X: np.ndarray) -> np.ndarray:
+        pixels = scaler.transform(X.transpose(0, 2, 3, 1).reshape(-1, channels).astype(np.float64))
+        return pixels.reshape(X.shape[0], X.shape[2], X.shape[3], channels).transpose(0, 3, 1, 2).astype(np.float32)
+
+    transformed = replace(splits, X_train=apply(splits.X_train), X_val=apply(splits.X_val), X_test=apply(splits.X_test))
+    # per channel: x * weight[c] + bias[c]
+    weight, bias = affine_parameters(scaler, channels)
+    return Prepared(transformed, scaler, np.diag(weight).copy(), bias)
+
+
 def fit_preprocess(splits: Splits, cfg: PreprocessConfig) -> Prepared:
+    if splits.X_train.ndim == 4:
+        return fit_channel_preprocess(splits, cfg)
     transformer = make_transformer(cfg, len(splits.X_train), splits.n_features)
     transformer.fit(splits.X_train.astype(np.float64))
     weight, bias = affine_parameters(transformer, splits.n_features)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from prefect import task
+import logging
+import math
+
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 
 from babysit import plots, tracking
 from babysit.config import Config
@@ -18,15 +22,17 @@ def flag_tags(flags: dict[str, str]) -> dict[str, str]:
 
 
 def outcome_metrics(result: TrainResult) -> dict[str, float]:
-    return {
+    """A training's summary metrics; test metrics only when the test split was read."""
+    metrics = {
         "initial_loss": result.initial_loss,
         "best_val_acc": result.best_val_acc,
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
-        "test_loss": result.test_loss,
-        "test_acc": result.test_acc,
         "train_seconds": result.seconds,
     }
+    if not math.isnan(result.test_acc):
+        metrics.update(test_loss=result.test_loss, test_acc=result.test_acc)
+    return metrics
 
 
 def log_init_report(run: tracking.RunRef, report: InitReport) -> None:
@@ -34,11 +40,36 @@ def log_init_report(run: tracking.RunRef, report: InitReport) -> None:
     tracking.log_metric_series(run, report.layer_stats, first_step=1)
     tracking.log_metrics(run, {"n_params": report.n_params})
     tracking.set_tags(run, {"babysit.architecture": report.architecture})
+    if report.histograms:
+        figure = plots.activation_histograms(report.histograms, report.layer_stats)
+        tracking.log_figure(run, figure, "init_activations.png")
+        plots.close(figure)
 
 
-def log_outcome(run: tracking.RunRef, cfg: Config, result: TrainResult, flags: dict[str, str], prepared: Prepared) -> None:
+def run_logger() -> logging.Logger:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called outside a flow or task run (tests, scripts)
+        return logging.getLogger("babysit")
+
+
+def warn_init_flags(run: tracking.RunRef, flags: dict[str, str]) -> None:
+    """Say what is wrong at init before the first epoch is spent, in the log and as run tags."""
+    if flags:
+        run_logger().warning("flags at init, before training: %s", "; ".join(f"{name}: {why}" for name, why in flags.items()))
+        tracking.set_tags(run, flag_tags(flags))
+
+
+def run_status(flags: dict[str, str]) -> str:
+    """babysit.status tag: 'diverged' when the loss blew up, else 'finished' (search trials add more)."""
+    return "diverged" if "diverged" in flags else "finished"
+
+
+def log_outcome(run: tracking.RunRef, cfg: Config, result: TrainResult, flags: dict[str, str], prepared: Prepared, report: str | None = None) -> None:
     tracking.log_metrics(run, outcome_metrics(result), step=result.epochs_run)
-    tracking.set_tags(run, {**flag_tags(flags), "babysit.stop_reason": result.stop_reason or "completed"})
+    tracking.set_tags(run, {**flag_tags(flags), "babysit.stop_reason": result.stop_reason or "completed", "babysit.status": run_status(flags)})
+    if report:
+        tracking.log_text(run, report, "report.md")
     figure = plots.training_curves(result.history, cfg.name)
     tracking.log_figure(run, figure, "curves.png")
     plots.close(figure)
@@ -47,5 +78,5 @@ def log_outcome(run: tracking.RunRef, cfg: Config, result: TrainResult, flags: d
 
 
 @task(name="log-results", cache_policy=NO_CACHE)
-def log_results_task(run: tracking.RunRef, cfg: Config, result: TrainResult, flags: dict[str, str], prepared: Prepared) -> None:
-    log_outcome(run, cfg, result, flags, prepared)
+def log_results_task(run: tracking.RunRef, cfg: Config, result: TrainResult, flags: dict[str, str], prepared: Prepared, report: str | None = None) -> None:
+    log_outcome(run, cfg, result, flags, prepared, report)

@@ -2,22 +2,28 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 from torch import nn
 
 from babysit import tracking
 from babysit.config import Config, OptimConfig, TrainConfig
+from babysit.diagnostics import dead_unit_metrics, dead_unit_probe, snapshot, step_diagnostics
 from babysit.optim import lr_at, make_optimizer
 from models.mlp import Affine, build_model
+from tasks.augment import augment_batch
 from tasks.preprocess import Prepared
 
 HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
@@ -32,6 +38,8 @@ class TrainResult:
     test_loss: float = math.nan  # computed once, after training, with the kept weights
     test_acc: float = math.nan
     seconds: float = 0.0  # wall time of `fit`
+    # grad_norm/…, update_ratio/…, dead_frac/… (babysit.diagnostics) -> one value per epoch
+    diagnostics: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def epochs_run(self) -> int:
@@ -65,7 +73,8 @@ def fit(
     model: nn.Module,
     X_train: torch.Tensor, y_train: torch.Tensor, X_val: torch.Tensor, y_val: torch.Tensor,
     optim_cfg: OptimConfig, train_cfg: TrainConfig, diverge_factor: float, seed: int,
-    on_epoch: Callable[[int, dict[str, float]], str | None] | None = None,
+    on_epoch: Callable[[int, dict[str, float]], str | None] | None = None, diagnose: bool = False,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Mini-batch training with per-epoch validation; keeps the best-validation weights.
 
@@ -73,6 +82,8 @@ def fit(
     Stops early when the loss diverges (NaN/Inf or > diverge_factor × initial loss) or when
     validation accuracy has not improved for `early_stopping_patience` epochs. `on_epoch` gets
     each epoch's metrics and may return a reason to stop (a search pruning a poor trial).
+    `augment` transforms each training batch on the device. `diagnose` adds per-layer gradient norms, update ratios and dead units, measured on each
+    epoch's last step, to the metrics and to `TrainResult.diagnostics`.
     """
     started, device = time.perf_counter(), X_train.device
     optimizer = make_optimizer(model.parameters(), optim_cfg)
@@ -80,7 +91,7 @@ def fit(
     n, batch, epochs = len(y_train), train_cfg.batch_size, train_cfg.epochs
     steps_per_epoch = math.ceil(n / batch)
     initial_loss, _ = evaluate(model, X_train, y_train)
-    history = {key: [] for key in HISTORY_KEYS}
+    history, diagnostics = {key: [] for key in HISTORY_KEYS}, {}
     best_acc, best_epoch, best_state, stop_reason = -1.0, 0, None, None
     for epoch in range(1, epochs + 1):
         # 1) one pass over the training set in a fresh random order
@@ -93,18 +104,22 @@ def fit(
                 group["lr"] = lr
             idx = order[start : start + batch]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(X_train[idx]).float()
+                logits = model(augment(X_train[idx]) if augment else X_train[idx]).float()
             loss = F.cross_entropy(logits, y_train[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            before = snapshot(model) if diagnose and start + batch >= n else None  # the epoch's last step
             optimizer.step()
             loss_sum += loss.detach() * len(idx)
             correct += (logits.argmax(1) == y_train[idx]).sum()
-        # 2) validation, and the epoch's record
-        val_loss, val_acc = evaluate(model, X_val, y_val)
+        # 2) validation (watching for dead units when diagnosing), and the epoch's record
+        with dead_unit_probe(model) if before is not None else nullcontext([]) as dead:
+            val_loss, val_acc = evaluate(model, X_val, y_val)
         metrics = {"train_loss": loss_sum.item() / n, "train_acc": correct.item() / n, "val_loss": val_loss, "val_acc": val_acc, "lr": lr}
-        for key in HISTORY_KEYS:
-            history[key].append(metrics[key])
+        if before is not None:
+            metrics |= step_diagnostics(model, before) | dead_unit_metrics(dead)
+        for key, value in metrics.items():
+            (history if key in HISTORY_KEYS else diagnostics).setdefault(key, []).append(value)
         verdict = on_epoch(epoch, metrics) if on_epoch is not None else None
         # 3) stop on divergence, keep the best weights, stop when validation stalls or when told
         if not math.isfinite(metrics["train_loss"]) or metrics["train_loss"] > diverge_factor * initial_loss:
@@ -121,24 +136,38 @@ def fit(
             break
     if best_state is not None:
         model.load_state_dict(best_state)
-    return TrainResult(history, initial_loss, best_epoch, stop_reason, seconds=time.perf_counter() - started)
+    return TrainResult(history, initial_loss, best_epoch, stop_reason, seconds=time.perf_counter() - started, diagnostics=diagnostics)
 
 
 def to_device(*arrays: np.ndarray, device: torch.device) -> list[torch.Tensor]:
     return [torch.as_tensor(a).to(device) for a in arrays]
 
 
-def train_and_test(cfg: Config, prepared: Prepared, on_epoch: Callable[[int, dict[str, float]], str | None] | None = None) -> tuple[TrainResult, nn.Module]:
-    """Build, train and test one model; the test split is read here, once, after training."""
+def train_and_test(
+    cfg: Config, prepared: Prepared, on_epoch: Callable[[int, dict[str, float]], str | None] | None = None, test: bool = True,
+) -> tuple[TrainResult, nn.Module]:
+    """Build, train and (unless `test` is False: search trials) test one model.
+
+    The test split is read here, once, after training, with the kept best-validation weights.
+    """
     device = pick_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     s = prepared.splits
     X_train, X_val, X_test = to_device(s.X_train, s.X_val, s.X_test, device=device)
     y_train, y_val, y_test = to_device(s.y_train, s.y_val, s.y_test, device=device)
-    model = build_model(cfg.model, s.n_features, s.n_classes, cfg.seed).to(device)
-    result = fit(model, X_train, y_train, X_val, y_val, cfg.optim, cfg.train, cfg.flags.diverge_factor, cfg.seed, on_epoch)
-    result.test_loss, result.test_acc = evaluate(model, X_test, y_test)
+    model = build_model(cfg.model, s.input_shape, s.n_classes, cfg.seed).to(device)
+    augment = None
+    if X_train.dim() == 4:
+        if device.type == "cuda":  # convolutions run faster with channels last on recent GPUs
+            model = model.to(memory_format=torch.channels_last)
+            X_train, X_val, X_test = (x.contiguous(memory_format=torch.channels_last) for x in (X_train, X_val, X_test))
+        if cfg.train.flip or cfg.train.translate:
+            generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+            augment = partial(augment_batch, flip=cfg.train.flip, translate=cfg.train.translate, generator=generator)
+    result = fit(model, X_train, y_train, X_val, y_val, cfg.optim, cfg.train, cfg.flags.diverge_factor, cfg.seed, on_epoch, cfg.train.diagnostics, augment)
+    if test:
+        result.test_loss, result.test_acc = evaluate(model, X_test, y_test)
     return result, model
 
 
@@ -151,7 +180,10 @@ def deployable(model: nn.Module, prepared: Prepared) -> nn.Module:
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(cfg: Config, prepared: Prepared, run: tracking.RunRef, raw_example: np.ndarray) -> TrainResult:
     """Train with per-epoch metrics in MLflow (one batched write per epoch), then log the model."""
-    logger = get_run_logger()
+    try:
+        logger = get_run_logger()
+    except MissingContextError:  # called as train_task.fn(...) outside a flow (tests, benchmarks)
+        logger = logging.getLogger("babysit.train")
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:  # never asks to stop
         tracking.log_metrics(run, metrics, step=epoch)
