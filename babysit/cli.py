@@ -214,6 +214,20 @@ def server(args: argparse.Namespace) -> int:
     return 0
 
 
+def ensemble(args: argparse.Namespace) -> int:
+    with console.status("starting Prefect (ephemeral server unless PREFECT_API_URL is set)..."):
+        from flows.ensemble import ensemble_flow
+    quiet_user_errors()
+    summary = ensemble_flow(search_run_id=args.run_id, top=args.top, epochs=args.epochs, tracking_uri=args.uri)
+    table = Table(title=f"babysit ensemble: top {args.top} of search {args.run_id}", show_header=False)
+    table.add_row("members (test acc)", "\n".join(f"{run} ({acc:.4f})" for run, acc in zip(summary.members, summary.member_test_acc)))
+    table.add_row("best single model", f"test acc {summary.best_single_test_acc:.4f}")
+    table.add_row("ensemble (mean of probabilities)", f"test acc {summary.ensemble_test_acc:.4f}")
+    table.add_row("MLflow run", summary.run_id)
+    console.print(table)
+    return 0
+
+
 def ui(args: argparse.Namespace) -> int:
     from babysit import tracking
 
@@ -272,6 +286,12 @@ def parser() -> argparse.ArgumentParser:
     server_cmd.add_argument("--mlflow-workers", type=int, default=2, help="MLflow server worker processes (default 2)")
     server_cmd.add_argument("--timeout", type=float, default=180, metavar="SECONDS", help="how long to wait for health (default 180)")
     server_cmd.set_defaults(handler=server)
+    ens = commands.add_parser("ensemble", help="average the top-k trials of a search and compare with the best single model")
+    ens.add_argument("run_id", help="the search's parent MLflow run id")
+    ens.add_argument("--top", type=int, default=3, help="members: the k best trials by validation accuracy")
+    ens.add_argument("--epochs", type=int, default=None, help="retrain each member this long (default: its trial's epochs)")
+    ens.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
+    ens.set_defaults(handler=ensemble)
     ui_cmd = commands.add_parser("ui", help="open the MLflow UI on the local store (127.0.0.1)")
     ui_cmd.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
     ui_cmd.add_argument("--host", default="127.0.0.1")

@@ -208,6 +208,10 @@ def get_run(uri: str, run_id: str):
     return _client(uri).get_run(run_id)
 
 
+def experiment_name(uri: str, experiment_id: str) -> str:
+    return _client(uri).get_experiment(experiment_id).name
+
+
 def metric_history(uri: str, run_id: str, key: str) -> list[float]:
     return [m.value for m in sorted(_client(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
 

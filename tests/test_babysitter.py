@@ -15,7 +15,7 @@ from babysit import tracking
 from babysit.advice import run_report, search_advice
 from babysit.cli import main
 from babysit.config import FlagsConfig, load_config
-from babysit.diagnostics import dead_unit_fractions, param_label, snapshot, step_diagnostics
+from babysit.diagnostics import dead_unit_fractions, param_labels, snapshot, step_diagnostics
 from tasks.build import inspect_init
 from tasks.data import load_dataset, split_dataset
 from tasks.preprocess import fit_preprocess
@@ -128,7 +128,15 @@ def test_step_diagnostics_match_the_sgd_update_formula():
     assert found["update_ratio/0.weight"] == pytest.approx(0.1 * g0.norm().item() / w0.norm().item(), rel=1e-4)
     total = math.sqrt(sum(p.grad.norm().item() ** 2 for p in model.parameters()))
     assert found["grad_norm"] == pytest.approx(total, rel=1e-5)
-    assert param_label("blocks.2.0.weight") == "fc3.weight" and param_label("blocks.0.1.bias") == "bn1.bias"
+
+
+def test_metric_names_follow_the_layers():
+    from models.mlp import build_model
+
+    mlp = build_model(load_config(None, ["model.hidden=[8, 8, 8]", "model.batchnorm=true"]).model, 4, 3, seed=0)
+    labels = param_labels(mlp)
+    assert labels["blocks.2.0.weight"] == "fc3.weight" and labels["blocks.0.1.bias"] == "bn1.bias"
+    assert labels["head.weight"] == "head.weight" and len(labels) == len(list(mlp.parameters()))
 
 
 def test_dead_units_are_units_zero_for_every_row():

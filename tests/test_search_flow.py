@@ -136,3 +136,34 @@ def test_diverged_trials_are_flagged_and_end_early(prefect_harness, fresh_uri):
     assert diverged and all("diverged" in k.data.tags["babysit.flags"] for k in diverged)
     assert all(k.data.metrics["epochs_run"] < 3 for k in diverged)
     assert min(float(k.data.params["optim.lr"]) for k in diverged) > summary.best_params["optim.lr"]
+
+
+def test_ensemble_of_the_top_trials_averages_their_probabilities(finished_search, tracking_uri):
+    from flows.ensemble import config_from_params, ensemble_flow, ensemble_probabilities, top_trials
+
+    members = top_trials(tracking_uri, finished_search.parent_run_id, 2)
+    rebuilt = config_from_params(members[0].data.params)
+    assert {k: str(v) for k, v in rebuilt.flat().items()} == members[0].data.params  # the config round-trips
+
+    summary = ensemble_flow(search_run_id=finished_search.parent_run_id, top=2, epochs=2)
+    assert summary.members == [m.info.run_id for m in members] and len(summary.member_test_acc) == 2
+    run = tracking.get_run(tracking_uri, summary.run_id)
+    assert run.data.tags["babysit.search_run_id"] == finished_search.parent_run_id
+    assert run.data.metrics["ensemble_test_acc"] == pytest.approx(summary.ensemble_test_acc)
+    assert summary.ensemble_test_acc > 0.5
+
+    a, b = [[0.6, 0.4], [0.1, 0.9]], [[0.2, 0.8], [0.3, 0.7]]
+    import numpy as np
+
+    assert np.allclose(ensemble_probabilities([np.array(a), np.array(b)]), [[0.4, 0.6], [0.2, 0.8]])
+
+
+def test_ensemble_refuses_a_run_that_is_not_a_search(finished_search, tracking_uri):
+    from babysit.errors import BabysitError
+    from flows.ensemble import top_trials
+
+    child = children(tracking_uri, finished_search.parent_run_id)[0]
+    with pytest.raises(BabysitError, match="not a babysit search"):
+        top_trials(tracking_uri, child.info.run_id, 2)
+    with pytest.raises(BabysitError, match="no MLflow run"):
+        top_trials(tracking_uri, "0" * 32, 2)

@@ -1,0 +1,91 @@
+"""ensemble_flow: average the predictions of a search's top-k trials (the lecture's model ensembles).
+
+The top-k finished trials of a search (by validation accuracy) are retrained from the configs
+their MLflow runs recorded, each is tested alone, and their softmax probabilities are averaged.
+The result is an MLflow run of its own, tagged with the search's parent run id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from babysit import tracking
+from babysit.config import Config, with_values
+from babysit.errors import BabysitError
+from tasks.data import load_data_task
+from tasks.preprocess import Prepared, preprocess_task
+from tasks.train import train_and_test
+
+
+@dataclass(frozen=True)
+class EnsembleSummary:
+    run_id: str
+    members: list[str]  # the trial runs, best first
+    member_test_acc: list[float]
+    best_single_test_acc: float  # the member with the best validation accuracy, tested alone
+    ensemble_test_acc: float
+
+
+def config_from_params(params: dict[str, str]) -> Config:
+    """A trial's training config rebuilt from its MLflow params (the flattened config)."""
+    import yaml
+
+    values = {key: None if text == "None" else yaml.safe_load(text) for key, text in params.items()}
+    return Config.model_validate(with_values({}, values))
+
+
+def ensemble_probabilities(member_probabilities: list[np.ndarray]) -> np.ndarray:
+    """The ensemble's class probabilities: the mean of its members' (rows × classes each)."""
+    return np.mean(np.stack(member_probabilities), axis=0)
+
+
+def top_trials(uri: str, search_run_id: str, k: int) -> list:
+    parent = tracking.read_run(uri, search_run_id)
+    if parent.tags.get("babysit.kind") != "search":
+        raise BabysitError(f"MLflow run '{search_run_id}' is not a babysit search (no tag babysit.kind=search); pass a search's parent run id.")
+    experiment_id = tracking.get_run(uri, search_run_id).info.experiment_id
+    trials = [r for r in tracking.find_runs(uri, experiment_id, {"mlflow.parentRunId": search_run_id})
+              if r.info.status == "FINISHED" and r.data.tags.get("babysit.stage") != "final" and r.data.tags.get("babysit.status") == "finished"]
+    if len(trials) < k:
+        raise BabysitError(f"search '{search_run_id}' has {len(trials)} finished trials; --top {k} needs at least {k}.")
+    return sorted(trials, key=lambda r: -r.data.metrics.get("best_val_acc", 0.0))[:k]
+
+
+@task(name="ensemble-member", cache_policy=NO_CACHE)
+def member_task(cfg: Config, prepared: Prepared) -> tuple[float, np.ndarray]:
+    """Retrain one member; return its own test accuracy and its test-set class probabilities."""
+    result, model = train_and_test(cfg, prepared)
+    X_test = torch.as_tensor(prepared.splits.X_test).to(next(model.parameters()).device)
+    model.eval()
+    with torch.no_grad():
+        probabilities = torch.softmax(model(X_test).float(), dim=1).cpu().numpy()
+    return result.test_acc, probabilities
+
+
+@flow(name="ensemble", flow_run_name="ensemble-{search_run_id}")
+def ensemble_flow(search_run_id: str, top: int = 3, epochs: int | None = None, tracking_uri: str | None = None) -> EnsembleSummary:
+    """Retrain the top `top` trials of a search (for `epochs`, default each trial's own) and average them."""
+    uri = tracking.resolve_uri(tracking_uri)
+    trials = top_trials(uri, search_run_id, top)
+    configs = [config_from_params(r.data.params) for r in trials]
+    if epochs:
+        configs = [c.model_copy(update={"train": c.train.model_copy(update={"epochs": epochs})}) for c in configs]
+    base = configs[0]  # members share data and preprocessing: a search varies the model, not the split
+    prepared = preprocess_task(load_data_task(base.data, base.seed), base.preprocess)
+    futures = [member_task.submit(cfg, prepared) for cfg in configs]
+    members = [f.result() for f in futures]
+    y_test = prepared.splits.y_test
+    ensemble_acc = float((ensemble_probabilities([p for _, p in members]).argmax(1) == y_test).mean())
+
+    parent = tracking.get_run(uri, search_run_id)
+    run = tracking.start_run(uri, tracking.experiment_name(uri, parent.info.experiment_id), f"ensemble-top{top}", {"top": top, "epochs": epochs},
+                             {"babysit.kind": "ensemble", "babysit.search_run_id": search_run_id, "babysit.members": ",".join(r.info.run_id for r in trials)})
+    with tracking.finished_or_failed(run):
+        tracking.log_metric_series(run, {"member_test_acc": [acc for acc, _ in members]}, first_step=1)
+        tracking.log_metrics(run, {"ensemble_test_acc": ensemble_acc, "best_single_test_acc": members[0][0]})
+    return EnsembleSummary(run.run_id, [r.info.run_id for r in trials], [acc for acc, _ in members], members[0][0], ensemble_acc)
