@@ -43,6 +43,8 @@ class DataConfig(Section):
     channels: Literal[1, 3] = 3  # image_folder: grey or RGB
     download: bool = False  # cifar10 / mnist / fashion_mnist: fetch with torchvision if missing
     max_rows: int | None = Field(None, ge=6)  # a stratified subsample of this many rows (big sets on a CPU)
+    keep_classes: list[str] | None = None  # only rows of these labels (as text, e.g. ['5', '6'])
+    train_fraction: float = Field(1.0, gt=0, le=1)  # use this stratified share of the training split (val/test stay whole)
 
     @property
     def images(self) -> bool:
@@ -89,6 +91,10 @@ class ModelConfig(Section):
     head_init_scale: float = Field(0.1, gt=0, le=1)
     batchnorm: bool = False
     dropout: float = Field(0.0, ge=0, lt=1)  # probability of zeroing a hidden unit
+    # transfer learning: start from a trained model (an MLflow model URI such as runs:/<id>/model,
+    # or a torch.save(state_dict) file); every layer whose shape fits is copied, the head is new
+    init_from: str | None = None
+    freeze: Literal["all", "none"] | int = "none"  # with init_from: freeze all hidden blocks, none, or the first n
 
     @field_validator("hidden", "channels")
     @classmethod
@@ -121,6 +127,8 @@ class TrainConfig(Section):
     early_stopping_patience: int | None = Field(None, ge=1)  # epochs without a better val acc
     flip: bool = False  # images: mirror a random half of each batch left-right (on the device)
     translate: int = Field(0, ge=0)  # images: shift each image by up to this many pixels (on the device)
+    unfreeze_epochs: int = Field(0, ge=0)  # transfer: after `epochs` frozen, this many more with all layers trainable
+    unfreeze_lr_factor: float = Field(0.1, gt=0, le=1)  # ... at this fraction of optim.lr
     # Per-epoch gradient norms, update/weight ratios and dead units, measured on each epoch's
     # last step only (babysit.diagnostics); they feed the lr_too_high / lr_too_low / dead_relu flags.
     diagnostics: bool = True
@@ -143,16 +151,17 @@ class FlagsConfig(Section):
     vanishing_ratio: float = Field(0.1, gt=0, lt=1)  # last hidden layer's std below this × the first's: vanishing
     exploding_ratio: float = Field(10.0, gt=1)  # last hidden layer's std above this × the first's: exploding
     saturated_fraction: float = Field(0.25, gt=0, le=1)  # share of a layer's tanh/sigmoid outputs in the flat tails
-    # Share of a layer's units that output 0 for every example of a 256-row batch, at init or at the
-    # last epoch. CS231n: with a too-high learning rate "as much as 40% of your network can be dead".
+    # Share of a layer's units that output 0 for every example (256 training rows at init; the
+    # validation set after the last epoch). CS231n: with a too-high learning rate "as much as 40%
+    # of your network can be dead".
     dead_fraction: float = Field(0.25, gt=0, le=1)
-    # Learning rate, judged on the first `early_epochs` epochs (update ratio: median over weight
-    # matrices of ‖Δw‖/‖w‖ on an epoch's last step; CS231n's rule of thumb is ≈ 1e-3)
+    # Learning rate, judged on the first `early_epochs` epochs (update ratio: median over the hidden
+    # layers' weight matrices of ‖ΔW‖/‖W‖ on an epoch's last step; CS231n's rule of thumb is ≈ 1e-3)
     early_epochs: int = Field(3, ge=1)
     min_loss_drop: float = Field(0.1, gt=0, lt=1)  # training loss not below (1 − this) × initial by then: lr_too_low
     early_loss_rise: float = Field(0.05, ge=0)  # an early epoch's training loss above (1 + this) × initial: lr_too_high
-    # Measured on digits (MLP 256-256): Adam 1e-3 ≈ 7e-3 in epoch 1; Adam 3e-2 ≈ 2e-2 with 2/3 of the
-    # ReLUs dead; SGD 1 ≈ 5e-2 with the loss rising; SGD 1e-2 ≈ 2e-4; SGD 1e-4 ≈ 1.5e-6.
+    # Measured on digits (MLP 256-256, epochs 1-3): Adam 1e-3 ≈ 3e-3; Adam 3e-2 ≈ 2.6e-2 with 2/3 of
+    # the ReLUs dead; SGD 1 ≈ 5e-2 with the loss rising; SGD 1e-2 ≈ 2e-4; SGD 1e-3 ≈ 1e-5; SGD 1e-4 ≈ 1e-6.
     update_ratio_high: float = Field(0.03, gt=0)  # median update ratio above this (≫ 1e-2): lr_too_high
     update_ratio_low: float = Field(1e-5, gt=0)  # median update ratio below this (≪ 1e-4): lr_too_low
     # Plateau: the best training loss of the last `plateau_epochs` epochs is not `plateau_min_drop`

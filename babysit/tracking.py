@@ -155,6 +155,19 @@ def log_torch_model(run: RunRef, model: Any, input_example: Any) -> str:
     return info.model_uri
 
 
+def load_torch_model(model_uri: str) -> Any:
+    """A logged torch model, e.g. 'runs:/<run id>/model'. Raises BabysitError if it cannot be found."""
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    from babysit.errors import BabysitError
+
+    try:
+        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    except (MlflowException, OSError) as err:
+        raise BabysitError(f"`model.init_from` {model_uri}: neither a file nor a loadable MLflow model ({' '.join(str(err).split())[:200]}).") from None
+
+
 def end_run(run: RunRef, status: str = "FINISHED") -> None:
     _client(run.uri).set_terminated(run.run_id, status=status)
 

@@ -6,7 +6,7 @@ and user files (CSV / Parquet with a target column, NPZ with `X` and `y`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +119,13 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         except Exception as err:  # a parser's own complaint, e.g. a truncated Parquet file
             raise BabysitError(f"{path}: could not be read as {cfg.source} ({' '.join(str(err).split())}).") from None
         origin = str(path)
-    data = validate_dataset(np.asarray(X, dtype=np.float32), np.asarray(labels), origin)
+    X, labels = np.asarray(X, dtype=np.float32), np.asarray(labels)
+    if cfg.keep_classes is not None:
+        keep = np.isin(labels.astype(str), cfg.keep_classes)
+        if not keep.any():
+            raise BabysitError(f"{origin}: no rows with a label in `data.keep_classes` {cfg.keep_classes} (labels: {sorted(set(labels.astype(str).tolist()))[:20]}).")
+        X, labels, origin = X[keep], labels[keep], f"{origin} (classes {', '.join(cfg.keep_classes)})"
+    data = validate_dataset(X, labels, origin)
     return subsample(data, cfg.max_rows, seed) if cfg.max_rows and cfg.max_rows < len(data.y) else data
 
 
@@ -164,6 +170,19 @@ def split_dataset(data: Dataset, val_fraction: float, test_fraction: float, seed
     return Splits(X_train, y_train, X_val, y_val, X_test, y_test, data.classes)
 
 
+def thin_training(splits: Splits, fraction: float, seed: int) -> Splits:
+    """Keep a stratified `fraction` of the training rows (transfer learning with little data)."""
+    if fraction >= 1.0:
+        return splits
+    try:
+        keep, _ = train_test_split(np.arange(len(splits.y_train)), train_size=fraction, stratify=splits.y_train, random_state=seed)
+    except ValueError:
+        raise BabysitError(f"`data.train_fraction` {fraction} leaves fewer training rows than classes ({len(splits.y_train)} rows, {splits.n_classes} classes).") from None
+    keep = np.sort(keep)
+    return replace(splits, X_train=splits.X_train[keep], y_train=splits.y_train[keep])
+
+
 @task(name="load-data", cache_policy=NO_CACHE)
 def load_data_task(cfg: DataConfig, seed: int) -> Splits:
-    return split_dataset(load_dataset(cfg, seed), cfg.val_fraction, cfg.test_fraction, seed)
+    splits = split_dataset(load_dataset(cfg, seed), cfg.val_fraction, cfg.test_fraction, seed)
+    return thin_training(splits, cfg.train_fraction, seed)

@@ -23,6 +23,7 @@ from babysit.config import Config, OptimConfig, TrainConfig
 from babysit.diagnostics import dead_unit_metrics, dead_unit_probe, snapshot, step_diagnostics
 from babysit.optim import lr_at, make_optimizer
 from models.mlp import Affine, build_model
+from models.transfer import freeze, load_source, transfer_weights, unfreeze
 from tasks.augment import augment_batch
 from tasks.preprocess import Prepared
 
@@ -82,8 +83,9 @@ def fit(
     Stops early when the loss diverges (NaN/Inf or > diverge_factor × initial loss) or when
     validation accuracy has not improved for `early_stopping_patience` epochs. `on_epoch` gets
     each epoch's metrics and may return a reason to stop (a search pruning a poor trial).
-    `augment` transforms each training batch on the device. `diagnose` adds per-layer gradient norms, update ratios and dead units, measured on each
-    epoch's last step, to the metrics and to `TrainResult.diagnostics`.
+    `augment` transforms each training batch on the device. `diagnose` adds per-layer gradient
+    norms, update ratios and dead units, measured on each epoch's last step, to the metrics and
+    to `TrainResult.diagnostics`.
     """
     started, device = time.perf_counter(), X_train.device
     optimizer = make_optimizer(model.parameters(), optim_cfg)
@@ -156,7 +158,11 @@ def train_and_test(
     s = prepared.splits
     X_train, X_val, X_test = to_device(s.X_train, s.X_val, s.X_test, device=device)
     y_train, y_val, y_test = to_device(s.y_train, s.y_val, s.y_test, device=device)
-    model = build_model(cfg.model, s.input_shape, s.n_classes, cfg.seed).to(device)
+    model = build_model(cfg.model, s.input_shape, s.n_classes, cfg.seed)
+    if cfg.model.init_from:
+        transfer_weights(model, load_source(cfg.model.init_from), cfg.model.init_from)
+        freeze(model, cfg.model.freeze)
+    model = model.to(device)
     augment = None
     if X_train.dim() == 4:
         if device.type == "cuda":  # convolutions run faster with channels last on recent GPUs
@@ -166,9 +172,34 @@ def train_and_test(
             generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
             augment = partial(augment_batch, flip=cfg.train.flip, translate=cfg.train.translate, generator=generator)
     result = fit(model, X_train, y_train, X_val, y_val, cfg.optim, cfg.train, cfg.flags.diverge_factor, cfg.seed, on_epoch, cfg.train.diagnostics, augment)
+    if cfg.model.init_from and cfg.train.unfreeze_epochs and not result.stop_reason:
+        result = fine_tune(model, result, cfg, (X_train, y_train, X_val, y_val), on_epoch, augment)
     if test:
         result.test_loss, result.test_acc = evaluate(model, X_test, y_test)
     return result, model
+
+
+def fine_tune(model: nn.Module, frozen: TrainResult, cfg: Config, data: tuple, on_epoch, augment) -> TrainResult:
+    """Transfer learning's second phase: every layer trainable, at unfreeze_lr_factor × lr, for
+    unfreeze_epochs more epochs (numbered after the first phase's). Keeps the better phase's weights."""
+    kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    unfreeze(model)
+    offset = frozen.epochs_run
+    optim = cfg.optim.model_copy(update={"lr": cfg.optim.lr * cfg.train.unfreeze_lr_factor, "warmup_epochs": 0})
+    train = cfg.train.model_copy(update={"epochs": cfg.train.unfreeze_epochs})
+    shifted = (lambda epoch, metrics: on_epoch(offset + epoch, metrics)) if on_epoch else None
+    tuned = fit(model, *data, optim, train, cfg.flags.diverge_factor, cfg.seed + 1, shifted, cfg.train.diagnostics, augment)
+    better = tuned.best_val_acc > frozen.best_val_acc
+    if not better:
+        model.load_state_dict(kept)
+    return TrainResult(
+        history={k: frozen.history[k] + tuned.history[k] for k in HISTORY_KEYS},
+        initial_loss=frozen.initial_loss,
+        best_epoch=offset + tuned.best_epoch if better else frozen.best_epoch,
+        stop_reason=tuned.stop_reason,
+        seconds=frozen.seconds + tuned.seconds,
+        diagnostics={k: frozen.diagnostics.get(k, []) + tuned.diagnostics.get(k, []) for k in frozen.diagnostics.keys() | tuned.diagnostics.keys()},
+    )
 
 
 def deployable(model: nn.Module, prepared: Prepared) -> nn.Module:
