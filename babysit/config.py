@@ -104,9 +104,13 @@ class ModelConfig(Section):
         return hidden
 
 
+# A learning rate each update rule trains the default digits MLP well with (used when `lr` is unset).
+DEFAULT_LR = {"sgd": 0.1, "momentum": 0.03, "nesterov": 0.03, "adagrad": 0.03, "rmsprop": 1e-3, "adam": 1e-3, "adamw": 1e-3}
+
+
 class OptimConfig(Section):
     name: Optimizer = "adam"
-    lr: float = Field(1e-3, gt=0)  # peak learning rate
+    lr: float = Field(1e-3, gt=0)  # peak learning rate; unset: DEFAULT_LR of the optimizer
     momentum: float = Field(0.9, ge=0, lt=1)  # momentum / nesterov; rmsprop's momentum is 0
     weight_decay: float = Field(0.0, ge=0)  # L2 strength (decoupled for adamw)
     betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
@@ -117,6 +121,13 @@ class OptimConfig(Section):
     gamma: float = Field(0.1, gt=0, le=1)  # step: factor per step; exponential: factor per epoch
     decay: float = Field(0.1, ge=0)  # inverse_time: lr / (1 + decay * epoch)
     min_lr_fraction: float = Field(0.0, ge=0, le=1)  # cosine: floor as a fraction of lr
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_lr(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("lr") is None:
+            data = {**data, "lr": DEFAULT_LR.get(data.get("name", "adam"), 1e-3)}
+        return data
 
 
 class TrainConfig(Section):
