@@ -1,0 +1,195 @@
+"""What to do next: pure functions from flags and histories to short markdown, in the lecture's words.
+
+`run_report` turns one run's flags (babysit.flags) and per-epoch histories into a report
+(logged as report.md, printed by `babysit report`); `search_advice` reads a search's trials
+table and says which ranges to move.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pandas as pd
+
+History = dict[str, list[float]]
+
+# Order of the advice: problems at init first (nothing after them is meaningful), then the
+# learning rate, then the fit (the lecture's babysitting order).
+ORDER = (
+    "initial_loss_off", "vanishing_activations", "exploding_activations", "saturated", "dead_relu",
+    "diverged", "lr_too_high", "lr_too_low", "plateau", "underfitting", "overfitting",
+)
+
+
+def _accuracies(history: History) -> str:
+    if not history.get("train_acc") or not history.get("val_acc"):
+        return "accuracies not recorded"
+    return f"training accuracy {history['train_acc'][-1]:.0%}, validation {history['val_acc'][-1]:.0%}"
+
+
+ADVICE: dict[str, Callable[[str, History], str]] = {
+    "initial_loss_off": lambda why, h: f"{why}: fix this before training — the logits at init should be small "
+    "(`model.head_init_scale`), the labels right and the loss the softmax cross-entropy.",
+    "vanishing_activations": lambda why, h: f"{why}: the activations (and with them the gradients) vanish layer by layer — "
+    "use Xavier init for tanh (`model.init: xavier`) or He for ReLU (`model.init: he`), or add batch norm (`model.batchnorm: true`).",
+    "exploding_activations": lambda why, h: f"{why}: the weights at init are too large — use Xavier/He init, or add batch norm.",
+    "saturated": lambda why, h: f"{why}: saturated units pass almost no gradient — use a smaller init (Xavier), ReLU, or batch norm.",
+    "dead_relu": lambda why, h: f"{why}: a dead ReLU never updates again — lower the learning rate, "
+    "use He init, or try leaky ReLU (`model.activation: leaky_relu`).",
+    "diverged": lambda why, h: f"loss exploded ({why}): lower the learning rate (3–10×); "
+    "a NaN or exploding loss in the first epochs almost always means the learning rate is too high.",
+    "lr_too_high": lambda why, h: f"{why}: the learning rate is too high — lower it (3–10×).",
+    "lr_too_low": lambda why, h: f"{why}: the loss is barely changing — raise the learning rate (3–10×).",
+    "plateau": lambda why, h: f"{why}: decay the learning rate (`optim.schedule: step` or `cosine`) "
+    "once progress stalls; if accuracy is still low, the model may be too small.",
+    "underfitting": lambda why, h: f"{_accuracies(h)}: underfitting — the model is too weak or not trained enough: "
+    "make it bigger (`model.hidden`), train longer, raise the learning rate or lower regularization.",
+    "overfitting": lambda why, h: f"{_accuracies(h)}: overfitting — increase L2 (`optim.weight_decay`) or dropout "
+    "(`model.dropout`), or add data; early stopping (`train.early_stopping_patience`) keeps the best-validation weights.",
+}
+
+
+def run_report(
+    name: str, flags: dict[str, str], history: History, initial_loss: float,
+    diagnostics: History | None = None, stop_reason: str | None = None, run_id: str | None = None,
+) -> str:
+    """A run's markdown report: what happened (from the histories), its flags, what to do next.
+
+    `history` holds train_loss/train_acc/val_loss/val_acc per epoch; `diagnostics` may hold
+    `update_ratio` per epoch. Flags without advice (other modules may add some) are listed as is.
+    """
+    lines = [f"# babysit report: {name}", ""]
+    epochs = len(history.get("train_loss", []))
+    if epochs and len(history.get("val_acc", [])) == epochs and history.get("train_acc"):
+        best = max(range(epochs), key=lambda i: history["val_acc"][i] if math.isfinite(history["val_acc"][i]) else -1.0)
+        lines.append(
+            f"{'Run `' + run_id + '`: ' if run_id else ''}{epochs} epoch(s); {_accuracies(history)} at the end "
+            f"(best validation {history['val_acc'][best]:.1%} in epoch {best + 1}); "
+            f"training loss {initial_loss:.3g} at init → {history['train_loss'][-1]:.3g}."
+        )
+    ratio = [r for r in (diagnostics or {}).get("update_ratio", []) if math.isfinite(r)]
+    if ratio:
+        lines.append(f"Update/weight ratio {ratio[0]:.1e} in epoch 1 → {ratio[-1]:.1e} at the end (rule of thumb: about 1e-3).")
+    if stop_reason and stop_reason != "completed":
+        lines.append(f"Stopped early: {stop_reason}.")
+    ordered = sorted(flags, key=lambda flag: ORDER.index(flag) if flag in ORDER else len(ORDER))
+    lines += ["", "## Flags", ""]
+    lines += [f"- **{flag}**: {flags[flag]}" for flag in ordered] or ["- none"]
+    lines += ["", "## What to do next", ""]
+    advice = [ADVICE[flag](flags[flag], history) if flag in ADVICE else f"{flag}: {flags[flag]}." for flag in ordered]
+    if "lr_too_low" in flags and {"vanishing_activations", "saturated"} & set(flags):
+        i = ordered.index("lr_too_low")  # a loss that does not move may be the init's fault
+        advice[i] += " But fix the init first: with vanishing or saturated activations the gradients, not the learning rate, are too small."
+    if not advice:
+        advice = ["No flags: the run looks healthy. Next, tune the learning rate and regularization with a "
+                  "coarse-to-fine random search (log-uniform ranges, a few epochs per trial first)."]
+    lines += [f"{i}. {text}" for i, text in enumerate(advice, start=1)]
+    return "\n".join(lines) + "\n"
+
+
+# search_advice: a range is blamed for a problem when at least this share of the trials beyond
+# a threshold show it (and at least 2 trials show it)
+BLAME_PURITY = 0.75
+
+
+def _flag_sets(trials: pd.DataFrame) -> pd.Series:
+    raw = trials["flags"] if "flags" in trials else pd.Series([""] * len(trials), index=trials.index)
+    return raw.map(lambda text: {f.strip() for f in str(text).split(",") if f.strip() and f.strip() not in ("none", "nan", "None")} if isinstance(text, str) else set())
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.2g}"
+    return str(value)
+
+
+def blame(trials: pd.DataFrame, bad: pd.Series, params: list[str]) -> tuple[str, str, str] | None:
+    """The parameter range that holds the `bad` trials: (field, 'above'|'below'|'is', threshold).
+
+    For a numeric column: every bad trial has field ≥ t (t = the smallest bad value), and at
+    least BLAME_PURITY of the trials with field ≥ t are bad (or the mirror image, ≤). For a
+    categorical column: every bad trial has the same value. The purest range wins.
+    """
+    if bad.sum() < 2:
+        return None
+    best: tuple[float, tuple[str, str, str]] | None = None
+    for column in params:
+        values = trials[column]
+        field = column.removeprefix("param.")
+        if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+            candidates = [("above", values >= values[bad].min(), values[bad].min()), ("below", values <= values[bad].max(), values[bad].max())]
+        else:
+            shared = values[bad].unique()
+            candidates = [("is", values == shared[0], shared[0])] if len(shared) == 1 else []
+        for side, inside, threshold in candidates:
+            purity = bad[inside].mean()
+            if purity >= BLAME_PURITY and (best is None or purity > best[0]):
+                best = (purity, (field, side, _fmt(threshold)))
+    return best[1] if best else None
+
+
+def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, params: list[str], fix_above: str, fix_below: str) -> str:
+    found = f"{what} in {int(bad.sum())} of {len(trials)} {stage} trials"
+    culprit = blame(trials, bad, params)
+    if culprit is None:
+        return f"{found}, with no single parameter range to blame."
+    field, side, threshold = culprit
+    if side == "is":
+        return f"{found}, all with {field} = {threshold}: drop that choice or search it separately."
+    symbol, fix = (">=", fix_above) if side == "above" else ("<=", fix_below)
+    return f"{found}, all with {field} {symbol} {threshold}: {fix.format(field=field)}."
+
+
+def search_advice(trials: pd.DataFrame, edges: dict[str, str]) -> str:
+    """Markdown advice on a search from its trials and the fields whose best value sat at an edge.
+
+    `trials` has columns stage, status (finished|failed|diverged|pruned), val_acc, flags
+    (comma-separated flag names) and param.<field> per searched field; `edges` maps a field
+    (e.g. 'optim.lr') to 'low' or 'high'. Per stage, in order of appearance: what happened to
+    the trials; which range holds the exploded (status diverged or flag diverged) and the
+    lr_too_low trials (see `blame`); the most common flag among finished trials. Then the edges
+    and the best trial.
+    """
+    if trials.empty:
+        return "No trials ran: nothing to advise.\n"
+    trials = trials.reset_index(drop=True)
+    flag_sets = _flag_sets(trials)
+    params = [c for c in trials.columns if c.startswith("param.")]
+    status = trials["status"].astype(str) if "status" in trials else pd.Series(["finished"] * len(trials))
+    lines = []
+    for stage in trials["stage"].astype(str).unique() if "stage" in trials else ["all"]:
+        in_stage = trials["stage"].astype(str) == stage if "stage" in trials else pd.Series(True, index=trials.index)
+        group, group_flags, group_status = trials[in_stage], flag_sets[in_stage], status[in_stage]
+        counts = group_status.value_counts()
+        summary = ", ".join(f"{counts[s]} {s}" for s in ("finished", "diverged", "pruned", "failed") if s in counts)
+        best_acc = group["val_acc"].max() if "val_acc" in group else math.nan
+        lines.append(f"{stage}: {len(group)} trials ({summary})" + (f"; best validation accuracy {best_acc:.1%}." if pd.notna(best_acc) else "."))
+        exploded = (group_status == "diverged") | group_flags.map(lambda f: "diverged" in f)
+        if exploded.any():
+            lines.append(_problem_line("loss exploded", stage, group, exploded, params, "lower the upper bound of {field}", "raise the lower bound of {field}"))
+        slow = group_flags.map(lambda f: "lr_too_low" in f)
+        if slow.any():
+            lines.append(_problem_line("lr_too_low", stage, group, slow, params, "lower the upper bound of {field}", "raise the lower bound of {field}"))
+        if (failed := int((group_status == "failed").sum())):
+            lines.append(f"{failed} {stage} trial(s) failed with an error: see the `babysit.failure` tag of their MLflow runs.")
+        if (pruned := int((group_status == "pruned").sum())):
+            lines.append(f"{pruned} of {len(group)} {stage} trials were pruned early for poor validation accuracy.")
+        finished_flags = group_flags[group_status == "finished"]
+        for flag in ("overfitting", "underfitting", "plateau", "dead_relu"):
+            if (n := int(finished_flags.map(lambda f: flag in f).sum())) * 2 > max(len(finished_flags), 1):
+                lines.append(f"{flag} in {n} of {len(finished_flags)} finished {stage} trials: " + {
+                    "overfitting": "search stronger regularization (larger `optim.weight_decay`, `model.dropout`).",
+                    "underfitting": "search bigger models or a higher learning rate, or train longer.",
+                    "plateau": "add a learning-rate decay (`optim.schedule`).",
+                    "dead_relu": "lower the learning rate or try leaky ReLU.",
+                }[flag])
+    for field, side in edges.items():
+        where = "upper" if side == "high" else "lower"
+        lines.append(f"best {field} at the {where} edge of its range: the range was widened (the optimum may lie beyond it).")
+    finished = trials[(status == "finished") & trials["val_acc"].notna()] if "val_acc" in trials else trials.iloc[0:0]
+    if not finished.empty:
+        top = finished.loc[finished["val_acc"].idxmax()]
+        setting = ", ".join(f"{c.removeprefix('param.')} = {_fmt(top[c])}" for c in params)
+        lines.append(f"best trial: validation accuracy {top['val_acc']:.1%}" + (f" ({top['stage']} stage)" if "stage" in top else "") + (f" with {setting}." if setting else "."))
+    return "\n".join(f"- {line}" for line in lines) + "\n"
