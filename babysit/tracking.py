@@ -221,6 +221,12 @@ def get_run(uri: str, run_id: str):
     return _client(uri).get_run(run_id)
 
 
+def read_text(uri: str, run_id: str, artifact_file: str) -> str:
+    """A text artifact of a run (e.g. report.md)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return Path(_client(uri).download_artifacts(run_id, artifact_file, tmp)).read_text()
+
+
 def experiment_name(uri: str, experiment_id: str) -> str:
     return _client(uri).get_experiment(experiment_id).name
 

@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from babysit import plots, recurring, scaleout, tracking
+from babysit.advice import search_advice
 from babysit.config import SearchExperiment, field_problem, load_config
 from babysit.pruning import Pruner
 from babysit.space import Narrowing, describe, narrow, parse_dist, sample
@@ -174,7 +175,9 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             final = result_from_run(finished[spec.key], spec) if spec.key in finished else run_trial(spec, prepared, parent, final=True, raw_example=splits.X_train[:5])
             results.append(final)
         frame = trials_frame(results)
+        advice = search_advice(frame[frame["stage"] != "final"], {e.split(":", 1)[1].split("=")[0]: e.rsplit("=", 1)[1] for e in edges})
         log_search_outcome(parent, frame, best, final, edges, list(exp.search.space))
+        tracking.log_text(parent, advice, "report.md")
         changes = recurring.changes_since(previous, best.val_acc, ranges)
         if changes:
             tracking.set_tags(parent, {"babysit.previous_search": previous.run_id})
@@ -184,7 +187,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     if runtime.flow_run.id is not None:
         create_link_artifact(link=url, link_text=f"MLflow search {parent.run_id}", description=f"Parent MLflow run of search {exp.name}")
         markdown = summary_markdown(exp.name, frame, best, final, edges, ranges) + "".join(f"\n- {line}" if i else f"\n\nChanges {line}" for i, line in enumerate(changes))
-        create_markdown_artifact(markdown=markdown, key="search-summary", description=f"Search {exp.name}")
+        create_markdown_artifact(markdown=markdown + "\n\n" + advice, key="search-summary", description=f"Search {exp.name}")
     return SearchSummary(
         parent.run_id, parent.experiment_id, uri, best.params, best.val_acc,
         final.val_acc if final else None, final.test_acc if final else None, edges, ranges,
@@ -236,11 +239,13 @@ def log_search_outcome(parent: tracking.RunRef, frame: pd.DataFrame, best: Trial
 
 
 def summary_markdown(name: str, frame: pd.DataFrame, best: TrialResult, final: TrialResult | None, edges: list[str], ranges: dict) -> str:
-    lines = [f"# Search `{name}`", "", "| stage | trials | finished | diverged | pruned | failed | best val acc | sampled from |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"# Search `{name}`", "", "| stage | trials | finished | diverged | pruned | failed | best val acc | flags | sampled from |", "|---|---|---|---|---|---|---|---|---|"]
     for stage, group in frame[frame["stage"] != "final"].groupby("stage", sort=False):
         counts = group["status"].value_counts()
+        flags = group["flags"].str.split(",").explode().loc[lambda f: f != ""].value_counts()
+        flag_text = ", ".join(f"{flag} ×{count}" for flag, count in flags.items()) or "none"
         space = "; ".join(f"{k} ~ {v}" for k, v in ranges.get(stage, {}).items())
-        lines.append(f"| {stage} | {len(group)} | {counts.get('finished', 0)} | {counts.get('diverged', 0)} | {counts.get('pruned', 0)} | {counts.get('failed', 0)} | {group['val_acc'].max():.4f} | {space} |")
+        lines.append(f"| {stage} | {len(group)} | {counts.get('finished', 0)} | {counts.get('diverged', 0)} | {counts.get('pruned', 0)} | {counts.get('failed', 0)} | {group['val_acc'].max():.4f} | {flag_text} | {space} |")
     lines += ["", f"Best trial: `{best.stage}-{best.index:03d}` val acc {best.val_acc:.4f} with " + ", ".join(f"`{k}={v}`" for k, v in best.params.items())]
     if final is not None:
         lines.append(f"Final retrain: val acc {final.val_acc or float('nan'):.4f}, test acc {final.test_acc:.4f}")

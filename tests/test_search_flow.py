@@ -67,7 +67,7 @@ def test_search_tracks_a_parent_with_nested_trials(finished_search, tracking_uri
     assert parent.data.tags["range.coarse.optim.lr"] == "loguniform(1e-05, 0.1)"
     assert "range.fine.optim.lr" in parent.data.tags and "best.optim.lr" in parent.data.tags
     artifacts = {a.path for a in tracking._client(tracking_uri).list_artifacts(summary.parent_run_id)}
-    assert {"trials.csv", "plots"} <= artifacts
+    assert {"trials.csv", "plots", "report.md"} <= artifacts
     plots = {a.path for a in tracking._client(tracking_uri).list_artifacts(summary.parent_run_id, "plots")}
     assert "plots/best_so_far.png" in plots and "plots/val_acc_vs_optim.lr.png" in plots
 
@@ -136,6 +136,8 @@ def test_diverged_trials_are_flagged_and_end_early(prefect_harness, fresh_uri):
     assert diverged and all("diverged" in k.data.tags["babysit.flags"] for k in diverged)
     assert all(k.data.metrics["epochs_run"] < 3 for k in diverged)
     assert min(float(k.data.params["optim.lr"]) for k in diverged) > summary.best_params["optim.lr"]
+    advice = tracking.read_text(tracking_uri, summary.parent_run_id, "report.md")
+    assert "exploded" in advice and "optim.lr" in advice
 
 
 def test_ensemble_of_the_top_trials_averages_their_probabilities(finished_search, tracking_uri):
