@@ -1,0 +1,140 @@
+"""Searches that recur (a nightly deployment, `babysit serve --cron`): naming, warm start, what changed.
+
+Everything here is pure: it reads runs that `babysit.tracking` already fetched (MLflow `Run`
+objects, or anything with the same `.info` / `.data` shape) and returns data. The search flow
+calls it before its first stage (identity, warm start) and after its last (changes).
+
+- A scheduled run of a deployment gets its own parent run, named and tagged by its deployment
+  and scheduled time, so tonight's search does not resume last night's (a retry of the same
+  flow run keeps its scheduled time, and so resumes).
+- `search.warm_start: latest` makes the first stage sample from the last ranges of the latest
+  finished run of the same search (its `range.<stage>.<field>` tags) instead of the file's
+  coarse ranges. Fields that are new, changed kind or no longer valid keep the file's range.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any
+
+from babysit.space import Dist, Space, parse_dist
+
+
+@dataclass(frozen=True)
+class PastSearch:
+    """A finished earlier run of a search, as the next run needs it."""
+
+    run_id: str
+    run_name: str
+    started: datetime | None  # UTC
+    best_val_acc: float | None
+    ranges: dict[str, dict[str, str]]  # stage -> field -> 'loguniform(1e-05, 0.1)', in stage order
+
+
+def schedule_identity(deployment: str | None, scheduled: datetime | None) -> dict[str, str]:
+    """Tags that make each scheduled run of a deployment its own search (empty outside deployments)."""
+    if not deployment or scheduled is None:
+        return {}
+    when = scheduled.astimezone(timezone.utc) if scheduled.tzinfo else scheduled.replace(tzinfo=timezone.utc)
+    return {"babysit.schedule": deployment, "babysit.scheduled_for": when.strftime("%Y-%m-%dT%H:%MZ")}
+
+
+def run_name(base: str, identity: dict[str, str]) -> str:
+    """'search_digits' or, for a scheduled run, 'search_digits nightly 2026-11-28 03:00Z'."""
+    if "babysit.schedule" not in identity:
+        return base
+    return f"{base} {identity['babysit.schedule']} {identity['babysit.scheduled_for'].replace('T', ' ')}"
+
+
+def stage_ranges(tags: dict[str, str], fields: list[str], stage_order: list[str]) -> dict[str, dict[str, str]]:
+    """{stage: {field: text}} from tags 'range.<stage>.<field>' (fields hold dots, so they are
+    matched against the known `fields`), ordered by `stage_order`, unknown stages last."""
+    found: dict[str, dict[str, str]] = {}
+    for key, text in tags.items():
+        if not key.startswith("range."):
+            continue
+        rest = key.removeprefix("range.")
+        field = max((f for f in fields if rest.endswith("." + f)), key=len, default=None)
+        if field is not None:
+            found.setdefault(rest[: -len(field) - 1], {})[field] = text
+    rank = {stage: i for i, stage in enumerate(stage_order)}
+    return {stage: found[stage] for stage in sorted(found, key=lambda s: rank.get(s, len(rank)))}
+
+
+def stage_order(params: dict[str, str], fallback: list[str]) -> list[str]:
+    """Stage names in order from a parent run's `search.stages` param (the repr of a list of dicts)."""
+    try:
+        stages = ast.literal_eval(params.get("search.stages", ""))
+        return [str(s["name"]) for s in stages]
+    except (ValueError, SyntaxError, TypeError, KeyError):
+        return fallback
+
+
+def past_search(run: Any, fields: list[str], fallback_order: list[str]) -> PastSearch:
+    """A search parent run (as fetched from MLflow) to a PastSearch over the searched `fields`."""
+    tags, params, metrics = dict(run.data.tags), dict(run.data.params), dict(run.data.metrics)
+    started = datetime.fromtimestamp(run.info.start_time / 1000, timezone.utc) if run.info.start_time else None
+    return PastSearch(
+        run.info.run_id, tags.get("mlflow.runName", run.info.run_id), started, metrics.get("best_val_acc"),
+        stage_ranges(tags, fields, stage_order(params, fallback_order)),
+    )
+
+
+def final_ranges(past: PastSearch) -> dict[str, str]:
+    """Each field's range in the last stage that sampled it."""
+    last: dict[str, str] = {}
+    for space in past.ranges.values():
+        last.update(space)
+    return last
+
+
+def warm_space(space: Space, past: PastSearch, is_valid: Any = None) -> tuple[Space, dict[str, str]]:
+    """The first stage's space warm-started from `past`, and a note per field on what was done.
+
+    A field takes the past range when it parses, has the same kind as the file's (loguniform
+    stays loguniform; a choice's options must be among the file's), and `is_valid(field, value)`
+    accepts its bounds; otherwise it keeps the file's range.
+    """
+    previous = final_ranges(past)
+    warmed: Space = {}
+    notes: dict[str, str] = {}
+    for field, dist in space.items():
+        text = previous.get(field)
+        candidate, why = _candidate(field, dist, text, is_valid)
+        warmed[field] = candidate or dist
+        notes[field] = f"{candidate.describe()} (from {past.run_name})" if candidate else f"{dist.describe()} (file's range: {why})"
+    return warmed, notes
+
+
+def _candidate(field: str, dist: Dist, text: str | None, is_valid: Any) -> tuple[Dist | None, str]:
+    if text is None:
+        return None, "not searched before"
+    try:
+        old = parse_dist(field, text)
+    except ValueError:
+        return None, f"cannot read {text!r}"
+    if old.kind != dist.kind:
+        return None, f"was {old.kind}, now {dist.kind}"
+    if not old.numeric:
+        options = tuple(o for o in old.options if o in dist.options)
+        return (replace(dist, options=options), "") if options else (None, "no option left in the file's choice")
+    bounds = (int(old.low), int(old.high)) if old.kind == "int" else (old.low, old.high)
+    if is_valid is not None and not all(is_valid(field, b) for b in bounds):
+        return None, f"{text} is no longer a valid range"
+    return old, ""
+
+
+def changes_since(past: PastSearch | None, best_val_acc: float | None, ranges: dict[str, dict[str, str]]) -> list[str]:
+    """What changed since `past`: best validation accuracy, then each stage's ranges that moved."""
+    if past is None:
+        return []
+    when = f" ({past.started:%Y-%m-%d %H:%M}Z)" if past.started else ""
+    lines = [f"since {past.run_name}{when}, run {past.run_id}:"]
+    if best_val_acc is not None and past.best_val_acc is not None:
+        lines.append(f"best val acc {past.best_val_acc:.4f} -> {best_val_acc:.4f} ({best_val_acc - past.best_val_acc:+.4f})")
+    moved = [f"{stage} {field}: {past.ranges[stage][field]} -> {text}"
+             for stage, space in ranges.items() for field, text in space.items()
+             if field in past.ranges.get(stage, {}) and past.ranges[stage][field] != text]
+    return lines + (moved or ["ranges: unchanged"])

@@ -1,0 +1,295 @@
+"""`babysit server up|down|status|env`: a local Prefect server and MLflow tracking server.
+
+Each server is a background process group whose PID, command and log live in a state folder
+(`.babysit/` by default): `down` stops exactly the processes that `up` started, by PID, never
+by name. Both bind 127.0.0.1 unless told otherwise. Health is checked over HTTP
+(Prefect: GET /api/health, MLflow: GET /health). Nothing here runs at import time.
+
+With no servers, babysit works as before: each flow starts a temporary Prefect server and
+MLflow writes to sqlite:///mlruns/mlflow.db. With them, the same code reports to the servers once
+PREFECT_API_URL and MLFLOW_TRACKING_URI are exported (`babysit server env` prints the lines).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from babysit.errors import BabysitError
+
+STATE = Path(".babysit")
+WORK_POOL = "babysit-local"  # prefect.yaml's deployments run on this `process` pool
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """How to start one server, and how to tell that it is up."""
+
+    name: str  # prefect | mlflow
+    command: list[str]
+    env: dict[str, str]  # added to the environment of the server process
+    host: str
+    port: int
+    health_path: str  # GET http://host:port<health_path> answers 200 when ready
+    export: dict[str, str]  # what clients set to use it, e.g. {"PREFECT_API_URL": ...}
+    marker: tuple[str, ...]  # words in the process's command line (checked before a kill)
+    ui: str = ""
+
+    @property
+    def health_url(self) -> str:
+        return f"http://{client_host(self.host)}:{self.port}{self.health_path}"
+
+
+@dataclass
+class Record:
+    """A started server, as state/servers.json keeps it."""
+
+    name: str
+    pid: int
+    host: str
+    port: int
+    health_url: str
+    export: dict[str, str]
+    log: str
+    command: list[str]
+    marker: list[str]
+    ui: str = ""
+    started: float = field(default_factory=time.time)
+    healthy_after_s: float | None = None
+
+
+def client_host(host: str) -> str:
+    """Where a client on this machine reaches a server bound to `host`."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def sqlite_url(path: Path, driver: str = "sqlite") -> str:
+    return f"{driver}:///{path.resolve()}"
+
+
+def prefect_spec(state: Path, host: str = "127.0.0.1", port: int = 4200, database_url: str | None = None) -> ServerSpec:
+    """`prefect server start` with its home (and SQLite database, unless `database_url` names
+    another, e.g. postgresql+asyncpg://...) under state/prefect; scheduler services on, for cron deployments."""
+    home = (state / "prefect").resolve()
+    env = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url or sqlite_url(home / "prefect.db", "sqlite+aiosqlite"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    api = f"http://{client_host(host)}:{port}/api"
+    command = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+    return ServerSpec("prefect", command, env, host, port, "/api/health", {"PREFECT_API_URL": api},
+                      ("prefect", "server"), ui=f"http://{client_host(host)}:{port}")
+
+
+def mlflow_spec(state: Path, host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | None = None,
+                artifacts_destination: str | None = None, workers: int = 2) -> ServerSpec:
+    """`mlflow server` on `backend_store_uri` (any SQLAlchemy URL; default: babysit's local store,
+    so earlier local runs show up) serving artifacts itself from `artifacts_destination`
+    (a folder, s3://..., ...): clients on other machines then need no shared file system."""
+    from babysit import tracking
+
+    backend = backend_store_uri or tracking.DEFAULT_URI
+    if db := tracking.sqlite_path(backend):
+        db.parent.mkdir(parents=True, exist_ok=True)
+        backend = sqlite_url(db)
+    destination = artifacts_destination or str(Path("mlruns/served-artifacts").resolve())
+    command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
+               "--backend-store-uri", backend, "--serve-artifacts", "--artifacts-destination", destination,
+               "--workers", str(workers)]
+    uri = f"http://{client_host(host)}:{port}"
+    # MLflow 3's server also runs a job queue (8 processes) for GenAI jobs that babysit never submits
+    env = {} if "MLFLOW_SERVER_ENABLE_JOB_EXECUTION" in os.environ else {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    return ServerSpec("mlflow", command, env, host, port, "/health", {"MLFLOW_TRACKING_URI": uri},
+                      ("mlflow", "server"), ui=f"{uri}/#/experiments?{tracking.UI_VIEW}")
+
+
+def healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((client_host(host), port)) == 0
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie child of this process is reaped and counts as gone)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def is_ours(record: Record) -> bool:
+    """The PID still runs the command we started (PIDs are reused after a reboot or a crash)."""
+    if not alive(record.pid):
+        return False
+    cmdline = Path(f"/proc/{record.pid}/cmdline")
+    if not cmdline.exists():  # no /proc (macOS): trust the PID file
+        return True
+    words = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    return all(word in words for word in record.marker)
+
+
+def load_state(state: Path) -> dict[str, Record]:
+    path = state / "servers.json"
+    if not path.is_file():
+        return {}
+    return {name: Record(**data) for name, data in json.loads(path.read_text()).items()}
+
+
+def save_state(state: Path, records: dict[str, Record]) -> None:
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "servers.json").write_text(json.dumps({name: asdict(r) for name, r in records.items()}, indent=2) + "\n")
+    for name, record in records.items():
+        (state / f"{name}.pid").write_text(f"{record.pid}\n")
+
+
+def start(spec: ServerSpec, state: Path) -> Record:
+    """Start `spec` in its own session (process group), logging to state/<name>.log."""
+    if port_in_use(spec.host, spec.port):
+        raise BabysitError(f"port {spec.port} on {client_host(spec.host)} is already in use, so the {spec.name} server cannot start there; "
+                           f"stop what uses it or pick another port (babysit server up --{spec.name}-port PORT).")
+    state.mkdir(parents=True, exist_ok=True)
+    log = state / f"{spec.name}.log"
+    with open(log, "ab") as out:
+        process = subprocess.Popen(spec.command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   env={**os.environ, **spec.env}, start_new_session=True)
+    return Record(spec.name, process.pid, spec.host, spec.port, spec.health_url, spec.export, str(log),
+                  spec.command, list(spec.marker), spec.ui)
+
+
+def wait_healthy(record: Record, timeout: float) -> float:
+    """Seconds from the server's start until its health URL answered; BabysitError (with the
+    log's tail) if it died or did not answer within `timeout` seconds of its start."""
+    while time.time() - record.started < timeout:
+        if healthy(record.health_url):
+            return time.time() - record.started
+        if not alive(record.pid):
+            raise BabysitError(f"the {record.name} server exited before it was healthy; the end of {record.log}:\n{log_tail(record.log)}")
+        time.sleep(0.25)
+    stop(record)
+    raise BabysitError(f"the {record.name} server was not healthy at {record.health_url} after {timeout:.0f} s (stopped it); the end of {record.log}:\n{log_tail(record.log)}")
+
+
+def log_tail(path: str, lines: int = 15) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def stop(record: Record, timeout: float = 20.0) -> bool:
+    """SIGTERM the process group `up` started (its leader is record.pid), SIGKILL after `timeout`.
+    Returns False when the PID no longer runs our server (nothing is signalled)."""
+    if not is_ours(record):
+        return False
+    group = os.getpgid(record.pid) == record.pid
+
+    def signal_all(sig: int) -> None:
+        try:
+            os.killpg(record.pid, sig) if group else os.kill(record.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    signal_all(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while alive(record.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if alive(record.pid):
+        signal_all(signal.SIGKILL)
+    if group:  # workers the server forked may outlive their leader by a moment
+        time.sleep(0.2)
+        signal_all(signal.SIGKILL)
+    return True
+
+
+def up(specs: list[ServerSpec], state: Path = STATE, timeout: float = 180.0) -> list[Record]:
+    """Start each server that is not already running from this state folder; wait until all are healthy.
+    A server that fails takes the ones this call started down with it."""
+    records = load_state(state)
+    started: list[Record] = []
+    try:
+        for spec in specs:
+            running = records.get(spec.name)
+            if running is not None and is_ours(running):
+                continue
+            records[spec.name] = record = start(spec, state)
+            started.append(record)
+            save_state(state, records)
+        for record in started:
+            record.healthy_after_s = round(wait_healthy(record, timeout), 2)
+    except BaseException:
+        for record in started:
+            stop(record)
+            records.pop(record.name, None)
+        save_state(state, records)
+        raise
+    save_state(state, records)
+    return [records[spec.name] for spec in specs]
+
+
+def down(state: Path = STATE, names: list[str] | None = None) -> list[tuple[str, bool]]:
+    """Stop the servers recorded in `state` (all, or `names`); returns (name, was running)."""
+    records = load_state(state)
+    stopped = []
+    for name in list(records):
+        if names and name not in names:
+            continue
+        stopped.append((name, stop(records.pop(name))))
+        (state / f"{name}.pid").unlink(missing_ok=True)
+    if records or (state / "servers.json").exists():
+        save_state(state, records)
+    return stopped
+
+
+def status(state: Path = STATE) -> list[tuple[Record, bool, bool]]:
+    """(record, process running, healthy over HTTP) for each recorded server."""
+    return [(r, is_ours(r), healthy(r.health_url)) for r in load_state(state).values()]
+
+
+def exports(records: list[Record]) -> list[str]:
+    """Shell lines that point babysit (and the prefect / mlflow CLIs) at the servers."""
+    return [f"export {key}={value}" for r in records for key, value in r.export.items()]
+
+
+def ensure_work_pool(api_url: str, name: str = WORK_POOL) -> bool:
+    """Create the `process` work pool that prefect.yaml's deployments use; False if it existed."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.workers.process import ProcessWorker
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(name=name, type="process", base_job_template=ProcessWorker.get_default_base_job_template()))
+        except ObjectAlreadyExists:
+            return False
+    return True

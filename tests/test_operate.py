@@ -1,0 +1,416 @@
+"""Operate: real servers, deployments from prefect.yaml, a worker, Dask, recurring searches.
+
+The servers are started by `babysit server up` on loopback with free ports and stopped by PID in
+the fixture's teardown, failure or not. The pure parts (naming, warm start, the Dask store rule,
+schedules) are tested on hand-made data first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from babysit import recurring, scaleout, servers
+from babysit.config import SearchExperiment, load_config
+from babysit.errors import BabysitError
+from babysit.space import parse_dist
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY_SEARCH = ["model.hidden=[32]", "search.workers=2", "search.final=null"]
+
+
+# ---- pure: recurring searches ---------------------------------------------------------------
+
+def past_run(run_id="p1", tags=None, best=0.9, stages=("coarse", "fine")):
+    """A search parent run as MLflow returns it (only the attributes babysit reads)."""
+    params = {"search.stages": repr([{"name": s, "trials": 4, "epochs": 1} for s in stages])}
+    return SimpleNamespace(info=SimpleNamespace(run_id=run_id, start_time=1_795_000_000_000),
+                           data=SimpleNamespace(tags={"mlflow.runName": "search_digits", **(tags or {})}, params=params, metrics={"best_val_acc": best}))
+
+
+def test_scheduled_runs_are_named_and_tagged_by_deployment_and_time():
+    when = datetime(2026, 11, 28, 3, 0, tzinfo=timezone.utc)
+    identity = recurring.schedule_identity("search-digits-nightly", when)
+    assert identity == {"babysit.schedule": "search-digits-nightly", "babysit.scheduled_for": "2026-11-28T03:00Z"}
+    assert recurring.run_name("search_digits", identity) == "search_digits search-digits-nightly 2026-11-28 03:00Z"
+    # outside a deployment (babysit search, tests) nothing changes
+    assert recurring.schedule_identity(None, when) == {} and recurring.run_name("search_digits", {}) == "search_digits"
+
+
+def test_stage_ranges_split_dotted_fields_and_follow_stage_order():
+    tags = {"range.fine.optim.lr": "loguniform(0.001, 0.01)", "range.coarse.optim.lr": "loguniform(1e-05, 0.1)",
+            "range.coarse.model.batchnorm": "choice([False, True])", "range.fine.model.batchnorm": "choice([True])",
+            "best.optim.lr": "0.003"}
+    past = recurring.past_search(past_run(tags=tags), ["optim.lr", "model.batchnorm"], [])
+    assert list(past.ranges) == ["coarse", "fine"]
+    assert recurring.final_ranges(past) == {"optim.lr": "loguniform(0.001, 0.01)", "model.batchnorm": "choice([True])"}
+    assert past.best_val_acc == 0.9 and past.started.year == 2026
+
+
+def test_warm_start_takes_the_last_ranges_and_keeps_the_file_range_where_they_do_not_fit():
+    space = {f: parse_dist(f, s) for f, s in {"optim.lr": "loguniform(1e-5, 1e-1)", "model.dropout": "uniform(0, 0.5)",
+                                               "model.batchnorm": "choice([false, true])", "train.batch_size": "int(16, 128)"}.items()}
+    tags = {"range.fine.optim.lr": "loguniform(0.001, 0.01)", "range.fine.model.batchnorm": "choice([True])",
+            "range.fine.model.dropout": "loguniform(0.01, 0.2)",  # the file now says uniform: kind changed
+            "range.fine.train.batch_size": "int(8, 64)"}  # 8 is below what is_valid allows here
+    past = recurring.past_search(past_run(tags=tags), list(space), ["coarse", "fine"])
+    warmed, notes = recurring.warm_space(space, past, is_valid=lambda field, value: not (field == "train.batch_size" and value < 16))
+    assert warmed["optim.lr"] == parse_dist("optim.lr", "loguniform(0.001, 0.01)")
+    assert warmed["model.batchnorm"].options == (True,)
+    assert warmed["model.dropout"] == space["model.dropout"] and "was loguniform, now uniform" in notes["model.dropout"]
+    assert warmed["train.batch_size"] == space["train.batch_size"] and "no longer a valid range" in notes["train.batch_size"]
+
+
+def test_changes_since_the_last_run_name_accuracy_and_moved_ranges():
+    past = recurring.past_search(past_run(tags={"range.coarse.optim.lr": "loguniform(1e-05, 0.1)"}, best=0.95), ["optim.lr"], [])
+    lines = recurring.changes_since(past, 0.97, {"coarse": {"optim.lr": "loguniform(0.001, 0.01)"}})
+    assert lines[0].startswith("since search_digits (2026-") and "run p1" in lines[0]
+    assert lines[1] == "best val acc 0.9500 -> 0.9700 (+0.0200)"
+    assert lines[2] == "coarse optim.lr: loguniform(1e-05, 0.1) -> loguniform(0.001, 0.01)"
+    assert recurring.changes_since(past, 0.95, {"coarse": {"optim.lr": "loguniform(1e-05, 0.1)"}})[-1] == "ranges: unchanged"
+    assert recurring.changes_since(None, 0.97, {}) == []
+
+
+# ---- pure: scale-out rules, schedules, config -------------------------------------------------
+
+def test_dask_workers_elsewhere_cannot_share_a_local_sqlite_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BabysitError, match="other machines .*tcp://10.0.0.5:8786.*babysit server up"):
+        scaleout.dask_tracking_uri("sqlite:///mlruns/mlflow.db", "tcp://10.0.0.5:8786")
+    with pytest.raises(BabysitError, match="tcp://192.168.1.7:40001"):  # a loopback scheduler with a worker that joined from elsewhere
+        scaleout.dask_tracking_uri("sqlite:///mlruns/mlflow.db", "tcp://127.0.0.1:8786", ["tcp://127.0.0.1:40000", "tcp://192.168.1.7:40001"])
+    # a LocalCluster or loopback scheduler shares this machine's files: the path becomes absolute
+    assert scaleout.dask_tracking_uri("sqlite:///mlruns/mlflow.db", None) == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
+    assert scaleout.dask_tracking_uri("sqlite:///mlruns/mlflow.db", "tcp://[::1]:8786").startswith("sqlite:////")
+    for shared in ("http://10.0.0.2:5000", "postgresql://mlflow@db/mlflow"):
+        assert scaleout.dask_tracking_uri(shared, "tcp://10.0.0.5:8786") == shared
+
+
+def test_an_existing_dask_cluster_needs_a_prefect_server():
+    with pytest.raises(BabysitError, match="PREFECT_API_URL"):
+        scaleout.dask_prefect_api("tcp://10.0.0.5:8786", None, "http://127.0.0.1:8123/api")
+    assert scaleout.dask_prefect_api("tcp://10.0.0.5:8786", "http://10.0.0.2:4200/api", None) == "http://10.0.0.2:4200/api"
+    assert scaleout.dask_prefect_api(None, None, "http://127.0.0.1:8123/api") == "http://127.0.0.1:8123/api"  # ephemeral, LocalCluster
+
+
+def test_search_runner_and_warm_start_are_validated_config():
+    exp = load_config("conf/search_digits.yaml", ["search.runner=dask", "search.dask_address=tcp://127.0.0.1:8786", "search.warm_start=latest"], model=SearchExperiment)
+    assert (exp.search.runner, exp.search.dask_address, exp.search.warm_start) == ("dask", "tcp://127.0.0.1:8786", "latest")
+    with pytest.raises(BabysitError, match="`dask_address` is only used by `runner: dask`"):
+        load_config("conf/search_digits.yaml", ["search.dask_address=tcp://127.0.0.1:8786"], model=SearchExperiment)
+    with pytest.raises(BabysitError, match="search.runner"):
+        load_config("conf/search_digits.yaml", ["search.runner=ray"], model=SearchExperiment)
+
+
+def test_schedules_are_checked_before_serving():
+    from babysit import deploy
+
+    assert deploy.schedule_for("0 3 * * *", None).cron == "0 3 * * *"
+    assert deploy.schedule_for(None, 3600).interval.total_seconds() == 3600
+    with pytest.raises(BabysitError, match="Invalid cron string.*five fields"):
+        deploy.schedule_for("0 3 * *", None)
+    with pytest.raises(BabysitError, match="exactly one"):
+        deploy.schedule_for("0 3 * * *", 60)
+    assert deploy.is_search_file("conf/search_digits.yaml") and not deploy.is_search_file("conf/digits_mlp.yaml")
+
+
+def test_serve_without_a_prefect_server_says_how_to_get_one(tmp_path, monkeypatch, capsys):
+    from babysit import cli
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.chdir(tmp_path)  # no .babysit/ state here
+    assert cli.main(["serve", str(ROOT / "conf/digits_mlp.yaml"), "--cron", "0 3 * * *"]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "no scheduler" in out and "start one with `babysit server up`" in out
+
+
+# ---- helpers for real servers ------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a socket listening on `port` (from /proc/net/tcp, tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(address)
+    return found
+
+
+def http_json(url: str, body: dict | None = None) -> dict:
+    """Plain HTTP: GET, or POST a JSON body."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def search_runs(mlflow_url: str, experiment_id: str, filter_string: str) -> list[dict]:
+    return http_json(f"{mlflow_url}/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment_id], "filter": filter_string, "max_results": 1000}).get("runs", [])
+
+
+def tags_of(run: dict) -> dict[str, str]:
+    return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+
+
+def run_in_group(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run `command` in its own process group; on timeout the whole group is killed."""
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, _ = process.communicate()
+        pytest.fail(f"{' '.join(command)} ran past {timeout} s:\n{out[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, out)
+
+
+# ---- real servers: PostgreSQL for MLflow's store, as a team would run it ----------------------
+
+def postgres_programs() -> Path | None:
+    """Debian's PostgreSQL server programs (initdb, postgres), if installed."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return found[-1].parent if found else None
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL cluster on a loopback port with an `mlflow` database, stopped by PID at
+    the end; yields its SQLAlchemy URL, or None where PostgreSQL is not installed (then MLflow runs
+    on SQLite)."""
+    import shutil
+    import tempfile
+
+    programs = postgres_programs()
+    if programs is None:
+        yield None
+        return
+    data = Path(tempfile.mkdtemp(prefix="babysit-pg-"))
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # initdb refuses root
+    if as_postgres:
+        shutil.chown(data, "postgres")
+    port = free_port()
+    server = None
+    try:
+        subprocess.run(as_postgres + [str(programs / "initdb"), "-D", str(data), "-U", "babysit", "--auth=trust", "-E", "UTF8"],
+                       check=True, capture_output=True, timeout=120)
+        server = subprocess.Popen(as_postgres + [str(programs / "postgres"), "-D", str(data), "-p", str(port), "-k", str(data),
+                                                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        import psycopg
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                connection = psycopg.connect(host="127.0.0.1", port=port, user="babysit", dbname="postgres", autocommit=True)
+                break
+            except psycopg.OperationalError:
+                assert time.monotonic() < deadline and server.poll() is None, "PostgreSQL did not start"
+                time.sleep(0.2)
+        connection.execute("CREATE DATABASE mlflow")
+        connection.close()
+        yield f"postgresql://babysit@127.0.0.1:{port}/mlflow"
+    finally:
+        if server is not None:
+            os.killpg(server.pid, signal.SIGINT)  # PostgreSQL's fast shutdown
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, postgres):
+    """`babysit server up` on loopback with free ports, MLflow on PostgreSQL (else SQLite);
+    `babysit server down` (by PID) at the end."""
+    state = tmp_path_factory.mktemp("operate") / "state"
+    store = postgres or f"sqlite:///{state.parent / 'mlflow.db'}"
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    command = [str(BIN / "babysit"), "server", "up", "--state", str(state), "--prefect-port", str(free_port()),
+               "--mlflow-port", str(free_port()), "--backend-store-uri", store,
+               "--artifacts-destination", str(state.parent / "artifacts"), "--mlflow-workers", "1"]
+    try:
+        up = run_in_group(command, env, timeout=240)
+        assert up.returncode == 0, up.stdout
+        records = {r.name: r for r in servers.load_state(state).values()}
+        yield SimpleNamespace(state=state, records=records, output=up.stdout, env=env, store=store, artifacts=state.parent / "artifacts",
+                              prefect_api=records["prefect"].export["PREFECT_API_URL"],
+                              mlflow=records["mlflow"].export["MLFLOW_TRACKING_URI"])
+    finally:
+        recorded = servers.load_state(state)
+        try:
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=5)  # the in-process flows' last logs, while the server still listens
+        finally:
+            servers.down(state)
+        assert not [r.pid for r in recorded.values() if servers.alive(r.pid)]
+
+
+def test_server_up_starts_healthy_servers_on_loopback_only(live):
+    assert set(live.records) == {"prefect", "mlflow"}
+    for record in live.records.values():
+        assert servers.healthy(record.health_url) and servers.is_ours(record)
+        assert (live.state / f"{record.name}.pid").read_text().strip() == str(record.pid)
+        assert listening_addresses(record.port) <= {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1, ::1
+    assert f"export PREFECT_API_URL={live.prefect_api}" in live.output and f"export MLFLOW_TRACKING_URI={live.mlflow}" in live.output
+    status = subprocess.run([str(BIN / "babysit"), "server", "status", "--state", str(live.state)], capture_output=True, text=True, timeout=60)
+    assert status.returncode == 0 and status.stdout.count("healthy at") == 2
+    assert live.store in live.records["mlflow"].command  # the store it was asked for (PostgreSQL where installed)
+
+
+@pytest.fixture(scope="module")
+def dask_search(live):
+    """A coarse (4 × 2 epochs) then fine (2 × 1 epoch) search on a 2-worker Dask LocalCluster,
+    reporting to the real Prefect server and logging to the real MLflow server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.search import search_flow
+
+    overrides = TINY_SEARCH + ["search.runner=dask", "search.stages=[{name: coarse, trials: 4, epochs: 2}, {name: fine, trials: 2, epochs: 1}]"]
+    with pytest.MonkeyPatch.context() as patch, temporary_settings({PREFECT_API_URL: live.prefect_api}):
+        patch.setenv("MLFLOW_TRACKING_URI", live.mlflow)
+        return search_flow(config="conf/search_digits.yaml", overrides=overrides)
+
+
+def test_a_search_on_a_dask_localcluster_logs_every_trial_to_the_mlflow_server(live, dask_search):
+    assert dask_search.tracking_uri == live.mlflow
+    # the MLflow REST API, over plain HTTP: the parent, its nested children, their metric histories
+    parents = search_runs(live.mlflow, dask_search.experiment_id, "tags.`babysit.kind` = 'search'")
+    (parent,) = [r for r in parents if r["info"]["run_id"] == dask_search.parent_run_id]
+    # artifacts go through the server (--serve-artifacts) into its destination folder
+    assert parent["info"]["artifact_uri"].startswith("mlflow-artifacts:/")
+    assert list(live.artifacts.rglob(f"{dask_search.parent_run_id}/artifacts/trials.csv"))
+    kids = search_runs(live.mlflow, dask_search.experiment_id, f"tags.`mlflow.parentRunId` = '{dask_search.parent_run_id}'")
+    stages = sorted(tags_of(k)["babysit.stage"] for k in kids)
+    assert stages == ["coarse"] * 4 + ["fine"] * 2
+    assert all(k["info"]["status"] == "FINISHED" for k in kids)
+    for kid in kids:
+        query = urllib.parse.urlencode({"run_id": kid["info"]["run_id"], "metric_key": "val_acc"})
+        history = http_json(f"{live.mlflow}/api/2.0/mlflow/metrics/get-history?{query}")["metrics"]
+        assert sorted(m["step"] for m in history) == ([1, 2] if tags_of(kid)["babysit.stage"] == "coarse" else [1])
+
+
+def test_a_dask_localcluster_shares_a_local_sqlite_store(live, tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from babysit import tracking
+    from flows.search import search_flow
+
+    monkeypatch.chdir(tmp_path)  # a relative store: the flow makes it absolute for the workers
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlruns/mlflow.db")
+    overrides = TINY_SEARCH + ["search.runner=dask", "search.stages=[{name: coarse, trials: 2, epochs: 2}]"]
+    with temporary_settings({PREFECT_API_URL: live.prefect_api}):
+        summary = search_flow(config=str(ROOT / "conf/search_digits.yaml"), overrides=overrides)
+    uri = f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
+    assert summary.tracking_uri == uri
+    kids = tracking.find_runs(uri, summary.experiment_id, {"mlflow.parentRunId": summary.parent_run_id})
+    assert len(kids) == 2 and all(k.info.status == "FINISHED" for k in kids)
+    assert all(len(tracking.metric_history(uri, k.info.run_id, "val_acc")) == 2 for k in kids)
+
+
+@pytest.fixture(scope="module")
+def deployed(live, dask_search):
+    """`prefect deploy --all` from prefect.yaml; a train and a nightly-search run; `prefect worker start --run-once`."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    env = {**live.env, "PREFECT_API_URL": live.prefect_api, "MLFLOW_TRACKING_URI": live.mlflow, "PWD": str(ROOT)}
+    deploy = run_in_group([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env, timeout=120)
+    assert deploy.returncode == 0, deploy.stdout
+    nightly = TINY_SEARCH + ["search.warm_start=latest", "search.stages=[{name: coarse, trials: 2, epochs: 1}]"]
+    with temporary_settings({PREFECT_API_URL: live.prefect_api}):
+        runs = {
+            "train": run_deployment("train/train-digits", parameters={"overrides": ["model.hidden=[32]", "train.epochs=2"]}, timeout=0),
+            "nightly": run_deployment("search/search-digits-nightly", parameters={"overrides": nightly}, timeout=0),
+        }
+    # A long-running worker (a --run-once poll gives up on its first busy answer from the server),
+    # stopped by PID once both runs are final.
+    worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", servers.WORK_POOL], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        with temporary_settings({PREFECT_API_URL: live.prefect_api}):
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                deadline = time.monotonic() + 240
+                while True:
+                    finished = {name: client.read_flow_run(run.id) for name, run in runs.items()}
+                    if all(run.state.is_final() for run in finished.values()) or time.monotonic() > deadline:
+                        break
+                    time.sleep(2)
+                deployment = client.read_deployment_by_name("search/search-digits-nightly")
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            out, _ = worker.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            out, _ = worker.communicate()
+    return SimpleNamespace(runs=finished, deployment=deployment, worker=out)
+
+
+def test_prefect_yaml_deploys_the_flows_with_a_nightly_schedule(deployed):
+    (schedule,) = deployed.deployment.schedules
+    assert schedule.schedule.cron == "0 3 * * *" and schedule.active
+    assert deployed.deployment.work_pool_name == servers.WORK_POOL
+    assert deployed.deployment.parameters == {"config": "conf/search_digits.yaml", "overrides": ["search.warm_start=latest"]}
+
+
+def test_a_worker_runs_the_train_deployment_into_the_mlflow_server(live, deployed):
+    run = deployed.runs["train"]
+    assert run.state.is_completed(), deployed.worker[-3000:]
+    experiment = load_config("conf/digits_mlp.yaml").tracking.experiment
+    experiment_id = http_json(f"{live.mlflow}/api/2.0/mlflow/experiments/get-by-name?experiment_name={experiment}")["experiment"]["experiment_id"]
+    (logged,) = search_runs(live.mlflow, experiment_id, f"tags.`prefect.flow_run_id` = '{run.id}'") or [None]
+    assert logged is not None and logged["info"]["status"] == "FINISHED"
+    query = urllib.parse.urlencode({"run_id": logged["info"]["run_id"], "metric_key": "val_acc"})
+    assert len(http_json(f"{live.mlflow}/api/2.0/mlflow/metrics/get-history?{query}")["metrics"]) == 2
+
+
+def test_a_bad_override_fails_the_flow_run_with_the_cli_message(live):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.train import train_flow
+
+    with pytest.raises(BabysitError) as cli_error:
+        load_config("conf/digits_mlp.yaml", ["model.activation=swish"])
+    with temporary_settings({PREFECT_API_URL: live.prefect_api}):
+        state = train_flow(config="conf/digits_mlp.yaml", overrides=["model.activation=swish"], return_state=True)
+    assert state.is_failed() and str(cli_error.value) in state.message
+
+
+def test_the_nightly_search_is_its_own_parent_warm_started_from_the_previous_search(live, dask_search, deployed):
+    run = deployed.runs["nightly"]
+    assert run.state.is_completed(), deployed.worker[-3000:]
+    (parent,) = [r for r in search_runs(live.mlflow, dask_search.experiment_id, "tags.`babysit.schedule` = 'search-digits-nightly'")]
+    tags = tags_of(parent)
+    assert parent["info"]["run_name"].startswith("search_digits search-digits-nightly 20") and parent["info"]["run_id"] != dask_search.parent_run_id
+    assert tags["babysit.warm_from"] == dask_search.parent_run_id
+    # its only stage sampled from the previous search's last (fine) ranges, not the file's coarse ones
+    warm = {key.removeprefix("range.coarse."): text for key, text in tags.items() if key.startswith("range.coarse.")}
+    assert warm == dask_search.ranges["fine"] != dask_search.ranges["coarse"]
+    assert tags["babysit.previous_search"] == dask_search.parent_run_id
