@@ -11,6 +11,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 from rich.console import Console
 from rich.table import Table
@@ -202,12 +203,13 @@ def server(args: argparse.Namespace) -> int:
         specs.append(servers.prefect_spec(state, args.host, args.prefect_port, args.prefect_db))
     if "mlflow" in names:
         specs.append(servers.mlflow_spec(state, args.host, args.mlflow_port, args.backend_store_uri, args.artifacts_destination, args.mlflow_workers))
+    began = time.time()
     with console.status(f"starting {' and '.join(s.name for s in specs)} (logs in {state}/)..."):
         records = servers.up(specs, state, args.timeout)
         if "prefect" in names:
             servers.ensure_work_pool(records[0].export["PREFECT_API_URL"])
     for record in records:
-        since = f"healthy after {record.healthy_after_s:.1f} s" if record.healthy_after_s is not None else "already running"
+        since = f"healthy after {record.healthy_after_s:.1f} s" if record.started >= began else "already running"
         console.print(f"{record.name}: pid {record.pid}, {since}, UI {record.ui} (log {record.log})", highlight=False)
     console.print("point babysit, prefect and mlflow at them (babysit server env prints these; babysit server down stops them):", highlight=False)
     print("\n".join(servers.exports(records)))

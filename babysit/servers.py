@@ -185,17 +185,21 @@ def start(spec: ServerSpec, state: Path) -> Record:
                   spec.command, list(spec.marker), spec.ui)
 
 
-def wait_healthy(record: Record, timeout: float) -> float:
-    """Seconds from the server's start until its health URL answered; BabysitError (with the
-    log's tail) if it died or did not answer within `timeout` seconds of its start."""
-    while time.time() - record.started < timeout:
-        if healthy(record.health_url):
-            return time.time() - record.started
-        if not alive(record.pid):
-            raise BabysitError(f"the {record.name} server exited before it was healthy; the end of {record.log}:\n{log_tail(record.log)}")
+def wait_healthy(records: list[Record], timeout: float) -> None:
+    """Poll the servers together until each health URL answers, setting `healthy_after_s` (seconds
+    from its start); BabysitError, with the log's tail, for one that exits or does not answer within
+    `timeout` seconds of its start."""
+    pending = list(records)
+    while pending:
+        for record in list(pending):
+            if healthy(record.health_url):
+                record.healthy_after_s = round(time.time() - record.started, 2)
+                pending.remove(record)
+            elif not alive(record.pid):
+                raise BabysitError(f"the {record.name} server exited before it was healthy; the end of {record.log}:\n{log_tail(record.log)}")
+            elif time.time() - record.started > timeout:
+                raise BabysitError(f"the {record.name} server was not healthy at {record.health_url} after {timeout:.0f} s; the end of {record.log}:\n{log_tail(record.log)}")
         time.sleep(0.25)
-    stop(record)
-    raise BabysitError(f"the {record.name} server was not healthy at {record.health_url} after {timeout:.0f} s (stopped it); the end of {record.log}:\n{log_tail(record.log)}")
 
 
 def log_tail(path: str, lines: int = 15) -> str:
@@ -243,8 +247,7 @@ def up(specs: list[ServerSpec], state: Path = STATE, timeout: float = 180.0) -> 
             records[spec.name] = record = start(spec, state)
             started.append(record)
             save_state(state, records)
-        for record in started:
-            record.healthy_after_s = round(wait_healthy(record, timeout), 2)
+        wait_healthy(started, timeout)
     except BaseException:
         for record in started:
             stop(record)
