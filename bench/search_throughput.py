@@ -22,6 +22,11 @@ cores / workers with threads, torch's default in worker processes; checked by tr
 the flow's MLflow runs), trained one after another with plain train_and_test(test=False), in
 passes before the Prefect server starts and after it stops (so that the server, busy storing a
 finished flow's events, does not slow the bare trainings: its work is the flow's overhead).
+Each pass trains in a fresh thread, as the flow's trials do, and the main thread never trains:
+libgomp (OMP_WAIT_POLICY unset) spins idle threads hard only while a process's OpenMP threads fit
+its cores. Measured here under load: 2-thread 1-epoch trainings took 20-36 s in a process with
+one OpenMP team and 0.1 s once a second team existed, so a main thread that trained would put
+the flow's trials (second team) and the bare trainings (first team) in different modes.
   trials/min          = 60 · trials / wall
   overhead per trial  = (workers · wall − bare) / trials, in worker-seconds: the time a trial
                         holds a worker beyond its bare training (includes the per-search costs:
@@ -42,6 +47,7 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry errors
@@ -130,17 +136,23 @@ def check_same_trials(case: Case, uri: str, summary) -> None:
 
 
 def bare_pass(cases: list[Case], prepared: Prepared, log: dict[BareKey, list[float]]) -> None:
-    """Train every distinct (threads, trial) of the cases once with plain train_and_test; each
-    case gets this pass's bare total."""
+    """Train every distinct (threads, trial) of the cases once with plain train_and_test, in a
+    fresh thread that ends with the pass (like a task runner's); each case gets the pass's total."""
     seconds: dict[BareKey, float] = {}
+
+    def train_all() -> None:
+        for case in cases:
+            for (threads, key), spec in zip(case.bare_keys, case.specs):
+                if (threads, key) not in seconds:
+                    torch.set_num_threads(threads)
+                    started = time.perf_counter()
+                    train_and_test(Config.model_validate(spec.config), prepared, test=False)
+                    seconds[threads, key] = time.perf_counter() - started
+                    log[threads, key].append(seconds[threads, key])
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(train_all).result()
     for case in cases:
-        for (threads, key), spec in zip(case.bare_keys, case.specs):
-            if (threads, key) not in seconds:
-                torch.set_num_threads(threads)
-                started = time.perf_counter()
-                train_and_test(Config.model_validate(spec.config), prepared, test=False)
-                seconds[threads, key] = time.perf_counter() - started
-                log[threads, key].append(seconds[threads, key])
         case.bare.append(sum(seconds[k] for k in case.bare_keys))
 
 
@@ -194,7 +206,7 @@ def main() -> None:
 
     print(f"search throughput on {args.config}: 1 stage x {args.trials} random trials x {args.epochs} epochs, final off, resume off; "
           f"model {base.model.hidden}, batch {base.train.batch_size}, diagnostics {base.train.diagnostics}")
-    print(f"  {os.cpu_count()} cores; torch threads per trial: " + ", ".join(f"{c.label}: {c.threads or f'default ({DEFAULT_THREADS})'}" for c in cases[:3]))
+    print(f"  {os.cpu_count()} cores, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}; torch threads per trial: " + ", ".join(f"{c.label}: {c.threads or f'default ({DEFAULT_THREADS})'}" for c in cases[:3]))
     print(f"  MLflow: {uri}; {args.repeats} repeats, cases alternating, {args.settle:g} s settle before each search; "
           f"bare passes: {before} before the Prefect server starts, {after} after it stops", flush=True)
 

@@ -60,7 +60,9 @@ def trials_frame(results: list[TrialResult]) -> pd.DataFrame:
 
 def search_hash(exp: SearchExperiment) -> str:
     """Identifies a search's definition: a changed file starts a new parent run instead of resuming."""
-    tree = exp.model_dump(mode="json", exclude={"tracking": True, "search": {"workers", "runner", "dask_address"}})
+    # where trials run does not change results; warm_start: none leaves hashes as they were before the field
+    ignored = {"workers", "runner", "dask_address"} | ({"warm_start"} if exp.search.warm_start == "none" else set())
+    tree = exp.model_dump(mode="json", exclude={"tracking": True, "search": ignored})
     return hashlib.sha1(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -123,9 +125,10 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     splits = load_data_task(base.data, base.seed)
     prepared = preprocess_task(splits, base.preprocess)
     uri = tracking.resolve_uri(base.tracking.uri)
-    dask = exp.search.runner == "dask"
-    if dask:  # every Dask worker must write to the same store
+    dask, runner = exp.search.runner == "dask", None  # runner: one Dask task runner for all stages
+    if dask:  # every Dask worker must write to the same store and report to the same Prefect API
         uri = scaleout.dask_tracking_uri(uri, exp.search.dask_address)
+        runner = scaleout.task_runner("dask", exp.search.workers, exp.search.dask_address, prefect_api_for_dask(exp))
     past, recurrence, parent_name = recurrence_of(exp, uri)
     parent, finished = open_parent(exp, uri, recurrence, parent_name)  # the store and experiment exist before any fan-out
     previous = next((recurring.past_search(r, list(exp.search.space), [s.name for s in exp.search.stages]) for r in past if r.info.run_id != parent.run_id), None)
@@ -145,7 +148,6 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     results: list[TrialResult] = []
     ranges: dict[str, dict[str, str]] = {}
     edges: list[str] = []
-    runner = scaleout.task_runner("dask", exp.search.workers, exp.search.dask_address, prefect_api_for_dask(exp)) if dask else None
     with tracking.finished_or_failed(parent), runner or nullcontext():
         if dask and scaleout.is_local_file_store(uri):  # workers that joined a loopback scheduler from elsewhere
             scaleout.dask_tracking_uri(uri, exp.search.dask_address, scaleout.dask_workers(runner))
@@ -200,7 +202,9 @@ def prefect_api_for_dask(exp: SearchExperiment) -> str | None:
     from prefect import get_client
     from prefect.settings import PREFECT_API_URL
 
-    return scaleout.dask_prefect_api(exp.search.dask_address, PREFECT_API_URL.value(), get_client(sync_client=True).api_url.__str__())
+    configured = PREFECT_API_URL.value()
+    current = None if configured or exp.search.dask_address else str(get_client(sync_client=True).api_url)  # the temporary server
+    return scaleout.dask_prefect_api(exp.search.dask_address, configured, current)
 
 
 def recurrence_of(exp: SearchExperiment, uri: str) -> tuple[list, dict[str, str], str]:

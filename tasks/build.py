@@ -6,6 +6,8 @@ through the fresh model gives each hidden layer's mean, std, dead and saturated 
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,7 +71,8 @@ def inspect_init(cfg: ModelConfig, inputs: int | tuple[int, ...], n_classes: int
     X = torch.as_tensor(X_batch)
     return InitReport(
         n_params=sum(p.numel() for p in model.parameters()),
-        architecture=f"{cfg.kind}: " + " -> ".join(str(w) for w in [inputs, *widths, n_classes]),
+        architecture=(" -> ".join(str(w) for w in [math.prod(np.atleast_1d(inputs)), *widths, n_classes]) if cfg.kind == "mlp"
+                      else f"{cfg.kind} on {tuple(inputs)}: " + " -> ".join(str(w) for w in [*widths, n_classes])),
         # act_frac_dead: units that output 0 for every row of the batch (dead ReLUs)
         layer_stats={**activation_stats(model, X, cfg.activation), "act_frac_dead": dead_unit_fractions(model, X)},
         histograms=activation_histograms(model, X),

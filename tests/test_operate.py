@@ -99,6 +99,15 @@ def test_dask_workers_elsewhere_cannot_share_a_local_sqlite_store(tmp_path, monk
         assert scaleout.dask_tracking_uri(shared, "tcp://10.0.0.5:8786") == shared
 
 
+def test_the_dask_runner_makes_a_loopback_localcluster_or_joins_a_scheduler():
+    local = scaleout.task_runner("dask", 3, None, "http://127.0.0.1:4200/api")
+    assert local.address is None and local.cluster_kwargs == {
+        "n_workers": 3, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
+        "dashboard_address": "127.0.0.1:8787", "env": {"PREFECT_API_URL": "http://127.0.0.1:4200/api"}}
+    assert scaleout.task_runner("dask", 3, "tcp://10.0.0.5:8786").address == "tcp://10.0.0.5:8786"
+    assert type(scaleout.task_runner("threads", 2)).__name__ == "ThreadPoolTaskRunner"
+
+
 def test_an_existing_dask_cluster_needs_a_prefect_server():
     with pytest.raises(BabysitError, match="PREFECT_API_URL"):
         scaleout.dask_prefect_api("tcp://10.0.0.5:8786", None, "http://127.0.0.1:8123/api")
@@ -283,14 +292,27 @@ def test_server_up_starts_healthy_servers_on_loopback_only(live):
 
 
 @pytest.fixture(scope="module")
-def dask_search(live):
-    """A coarse (4 × 2 epochs) then fine (2 × 1 epoch) search on a 2-worker Dask LocalCluster,
+def cluster(live):
+    """A Dask LocalCluster of 2 single-threaded worker processes on loopback, shared by the Dask
+    searches below through `search.dask_address` (its workers import torch once, not per search).
+    The workers report task runs to the real Prefect server, as `dask worker` would with PREFECT_API_URL."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                      env={"PREFECT_API_URL": live.prefect_api}) as local:
+        yield local.scheduler_address
+
+
+@pytest.fixture(scope="module")
+def dask_search(live, cluster):
+    """A coarse (4 × 2 epochs) then fine (2 × 1 epoch) search on the Dask LocalCluster,
     reporting to the real Prefect server and logging to the real MLflow server."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.search import search_flow
 
-    overrides = TINY_SEARCH + ["search.runner=dask", "search.stages=[{name: coarse, trials: 4, epochs: 2}, {name: fine, trials: 2, epochs: 1}]"]
+    overrides = TINY_SEARCH + ["search.runner=dask", f"search.dask_address={cluster}",
+                               "search.stages=[{name: coarse, trials: 4, epochs: 2}, {name: fine, trials: 2, epochs: 1}]"]
     with pytest.MonkeyPatch.context() as patch, temporary_settings({PREFECT_API_URL: live.prefect_api}):
         patch.setenv("MLFLOW_TRACKING_URI", live.mlflow)
         return search_flow(config="conf/search_digits.yaml", overrides=overrides)
@@ -314,15 +336,15 @@ def test_a_search_on_a_dask_localcluster_logs_every_trial_to_the_mlflow_server(l
         assert sorted(m["step"] for m in history) == ([1, 2] if tags_of(kid)["babysit.stage"] == "coarse" else [1])
 
 
-def test_a_dask_localcluster_shares_a_local_sqlite_store(live, tmp_path, monkeypatch):
+def test_a_dask_localcluster_shares_a_local_sqlite_store(live, cluster, tmp_path, monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from babysit import tracking
     from flows.search import search_flow
 
-    monkeypatch.chdir(tmp_path)  # a relative store: the flow makes it absolute for the workers
+    monkeypatch.chdir(tmp_path)  # a relative store: the flow makes it absolute for the workers (whose folder differs)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlruns/mlflow.db")
-    overrides = TINY_SEARCH + ["search.runner=dask", "search.stages=[{name: coarse, trials: 2, epochs: 2}]"]
+    overrides = TINY_SEARCH + ["search.runner=dask", f"search.dask_address={cluster}", "search.stages=[{name: coarse, trials: 2, epochs: 2}]"]
     with temporary_settings({PREFECT_API_URL: live.prefect_api}):
         summary = search_flow(config=str(ROOT / "conf/search_digits.yaml"), overrides=overrides)
     uri = f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"

@@ -24,7 +24,7 @@ from tasks.data import load_dataset, split_dataset
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "conf" / "digits_mlp.yaml")
 EPOCHS = 3
-OVERRIDES = [f"train.epochs={EPOCHS}", "model.hidden=[64]", "optim.lr=3e-3", "train.device=cpu", "train.threads=1", "tracking.experiment=flow-test"]
+OVERRIDES = [f"train.epochs={EPOCHS}", "model.hidden=[64]", "optim.lr=3e-3", "optim.schedule=constant", "train.device=cpu", "train.threads=1", "tracking.experiment=flow-test"]
 EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
 
