@@ -158,7 +158,7 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
     space for loguniform); if the best trial lies within `edge` of a bound, that bound moves
     outwards instead (by `widen`), unless a diverged trial already lies beyond it — diverged
     trials cap the upper bound (too-high values) from above. `is_valid(field, value)` says whether
-    a moved bound is still a legal config value; a bound that cannot move stays put.
+    a moved bound is still a legal config value; a bound that cannot move stays put and is not reported as an edge.
     Choices keep the options that appear among the top-k.
     """
     scored = sorted((t for t in trials if t["score"] is not None and not t.get("diverged")), key=lambda t: -t["score"])
@@ -188,6 +188,9 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
         lo = lo if field in edges and edges[field] == "low" else max(lo, 0.0)
         hi = hi if field in edges and edges[field] == "high" else min(hi, 1.0)
         new_space[field] = _rebuild(field, dist, lo, hi, is_valid)
+        moved = new_space[field].low < dist.low if edges.get(field) == "low" else new_space[field].high > dist.high
+        if field in edges and not moved:  # at a hard limit of the field (e.g. dropout 0): nothing moved
+            del edges[field]
     return new_space, edges
 
 

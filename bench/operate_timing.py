@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--trials", type=int, default=8, help="trials in the search's one stage")
     parser.add_argument("--epochs", type=int, default=5, help="epochs per trial")
+    parser.add_argument("--only", choices=["servers", "train", "search"], default=None, help="one part only")
     args = parser.parse_args()
 
     from babysit import servers, tracking
@@ -58,7 +59,7 @@ def main() -> None:
 
     # 1. babysit server up -> healthy, fresh state each time (the first start migrates Prefect's database)
     ups, prefect_health, mlflow_health = [], [], []
-    for i in range(args.repeats):
+    for i in range(args.repeats if args.only in (None, "servers") else 0):
         state = tmp / f"state{i}"
         command = [str(BIN / "babysit"), "server", "up", "--state", str(state), "--prefect-port", str(free_port()),
                    "--mlflow-port", str(free_port()), "--backend-store-uri", f"sqlite:///{tmp}/up{i}.db",
@@ -70,9 +71,12 @@ def main() -> None:
             mlflow_health.append(records["mlflow"].healthy_after_s)
         finally:
             servers.down(state)
-    print(f"babysit server up, command to exit (fresh state): {median(ups)}")
-    print(f"  prefect healthy after start:                    {median(prefect_health)}")
-    print(f"  mlflow healthy after start:                     {median(mlflow_health)}")
+    if ups:
+        print(f"babysit server up, command to exit (fresh state): {median(ups)}")
+        print(f"  prefect healthy after start:                    {median(prefect_health)}")
+        print(f"  mlflow healthy after start:                     {median(mlflow_health)}")
+    if args.only == "servers":
+        return
 
     # A Prefect server that stays up for the rest (its database already migrated on the 2nd start).
     state = tmp / "state-kept"
@@ -86,14 +90,15 @@ def main() -> None:
 
         # 2. babysit train (a process per run, as a user runs it): temporary server vs a running one
         train = [str(BIN / "babysit"), "train", "conf/digits_mlp.yaml", "--set", "tracking.log_model=false"]
-        ephemeral = [timed(train, local) for _ in range(args.repeats)]
-        served = [timed(train, {**local, "PREFECT_API_URL": api}) for _ in range(args.repeats)]
-        print(f"babysit train conf/digits_mlp.yaml, ephemeral Prefect:     {median(ephemeral)}")
-        print(f"babysit train conf/digits_mlp.yaml, running Prefect server: {median(served)}")
+        if args.only in (None, "train"):
+            ephemeral = [timed(train, local) for _ in range(args.repeats)]
+            served = [timed(train, {**local, "PREFECT_API_URL": api}) for _ in range(args.repeats)]
+            print(f"babysit train conf/digits_mlp.yaml, ephemeral Prefect:     {median(ephemeral)}")
+            print(f"babysit train conf/digits_mlp.yaml, running Prefect server: {median(served)}")
 
         # 3. the same search on threads and on a Dask LocalCluster (2 workers each), same servers
         stage = f"search.stages=[{{name: coarse, trials: {args.trials}, epochs: {args.epochs}}}]"
-        for runner in ("threads", "dask"):
+        for runner in ("threads", "dask") if args.only in (None, "search") else ():
             walls = []
             for i in range(args.repeats):
                 # a new search each time (resume would reuse every trial): a different seed

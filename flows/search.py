@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -44,7 +44,7 @@ class SearchSummary:
     trials_run: int
     trials_reused: int
     url: str
-    changes: list[str] = field(default_factory=list)  # since the latest finished run of this search
+    changes: tuple[str, ...] = ()  # since the latest finished run of this search (babysit.recurring)
 
 
 def trials_frame(results: list[TrialResult]) -> pd.DataFrame:
@@ -132,9 +132,10 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     past, recurrence, parent_name = recurrence_of(exp, uri)
     parent, finished = open_parent(exp, uri, recurrence, parent_name)  # the store and experiment exist before any fan-out
     previous = next((recurring.past_search(r, list(exp.search.space), [s.name for s in exp.search.stages]) for r in past if r.info.run_id != parent.run_id), None)
-    on_this_machine = exp.search.runner == "threads" or dask and not exp.search.dask_address
+    # processes too: each worker process sets its trial's train.threads (torch's default is all cores)
+    on_this_machine = exp.search.runner in ("threads", "processes") or dask and not exp.search.dask_address
     threads = threads_per_trial(exp.search.workers) if on_this_machine else None
-    if threads:
+    if threads and exp.search.runner == "threads":
         torch.set_num_threads(threads)
     narrowing = Narrowing(exp.search.top_k, exp.search.pad, exp.search.edge, exp.search.widen)
 
@@ -193,7 +194,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     return SearchSummary(
         parent.run_id, parent.experiment_id, uri, best.params, best.val_acc,
         final.val_acc if final else None, final.test_acc if final else None, edges, ranges,
-        int((~frame["reused"]).sum()), int(frame["reused"].sum()), url, changes,
+        int((~frame["reused"]).sum()), int(frame["reused"].sum()), url, tuple(changes),
     )
 
 
