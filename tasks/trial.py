@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -119,11 +118,6 @@ def result_from_run(run: Any, spec: TrialSpec) -> TrialResult:
         int(metrics.get("epochs_run", 0)), flags, tags.get("babysit.stop_reason"), run.info.run_id,
         float(metrics.get("train_seconds", 0.0)), metrics.get("test_acc", math.nan), reused=True,
     )
-
-
-def param_value(text: str) -> Any:
-    """An MLflow param string back to its value ('[256, 256]' -> [256, 256], '0.001' -> 0.001)."""
-    return yaml.safe_load(text)
 
 
 @task(name="trial", cache_policy=NO_CACHE)

@@ -24,15 +24,6 @@ from tasks.train import HISTORY_KEYS, fit, to_device, train_and_test
 CFG = FlagsConfig()
 
 
-@pytest.fixture
-def one_thread():
-    """Small models on a shared 2-core machine: one torch thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def prepared_for(cfg):
     splits = split_dataset(load_dataset(cfg.data, cfg.seed), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
     return fit_preprocess(splits, cfg.preprocess)

@@ -5,21 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from babysit.cli import main
 from babysit.config import load_config
 from tasks.check import check_activations, check_initial_loss, overfit_task, overfit_tiny_subset
 from tasks.data import load_dataset, split_dataset
 from tasks.preprocess import fit_preprocess
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def prepared_for(cfg):
