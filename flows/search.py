@@ -21,10 +21,12 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from babysit import plots, recurring, scaleout, tracking
 from babysit.advice import search_advice
+from babysit.errors import BabysitError
 from babysit.config import SearchExperiment, field_problem, load_config
 from babysit.pruning import Pruner
 from babysit.space import Narrowing, describe, narrow, parse_dist, sample
 from flows.train import provenance_tags
+from tasks.check import overfit_tiny_subset
 from tasks.data import load_data_task
 from tasks.preprocess import Prepared, preprocess_task
 from tasks.trial import TrialResult, TrialSpec, make_spec, result_from_run, run_trial, trial_task
@@ -152,6 +154,11 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     with tracking.finished_or_failed(parent), runner or nullcontext():
         if dask and scaleout.is_local_file_store(uri):  # workers that joined a loopback scheduler from elsewhere
             scaleout.dask_tracking_uri(uri, exp.search.dask_address, scaleout.dask_workers(runner))
+        if exp.search.sanity_check:  # the lecture: make sure a tiny subset can be overfit before searching
+            check = overfit_tiny_subset(base, prepared)
+            tracking.set_tags(parent, {"babysit.sanity_check": f"{'passed' if check.passed else 'failed'}: {check.reason}"})
+            if not check.passed:
+                raise BabysitError(f"search {exp.name}: the base config cannot overfit a tiny subset ({check.reason}); fix the model or lr before searching.")
         for number, stage in enumerate(exp.search.stages):
             ranges[stage.name] = describe(space)
             points = sample(space, stage.trials, exp.search.sampler, seed=exp.seed * 1000 + number)

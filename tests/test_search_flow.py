@@ -169,3 +169,13 @@ def test_ensemble_refuses_a_run_that_is_not_a_search(finished_search, tracking_u
         top_trials(tracking_uri, child.info.run_id, 2)
     with pytest.raises(BabysitError, match="no MLflow run"):
         top_trials(tracking_uri, "0" * 32, 2)
+
+
+def test_a_search_can_start_with_the_tiny_subset_sanity_check(prefect_harness, fresh_uri):
+    from babysit.errors import BabysitError
+
+    small = SMALL[:2] + ["search.stages=[{name: coarse, trials: 2, epochs: 1}]", "search.final=null", "search.sanity_check=true"]
+    summary = search_flow(config="conf/search_digits.yaml", overrides=small)
+    assert tracking.get_run(fresh_uri, summary.parent_run_id).data.tags["babysit.sanity_check"].startswith("passed")
+    with pytest.raises(BabysitError, match="cannot overfit a tiny subset"):  # lr 1e-7 cannot fit anything
+        search_flow(config="conf/search_digits.yaml", overrides=[*small, "optim.lr=1e-7", "search.resume=false", "name=hopeless"])
