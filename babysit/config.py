@@ -6,6 +6,8 @@ flow takes the validated sections as explicit arguments.
 
 from __future__ import annotations
 
+import copy
+
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -190,6 +192,9 @@ class TrackingConfig(Section):
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db
     run_name: str | None = None
     log_model: bool = True
+    # Epoch metrics are written at most once per this many seconds (each write costs ~10 ms on
+    # SQLite, a whole epoch of a small model); epochs longer than this are written as they end.
+    flush_seconds: float = Field(1.0, ge=0)
 
 
 class Config(Section):
@@ -382,7 +387,7 @@ class SearchExperiment(Config):
 
 def with_values(tree: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """A copy of a config tree with dotted fields set, e.g. {'optim.lr': 0.01}."""
-    tree = yaml.safe_load(yaml.safe_dump(tree))
+    tree = copy.deepcopy(tree)
     for field, value in values.items():
         *parents, leaf = field.split(".")
         node = tree

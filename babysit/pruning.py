@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import statistics
 import threading
-from collections import defaultdict
 
 
 class Pruner:
@@ -14,31 +13,39 @@ class Pruner:
             reported the same epoch before it (Optuna's MedianPruner rule).
     asha:   asynchronous successive halving: at rungs 1, eta, eta², ... epochs, stop a trial
             that is not in the top 1/eta of the (≥ eta − 1 earlier) trials at that rung.
-    Trials share the pruner through threads; a process-pool runner gives each trial a copy, so
-    there it only sees its own reports and never prunes.
+    Trials share the pruner through threads; trials in worker processes share `shared(manager)`,
+    whose reports live in a multiprocessing manager. A Dask worker gets a copy, which only sees its
+    own reports and never prunes.
     """
 
     def __init__(self, rule: str, warmup: int = 1, eta: int = 3):
         if rule not in ("none", "median", "asha"):
             raise ValueError(f"unknown pruning rule '{rule}'")
         self.rule, self.warmup, self.eta = rule, warmup, eta
-        self._seen: dict[int, list[float]] = defaultdict(list)
+        self._seen: dict[int, list[float]] = {}
         self._lock = threading.Lock()
 
-    def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+    def shared(self, manager) -> Pruner:
+        """A pruner with the same rule whose reports and lock live in `manager` (a started
+        multiprocessing manager), so that trials in worker processes see each other's reports."""
+        twin = Pruner(self.rule, self.warmup, self.eta)
+        twin._seen, twin._lock = manager.dict(), manager.Lock()
+        return twin
+
+    def __getstate__(self) -> dict:  # a thread lock does not pickle; a manager's lock proxy does
+        return {k: v for k, v in self.__dict__.items() if not (k == "_lock" and isinstance(v, type(threading.Lock())))}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self.__dict__.setdefault("_lock", threading.Lock())
 
     def report(self, epoch: int, val_acc: float) -> str | None:
         """Record a trial's val accuracy after `epoch`; returns why it should stop, or None."""
         if self.rule == "none":
             return None
-        with self._lock:
-            peers = list(self._seen[epoch])
-            self._seen[epoch].append(val_acc)
+        with self._lock:  # read and write back whole lists: a manager's dict hands out copies
+            peers = list(self._seen.get(epoch, []))
+            self._seen[epoch] = peers + [val_acc]
         if self.rule == "median":
             if epoch >= self.warmup and len(peers) >= 2 and val_acc < (median := statistics.median(peers)):
                 return f"pruned in epoch {epoch}: val acc {val_acc:.3f} below the stage median {median:.3f}"

@@ -1,4 +1,5 @@
-"""Where a search's trials run: threads, processes, or a Dask cluster (prefect-dask).
+"""Where a search's trials run: threads, worker processes (tasks.trial.worker_processes), or a
+Dask cluster (prefect-dask).
 
 `search.runner: dask` runs trials on a LocalCluster of `search.workers` single-threaded worker
 processes bound to 127.0.0.1, or on the scheduler at `search.dask_address`. Trials write to
@@ -80,12 +81,10 @@ def dask_prefect_api(address: str | None, configured: str | None, current: str |
 def task_runner(runner: str, workers: int, dask_address: str | None = None, prefect_api: str | None = None) -> Any:
     """A Prefect task runner for `search.runner`; enter it (`with`) around the trials' submits.
     `prefect_api`: the API URL for a LocalCluster's workers (see dask_prefect_api)."""
-    from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+    from prefect.task_runners import ThreadPoolTaskRunner
 
-    if runner == "threads":
+    if runner in ("threads", "processes"):  # processes: each task thread waits on a worker process (tasks.trial.worker_processes)
         return ThreadPoolTaskRunner(max_workers=workers)
-    if runner == "processes":
-        return ProcessPoolTaskRunner(max_workers=workers)
     from prefect_dask import DaskTaskRunner
 
     if dask_address:

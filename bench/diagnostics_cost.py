@@ -38,7 +38,7 @@ def fit_seconds(cfg, prepared) -> tuple[float, float]:
 def task_seconds(cfg, prepared, uri: str, raw_example) -> tuple[float, float]:
     run = tracking.start_run(uri, "bench", None, cfg.flat(), {})
     wall, cpu = time.perf_counter(), time.process_time()
-    train_task.fn(cfg, prepared, run, raw_example)
+    train_task.fn(cfg, prepared, run)
     elapsed = time.perf_counter() - wall, time.process_time() - cpu
     tracking.end_run(run)
     return elapsed

@@ -101,7 +101,7 @@ class Case:
     @property
     def threads(self) -> int | None:
         """torch threads per trial, as flows/search.py sets them (None: torch's default)."""
-        return threads_per_trial(self.workers) if self.runner == "threads" else None
+        return threads_per_trial(self.workers) if self.runner in ("threads", "processes") else None
 
 
 def timed_search(config: str, overrides: list[str]) -> tuple[float, float, object]:

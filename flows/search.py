@@ -29,7 +29,7 @@ from flows.train import provenance_tags
 from tasks.check import overfit_tiny_subset
 from tasks.data import load_data_task
 from tasks.preprocess import Prepared, preprocess_task
-from tasks.trial import TrialResult, TrialSpec, make_spec, result_from_run, run_trial, trial_task
+from tasks.trial import TrialResult, TrialSpec, make_spec, result_from_run, run_trial, trial_task, worker_processes
 
 
 @dataclass(frozen=True)
@@ -88,13 +88,14 @@ def open_parent(exp: SearchExperiment, uri: str, recurrence: dict[str, str] | No
     return parent, finished
 
 
-def run_stage(specs: list[TrialSpec], finished: dict, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner, exp: SearchExperiment, runner=None) -> list[TrialResult]:
+def run_stage(specs: list[TrialSpec], finished: dict, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner, exp: SearchExperiment, runner=None, pool=None) -> list[TrialResult]:
     """Reuse finished trials; run the others `workers` at a time through a Prefect task runner
-    (`runner`, already entered, is shared by the stages: a Dask cluster starts once per search)."""
+    (`runner`, already entered, is shared by the stages: a Dask cluster starts once per search).
+    With `pool` (runner: processes) each trial task hands its training to a worker process."""
     reused = {s.key: result_from_run(finished[s.key], s) for s in specs if s.key in finished}
     todo = [s for s in specs if s.key not in reused]
     with nullcontext(runner) if runner is not None else scaleout.task_runner(exp.search.runner, exp.search.workers, exp.search.dask_address) as runner:
-        futures = [runner.submit(trial_task, {"spec": s, "prepared": prepared, "parent": parent, "pruner": pruner}) for s in todo]
+        futures = [runner.submit(trial_task, {"spec": s, "prepared": prepared, "parent": parent, "pruner": pruner, "pool": pool}) for s in todo]
         fresh = {s.key: f.result() for s, f in zip(todo, futures)}
     return [reused.get(s.key) or fresh[s.key] for s in specs]
 
@@ -151,7 +152,8 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     results: list[TrialResult] = []
     ranges: dict[str, dict[str, str]] = {}
     edges: list[str] = []
-    with tracking.finished_or_failed(parent), runner or nullcontext():
+    processes = worker_processes(exp.search.workers, prepared) if exp.search.runner == "processes" else nullcontext((None, None))
+    with tracking.finished_or_failed(parent), runner or nullcontext(), processes as (pool, manager):
         if dask and scaleout.is_local_file_store(uri):  # workers that joined a loopback scheduler from elsewhere
             scaleout.dask_tracking_uri(uri, exp.search.dask_address, scaleout.dask_workers(runner))
         if exp.search.sanity_check:  # the lecture: make sure a tiny subset can be overfit before searching
@@ -163,7 +165,8 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             ranges[stage.name] = describe(space)
             points = sample(space, stage.trials, exp.search.sampler, seed=exp.seed * 1000 + number)
             specs = [make_spec(base_tree, stage.name, i, p, stage.epochs, threads, trial_device(base.train.device, i)) for i, p in enumerate(points)]
-            stage_results = run_stage(specs, finished, prepared, parent, Pruner(stage.prune, stage.prune_warmup_epochs, stage.asha_eta), exp, runner)
+            pruner = Pruner(stage.prune, stage.prune_warmup_epochs, stage.asha_eta)
+            stage_results = run_stage(specs, finished, prepared, parent, pruner.shared(manager) if manager else pruner, exp, runner, pool)
             results += stage_results
             log_stage(parent, stage.name, ranges[stage.name], stage_results)
             best = max((r.val_acc for r in stage_results if r.val_acc is not None), default=None)
@@ -241,12 +244,8 @@ def log_search_outcome(parent: tracking.RunRef, frame: pd.DataFrame, best: Trial
     tracking.set_tags(parent, tags)
     tracking.log_csv(parent, frame, "trials.csv")
     searched = frame[frame["stage"] != "final"]
-    for field in fields:
-        figure = plots.score_against_field(searched, field)
-        tracking.log_figure(parent, figure, f"plots/val_acc_vs_{field}.png")
-        plots.close(figure)
-    figure = plots.best_so_far(searched)
-    tracking.log_figure(parent, figure, "plots/best_so_far.png")
+    figure = plots.search_overview(searched, fields)
+    tracking.log_figure(parent, figure, "search.png")
     plots.close(figure)
 
 

@@ -63,10 +63,10 @@ def run_training(cfg: Config) -> RunSummary:
     with tracking.finished_or_failed(run):
         log_init_report(run, init_report)
         warn_init_flags(run, init_flags(init_report.layer_stats, cfg.flags))  # before any epoch is spent
-        result = train_task(cfg, prepared, run, splits.X_train[:5])
+        result, model = train_task(cfg, prepared, run)
         flags = run_flags(result.history, result.initial_loss, cfg.flags, result.diagnostics, init_report.layer_stats, s.n_classes)
         report = run_report(cfg.name, flags, result.history, result.initial_loss, result.diagnostics, result.stop_reason, run.run_id)
-        log_results_task(run, cfg, result, flags, prepared, report)
+        log_results_task(run, cfg, result, flags, prepared, report, model, splits.X_train[:5])
     url = tracking.run_url(run)
     if runtime.flow_run.id is not None:
         create_link_artifact(link=url, link_text=f"MLflow run {run.run_id}", description=f"MLflow run of {cfg.name} (open with `babysit ui`)")

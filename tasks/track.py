@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
+from torch import nn
 
 from babysit import plots, tracking
 from babysit.config import Config
 from tasks.build import InitReport
 from tasks.preprocess import Prepared
-from tasks.train import TrainResult
+from tasks.train import TrainResult, deployable
 
 
 def flag_tags(flags: dict[str, str]) -> dict[str, str]:
@@ -65,7 +67,12 @@ def run_status(flags: dict[str, str]) -> str:
     return "diverged" if "diverged" in flags else "finished"
 
 
-def log_outcome(run: tracking.RunRef, cfg: Config, result: TrainResult, flags: dict[str, str], prepared: Prepared, report: str | None = None) -> None:
+def log_outcome(
+    run: tracking.RunRef, cfg: Config, result: TrainResult, flags: dict[str, str], prepared: Prepared,
+    report: str | None = None, model: nn.Module | None = None, raw_example: Any = None,
+) -> None:
+    """Outcome metrics and flags; artifacts: report, curves, config, the fitted transform and, given
+    `model` and `raw_example` (and tracking.log_model), the model behind its preprocessing."""
     tracking.log_metrics(run, outcome_metrics(result), step=result.epochs_run)
     tracking.set_tags(run, {**flag_tags(flags), "babysit.stop_reason": result.stop_reason or "completed", "babysit.status": run_status(flags)})
     if report:
@@ -75,8 +82,13 @@ def log_outcome(run: tracking.RunRef, cfg: Config, result: TrainResult, flags: d
     plots.close(figure)
     tracking.log_text(run, cfg.to_yaml(), "config.yaml")
     tracking.log_pickle(run, prepared.transformer, "preprocess/transformer.joblib")
+    if cfg.tracking.log_model and model is not None and raw_example is not None:
+        tracking.log_torch_model(run, deployable(model, prepared), raw_example)
 
 
 @task(name="log-results", cache_policy=NO_CACHE)
-def log_results_task(run: tracking.RunRef, cfg: Config, result: TrainResult, flags: dict[str, str], prepared: Prepared, report: str | None = None) -> None:
-    log_outcome(run, cfg, result, flags, prepared, report)
+def log_results_task(
+    run: tracking.RunRef, cfg: Config, result: TrainResult, flags: dict[str, str], prepared: Prepared,
+    report: str | None = None, model: nn.Module | None = None, raw_example: Any = None,
+) -> None:
+    log_outcome(run, cfg, result, flags, prepared, report, model, raw_example)

@@ -9,7 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
+import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +27,7 @@ from babysit.flags import run_flags
 from babysit.pruning import Pruner
 from tasks.preprocess import Prepared
 from tasks.track import flag_tags, log_outcome, outcome_metrics
-from tasks.train import deployable, train_and_test
+from tasks.train import train_and_test
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,10 @@ def run_trial(spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, prun
     tags = {"babysit.stage": spec.stage, "babysit.trial_key": spec.key, "babysit.trial_index": str(spec.index)}
     run = tracking.start_run(parent.uri, cfg.tracking.experiment, f"{spec.stage}-{spec.index:03d}", cfg.flat(), tags, parent=parent)
 
+    metrics_out = tracking.MetricBuffer(run, cfg.tracking.flush_seconds)
+
     def on_epoch(epoch: int, metrics: dict[str, float]) -> str | None:
-        tracking.log_metrics(run, metrics, step=epoch)
+        metrics_out.log(metrics, step=epoch)
         return pruner.report(epoch, metrics["val_acc"]) if pruner is not None else None
 
     try:
@@ -83,20 +90,19 @@ def run_trial(spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, prun
         reason = result.stop_reason
         status = "diverged" if "diverged" in flags else "pruned" if reason and reason.startswith("pruned") else "finished"
         if final:
-            log_outcome(run, cfg, result, flags, prepared)
-            if cfg.tracking.log_model and raw_example is not None:
-                tracking.log_torch_model(run, deployable(model, prepared), raw_example)
+            metrics_out.flush()
+            log_outcome(run, cfg, result, flags, prepared, model=model, raw_example=raw_example)
         else:
-            tracking.log_metrics(run, outcome_metrics(result), step=result.epochs_run)
-        tracking.set_tags(run, {**flag_tags(flags), "babysit.status": status, "babysit.stop_reason": reason or "completed"})
+            metrics_out.log(outcome_metrics(result), step=result.epochs_run)
+        metrics_out.flush(tags={**flag_tags(flags), "babysit.status": status, "babysit.stop_reason": reason or "completed"})
         tracking.end_run(run, "FINISHED")
     except Exception as err:  # recorded, never raised: the search goes on
         reason = f"{type(err).__name__}: {err}"
-        tracking.set_tags(run, {"babysit.status": "failed", "babysit.failure": reason})
+        metrics_out.flush(tags={"babysit.status": "failed", "babysit.failure": reason})
         tracking.end_run(run, "FAILED")
         return TrialResult(spec.key, spec.stage, spec.index, spec.params, "failed", None, reason=reason, run_id=run.run_id, seconds=time.perf_counter() - started)
     except BaseException:
-        tracking.set_tags(run, {"babysit.status": "failed", "babysit.failure": "interrupted"})
+        metrics_out.flush(tags={"babysit.status": "failed", "babysit.failure": "interrupted"})
         tracking.end_run(run, "FAILED")
         raise
     val_acc = result.best_val_acc if status != "diverged" else None
@@ -120,6 +126,41 @@ def result_from_run(run: Any, spec: TrialSpec) -> TrialResult:
     )
 
 
+_WORKER: dict[str, Any] = {}  # in a worker process: the search's data, set once by _start_worker
+
+
+def _start_worker(prepared: Prepared) -> None:
+    tracking.forget_connections_after_fork()
+    _WORKER["prepared"] = prepared
+
+
+def _trial_in_worker(spec: TrialSpec, parent: tracking.RunRef, pruner: Pruner | None) -> TrialResult:
+    return run_trial(spec, _WORKER["prepared"], parent, pruner)
+
+
+@contextmanager
+def worker_processes(workers: int, prepared: Prepared) -> Iterator[tuple[ProcessPoolExecutor, Any]]:
+    """`workers` trial processes for a whole search, with a multiprocessing manager for shared pruning.
+
+    Small-model training holds the GIL for most of each step (two trials in two threads ran no
+    faster than one after the other, bench/search_throughput.py), so parallel trials need
+    processes. On Linux they are forked from the flow's process: no re-imports, and the data
+    reaches them by inheritance instead of being pickled per trial. They start here, from the
+    flow's thread, before any trial runs (a fork copies locks held by other threads). Elsewhere
+    (macOS, Windows) they are spawned and get the data once each.
+    """
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(prepared,)) as pool:
+        list(pool.map(abs, range(workers)))  # start every worker now
+        yield pool, manager
+
+
 @task(name="trial", cache_policy=NO_CACHE)
-def trial_task(spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner | None = None, final: bool = False, raw_example: Any = None) -> TrialResult:
+def trial_task(
+    spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner | None = None, final: bool = False,
+    raw_example: Any = None, pool: ProcessPoolExecutor | None = None,
+) -> TrialResult:
+    """One trial, here or (given `pool`, see worker_processes) in a worker process while this task waits."""
+    if pool is not None:
+        return pool.submit(_trial_in_worker, spec, parent, pruner).result()
     return run_trial(spec, prepared, parent, pruner, final, raw_example)

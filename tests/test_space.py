@@ -159,6 +159,25 @@ def test_median_pruner_stops_trials_below_their_stage_median():
     assert pruner.report(1, 0.95) is None
 
 
+def _report_in_child(pruner: Pruner, epoch: int, val_acc: float, out) -> None:
+    out.put(pruner.report(epoch, val_acc))
+
+
+def test_a_shared_pruner_sees_reports_from_other_processes():
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # nothing inherited: only the manager connects them
+    with context.Manager() as manager:
+        pruner = Pruner("median", warmup=1).shared(manager)
+        out = context.Queue()
+        for val_acc in (0.9, 0.8, 0.5):  # one trial per process, as a search's worker processes run them
+            child = context.Process(target=_report_in_child, args=(pruner, 1, val_acc, out))
+            child.start()
+            child.join()
+        verdicts = [out.get(timeout=10) for _ in range(3)]
+    assert verdicts[:2] == [None, None] and verdicts[2].startswith("pruned in epoch 1")
+
+
 def test_asha_keeps_the_top_third_at_each_rung():
     pruner = Pruner("asha", eta=3)
     assert pruner.report(1, 0.5) is None and pruner.report(1, 0.6) is None  # first eta-1 trials pass

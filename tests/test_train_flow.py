@@ -107,6 +107,24 @@ def test_each_epoch_metric_has_one_entry_per_epoch(finished):
     assert [m.value for m in client.get_metric_history(summary.run_id, "lr")] == [pytest.approx(3e-3)] * EPOCHS
 
 
+def test_epoch_metrics_are_written_in_batches_by_time(tmp_path):
+    from babysit import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = tracking.start_run(uri, "buffer", None, {}, {})
+    batched = tracking.MetricBuffer(run, flush_seconds=3600)
+    for epoch in (1, 2, 3):
+        batched.log({"val_acc": epoch / 10}, step=epoch)
+    assert tracking.metric_history(uri, run.run_id, "val_acc") == []  # within the interval: not written yet
+    batched.flush(tags={"babysit.status": "finished"})
+    assert tracking.metric_history(uri, run.run_id, "val_acc") == [0.1, 0.2, 0.3]
+    assert tracking.get_run(uri, run.run_id).data.tags["babysit.status"] == "finished"
+    eager = tracking.MetricBuffer(run, flush_seconds=0)
+    eager.log({"train_loss": 1.5}, step=1)
+    assert tracking.metric_history(uri, run.run_id, "train_loss") == [1.5]  # interval passed: written at once
+    tracking.end_run(run)
+
+
 def test_outcome_metrics_match_the_summary(finished):
     summary, run = finished.summary, finished.run
     metrics = run.data.metrics
