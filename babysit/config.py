@@ -341,9 +341,10 @@ class SearchConfig(Section):
     final: FinalStageConfig | None = Field(default_factory=FinalStageConfig)
     sampler: Literal["random", "sobol", "lhs", "grid"] = "random"
     workers: int = Field(2, ge=1)  # trials at a time
-    # threads | processes on this machine; dask: prefect-dask's DaskTaskRunner on a LocalCluster of
-    # `workers` processes, or on the running scheduler at `dask_address` (docs/scale-out.md)
-    runner: Literal["threads", "processes", "dask"] = "threads"
+    # processes | threads on this machine (small-model training holds the GIL: threads do not run
+    # trials in parallel); dask: prefect-dask's DaskTaskRunner on a LocalCluster of `workers`
+    # processes, or on the running scheduler at `dask_address` (docs/scale-out.md)
+    runner: Literal["threads", "processes", "dask"] = "processes"
     dask_address: str | None = None  # e.g. tcp://10.0.0.5:8786; its workers need a shared tracking server
     # latest: the first stage samples from the last ranges of the latest finished run of this
     # search (same name) instead of `space`; each run is then a new parent run (babysit.recurring)

@@ -4,10 +4,10 @@ On digits, with conf/search_digits.yaml's space and base config, every method ge
 number of trainings and the same epochs per training; the figure of merit is the best
 validation accuracy it finds, as mean ± std over search seeds.
 
-    .venv/bin/python bench/search_quality.py [--seeds 5] [--stages 2] [--trials 8] [--epochs 3] [--threads 2]
+    .venv/bin/python bench/search_quality.py [--seeds 5] [--stages 2] [--trials 8] [--epochs 3] [--threads 2] [--set search.top_k=3 ...]
 
 Methods (budget B = stages × trials):
-  coarse-to-fine  `stages` stages of `trials` random points; between stages the space narrows
+  coarse-to-fine  `stages` stages of `trials` points from the YAML's sampler; between stages the space narrows
                   (babysit.space.narrow with the YAML's top_k/pad/edge/widen), exactly as
                   flows/search.py does it, including the sampler seed seed·1000 + stage.
   grid            sampler 'grid' with B points: a full grid (every choice option × k levels per
@@ -90,11 +90,11 @@ def best_score(trials: list[dict[str, Any]]) -> float:
     return max((t["score"] for t in trials if t["score"] is not None), default=math.nan)
 
 
-def coarse_to_fine(space: Space, evaluate: Evaluator, seed: int, stages: int, per_stage: int, narrowing: Narrowing, is_valid: Any) -> tuple[list, list[str]]:
+def coarse_to_fine(space: Space, evaluate: Evaluator, seed: int, stages: int, per_stage: int, narrowing: Narrowing, is_valid: Any, sampler: str) -> tuple[list, list[str]]:
     """flows/search.py's stage loop, minus Prefect and MLflow."""
     trials, edges = [], []
     for number in range(stages):
-        points = sample(space, per_stage, "random", seed=seed * 1000 + number)
+        points = sample(space, per_stage, sampler, seed=seed * 1000 + number)
         stage_trials = [evaluate(p, seed, f"stage{number}", i) for i, p in enumerate(points)]
         trials += stage_trials
         if number + 1 < stages:
@@ -143,11 +143,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs of every training, every method")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--no-tpe", action="store_true", help="skip Optuna TPE even if it is installed")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE", help="override the YAML, as `babysit search --set`")
     args = parser.parse_args()
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
 
-    exp = load_config(args.config, model=SearchExperiment)
+    exp = load_config(args.config, args.overrides, model=SearchExperiment)
     base = exp.base_config()
     base_tree = base.model_dump(mode="json")
     splits = split_dataset(load_dataset(base.data, base.seed), base.data.val_fraction, base.data.test_fraction, base.seed)
@@ -177,7 +178,7 @@ def main() -> None:
           f"{args.epochs} epochs per training, torch threads {args.threads}, pruning off")
     print(f"  space: " + ", ".join(f"{k} ~ {v}" for k, v in describe(space).items()))
     print(f"  budget {budget} trainings per method and seed; seeds 0..{args.seeds - 1} (sampling + init/batch order)")
-    print(f"  coarse-to-fine: {args.stages} stages x {args.trials} random trials, narrowing top_k={narrowing.top_k} pad={narrowing.pad} edge={narrowing.edge} widen={narrowing.widen}")
+    print(f"  coarse-to-fine: {args.stages} stages x {args.trials} {exp.search.sampler} trials, narrowing top_k={narrowing.top_k} pad={narrowing.pad} edge={narrowing.edge} widen={narrowing.widen}")
     print(f"  grid: {grid_size} points" + ("" if grid_size == budget else f"  (NOTE: the full grid is smaller than the budget; grid runs {grid_size} trainings)"))
     print(f"  random: 1 stage x {budget} trials")
     print(f"  tpe: " + (f"optuna {optuna.__version__} TPESampler(seed) defaults, {budget} trials" if optuna else "SKIPPED (optuna not installed; .venv/bin/pip install -c constraints-cpu.txt optuna)" if not args.no_tpe else "SKIPPED (--no-tpe)"))
@@ -186,7 +187,7 @@ def main() -> None:
     edges: dict[int, list[str]] = {}  # seed -> coarse-to-fine edge moves
 
     def run_c2f(seed: int) -> list:
-        trials, edges[seed] = coarse_to_fine(space, evaluate, seed, args.stages, args.trials, narrowing, is_valid)
+        trials, edges[seed] = coarse_to_fine(space, evaluate, seed, args.stages, args.trials, narrowing, is_valid, exp.search.sampler)
         return trials
 
     methods = {

@@ -130,6 +130,14 @@ _WORKER: dict[str, Any] = {}  # in a worker process: the search's data, set once
 
 
 def _start_worker(prepared: Prepared) -> None:
+    if sys.platform == "linux":
+        # die with the flow's process, kill -9 included: an orphan that went on to finish its
+        # trial would add a second finished run to a key the resumed search runs again
+        import ctypes
+        import signal
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     tracking.forget_connections_after_fork()
     _WORKER["prepared"] = prepared
 
