@@ -349,12 +349,21 @@ class SearchConfig(Section):
     # latest: the first stage samples from the last ranges of the latest finished run of this
     # search (same name) instead of `space`; each run is then a new parent run (babysit.recurring)
     warm_start: Literal["none", "latest"] = "none"
-    top_k: int = Field(5, ge=1)  # trials that set the next stage's ranges
-    pad: float = Field(0.25, ge=0)  # padding around the top-k span, as a fraction of the range
+    # the trials that set the next stage's ranges: a count, or a share of the stage's finished
+    # trials (0.25: the best quarter, at least 2), which keeps stages of any size equally selective
+    top_k: int | float = 0.25
+    pad: float = Field(0.1, ge=0)  # padding around the top-k span, as a fraction of the range
     edge: float = Field(0.10, gt=0, lt=0.5)  # best within this fraction of a bound: "at the edge"
     widen: float = Field(10.0, gt=1)  # an edge moves by ×widen in log space (one decade by default)
     sanity_check: bool = False  # overfit a tiny subset before the first stage; stop if it cannot
     resume: bool = True  # reuse the finished trials of the latest run of this same search
+
+    @field_validator("top_k")
+    @classmethod
+    def _count_or_share(cls, value: int | float) -> int | float:
+        if isinstance(value, float) and not 0 < value < 1 or isinstance(value, int) and value < 1:
+            raise ValueError(f"expected a count of trials (an integer ≥ 1) or a share of them (a number between 0 and 1), got {value}")
+        return value
 
     @model_validator(mode="after")
     def _dask_address_needs_dask(self) -> SearchConfig:

@@ -144,10 +144,15 @@ def sample(space: Space, n: int, sampler: str, seed: int) -> list[dict[str, Any]
 
 @dataclass(frozen=True)
 class Narrowing:
-    top_k: int = 5  # trials that define the next stage's ranges
-    pad: float = 0.25  # of the current width, added on each side of the top-k span
+    top_k: int | float = 0.25  # trials that define the next stage's ranges: a count, or a share (≥ 2 trials)
+    pad: float = 0.1  # of the current width, added on each side of the top-k span
     edge: float = 0.10  # best value within this fraction of the width from a bound: at the edge
     widen: float = 10.0  # edge moves: ×widen (loguniform) or + (widen/10) × width (uniform, int)
+
+
+def top_count(top_k: int | float, scored: int) -> int:
+    """How many of `scored` trials count as the top: `top_k` itself, or a share of them (at least 2)."""
+    return top_k if isinstance(top_k, int) else max(2, round(top_k * scored))
 
 
 def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid: Any = None) -> tuple[Space, dict[str, str]]:
@@ -164,7 +169,7 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
     scored = sorted((t for t in trials if t["score"] is not None and not t.get("diverged")), key=lambda t: -t["score"])
     if not scored:
         return space, {}
-    top, best = scored[: cfg.top_k], scored[0]
+    top, best = scored[: top_count(cfg.top_k, len(scored))], scored[0]
     new_space, edges = {}, {}
     for field, dist in space.items():
         if not dist.numeric:

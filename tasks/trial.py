@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -147,7 +148,7 @@ def _trial_in_worker(spec: TrialSpec, parent: tracking.RunRef, pruner: Pruner | 
 
 
 @contextmanager
-def worker_processes(workers: int, prepared: Prepared) -> Iterator[tuple[ProcessPoolExecutor, Any]]:
+def worker_processes(workers: int, prepared: Prepared, start_method: str | None = None) -> Iterator[tuple[ProcessPoolExecutor, Any]]:
     """`workers` trial processes for a whole search, with a multiprocessing manager for shared pruning.
 
     Small-model training holds the GIL for most of each step (two trials in two threads ran no
@@ -155,9 +156,11 @@ def worker_processes(workers: int, prepared: Prepared) -> Iterator[tuple[Process
     processes. On Linux they are forked from the flow's process: no re-imports, and the data
     reaches them by inheritance instead of being pickled per trial. They start here, from the
     flow's thread, before any trial runs (a fork copies locks held by other threads). Elsewhere
-    (macOS, Windows) they are spawned and get the data once each.
+    (macOS, Windows), or once this process has initialized CUDA (which a forked child cannot use),
+    they are spawned and get the data once each.
     """
-    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    fork = sys.platform == "linux" and not torch.cuda.is_initialized()
+    context = multiprocessing.get_context(start_method or ("fork" if fork else "spawn"))
     with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(prepared,)) as pool:
         list(pool.map(abs, range(workers)))  # start every worker now
         yield pool, manager

@@ -138,6 +138,26 @@ def test_worker_processes_run_the_trials_and_share_pruning(prefect_harness, fres
     assert all(len(tracking.metric_history(fresh_uri, k.info.run_id, "val_acc")) == k.data.metrics["epochs_run"] for k in kids)
 
 
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])  # spawn: macOS, Windows, or after CUDA started
+def test_a_worker_process_trains_a_trial_into_the_parent_run(tmp_path, start_method):
+    from babysit.config import SearchExperiment, load_config
+    from tasks.data import load_dataset, split_dataset
+    from tasks.preprocess import fit_preprocess
+    from tasks.trial import _trial_in_worker, make_spec, worker_processes
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    base = load_config("conf/search_digits.yaml", ["model.hidden=[16]"], model=SearchExperiment).base_config()
+    prepared = fit_preprocess(split_dataset(load_dataset(base.data, 0), 0.15, 0.15, 0), base.preprocess)
+    parent = tracking.start_run(uri, "workers", "parent", {}, {})
+    spec = make_spec(base.model_dump(mode="json"), "coarse", 0, {"optim.lr": 3e-3}, 1, 1, "cpu")
+    with worker_processes(1, prepared, start_method) as (pool, _):
+        result = pool.submit(_trial_in_worker, spec, parent, None).result(timeout=120)
+    assert result.status == "finished" and result.val_acc > 0.5
+    child = tracking.get_run(uri, result.run_id)
+    assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert tracking.metric_history(uri, result.run_id, "val_acc") == [pytest.approx(result.val_acc)]
+
+
 def test_diverged_trials_are_flagged_and_end_early(prefect_harness, fresh_uri):
     tracking_uri = fresh_uri
     overrides = SMALL[:2] + [

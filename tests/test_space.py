@@ -10,7 +10,7 @@ import pytest
 from babysit.config import SearchExperiment, load_config
 from babysit.errors import BabysitError
 from babysit.pruning import Pruner
-from babysit.space import Narrowing, narrow, parse_dist, sample
+from babysit.space import Narrowing, narrow, parse_dist, sample, top_count
 
 
 def space_of(**specs):
@@ -101,6 +101,21 @@ def test_narrowing_shrinks_around_the_top_trials_in_log_space():
     assert new["lr"].low == pytest.approx(10**-3.5) and new["lr"].high == pytest.approx(10**-2.5)
 
 
+def test_top_k_is_a_count_or_a_share_of_the_finished_trials():
+    assert [top_count(0.25, n) for n in (4, 8, 20, 40)] == [2, 2, 5, 10]  # a share: at least 2
+    assert top_count(3, 40) == 3
+    space = space_of(lr="loguniform(1e-6, 1e-0)")
+    points = [{"lr": 10.0**e} for e in np.linspace(-5.5, -0.5, 11)]
+    trials = trials_for(points, lambda p: -abs(math.log10(p["lr"]) + 3))
+    by_share, _ = narrow(space, trials, Narrowing(top_k=0.25, pad=0.0))  # round(0.25 × 11) = 3 trials
+    by_count, _ = narrow(space, trials, Narrowing(top_k=3, pad=0.0))
+    assert (by_share["lr"].low, by_share["lr"].high) == (by_count["lr"].low, by_count["lr"].high)
+    assert load_config("conf/search_digits.yaml", ["search.top_k=0.5"], model=SearchExperiment).search.top_k == 0.5
+    for bad in ("0", "1.5", "-2"):
+        with pytest.raises(BabysitError, match="search.top_k"):
+            load_config("conf/search_digits.yaml", [f"search.top_k={bad}"], model=SearchExperiment)
+
+
 def test_best_at_the_high_edge_moves_the_range_one_decade_past_it():
     space = space_of(lr="loguniform(1e-5, 1e-2)")
     points = [{"lr": v} for v in (1e-5, 1e-4, 1e-3, 5e-3, 9.5e-3)]
@@ -112,7 +127,7 @@ def test_best_at_the_high_edge_moves_the_range_one_decade_past_it():
 def test_diverged_trials_cap_the_upper_bound():
     space = space_of(lr="loguniform(1e-5, 1e-1)")
     points = [{"lr": v} for v in (1e-5, 1e-4, 1e-3, 5e-3, 2e-2, 8e-2)]
-    new, edges = narrow(space, trials_for(points, lambda p: p["lr"], diverged=lambda p: p["lr"] > 1e-2), Narrowing(top_k=2, widen=10))
+    new, edges = narrow(space, trials_for(points, lambda p: p["lr"], diverged=lambda p: p["lr"] > 1e-2), Narrowing(top_k=2, pad=0.25, widen=10))
     assert edges == {}  # the best finished trial (5e-3) is inside the range
     assert new["lr"].high == pytest.approx(2e-2)  # the smallest diverged value above the top trials
 
