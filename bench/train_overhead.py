@@ -14,7 +14,10 @@ building the model to the test accuracy:
                         flag tags, curves PNG, config YAML, fitted transform and the model (pt2):
                         a fixed cost per run, whatever the number of epochs
 
-    .venv/bin/python bench/train_overhead.py [--epochs 20] [--repeats 7]
+    .venv/bin/python bench/train_overhead.py [--epochs 20] [--repeats 15]
+
+Two torch threads on a shared 2-core machine swing one and the same run by ±15%: the script
+prints the ratio of medians and the ratio of the fastest runs (the least disturbed estimate).
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="conf/digits_mlp.yaml")
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
 
     cfg = load_config(args.config, [f"train.epochs={args.epochs}", "train.device=cpu"])
@@ -103,10 +106,12 @@ def main() -> None:
     for name, values in times.items():
         median = statistics.median(values)
         print(f"  {name:45s} {median:6.3f} s   x{median / base:5.2f}   (min {min(values):.3f}, max {max(values):.3f})")
-    task = statistics.median(times["babysit train task (epoch metrics in MLflow)"])
+    task_times = times["babysit train task (epoch metrics in MLflow)"]
+    task = statistics.median(task_times)
+    fastest = min(task_times) / min(times["bare PyTorch loop"])
     artifacts = statistics.median(times["  + run artifacts (curves, config, model)"]) - task
-    print(f"  train task vs bare: x{task / base:.2f} [goal <= x1.10: {'MET' if task / base <= 1.10 else 'NOT MET'}]; "
-          f"run artifacts: +{artifacts:.2f} s per run, whatever the epochs")
+    print(f"  train task vs bare: x{task / base:.2f} median, x{fastest:.2f} fastest runs [goal <= x1.10: "
+          f"{'MET' if task / base <= 1.10 else 'NOT MET'} on the medians]; run artifacts: +{artifacts:.2f} s per run, whatever the epochs")
 
 
 if __name__ == "__main__":
