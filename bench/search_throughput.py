@@ -248,7 +248,7 @@ def main() -> None:
            {c.label: sum(min(bare_log[k]) for k in c.bare_keys) for c in cases})
     if shipped:
         print()
-        print(f"the search as {args.config} ships it (all its stages, sanity check on; final retrain off, resume off), median of {args.shipped_repeats}")
+        print(f"the search as {args.config} ships it (every stage as written; final retrain off, resume off), median of {args.shipped_repeats}")
         one = statistics.median(shipped["workers=1 threads"][0])
         for label, (walls, trials) in shipped.items():
             wall = statistics.median(walls)
