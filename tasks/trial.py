@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from babysit import tracking
 from babysit.config import Config, with_values
+from babysit.errors import BabysitError
 from babysit.flags import run_flags
 from babysit.pruning import Pruner
 from tasks.preprocess import Prepared
@@ -173,5 +175,12 @@ def trial_task(
 ) -> TrialResult:
     """One trial, here or (given `pool`, see worker_processes) in a worker process while this task waits."""
     if pool is not None:
-        return pool.submit(_trial_in_worker, spec, parent, pruner).result()
+        try:
+            return pool.submit(_trial_in_worker, spec, parent, pruner).result()
+        except BrokenProcessPool:
+            raise BabysitError(
+                f"trial {spec.stage}-{spec.index:03d}: a worker process of this search died (killed, or out of memory). "
+                f"Trials that finished are kept in MLflow and reused when the search runs again; with less memory "
+                f"try search.workers=1, or search.runner=threads."
+            ) from None
     return run_trial(spec, prepared, parent, pruner, final, raw_example)

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from babysit import tracking
+from babysit.config import SearchExperiment, load_config
 from flows.search import search_flow
 
 SMALL = [
@@ -140,7 +141,6 @@ def test_worker_processes_run_the_trials_and_share_pruning(prefect_harness, fres
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])  # spawn: macOS, Windows, or after CUDA started
 def test_a_worker_process_trains_a_trial_into_the_parent_run(tmp_path, start_method):
-    from babysit.config import SearchExperiment, load_config
     from tasks.data import load_dataset, split_dataset
     from tasks.preprocess import fit_preprocess
     from tasks.trial import _trial_in_worker, make_spec, worker_processes
@@ -156,6 +156,26 @@ def test_a_worker_process_trains_a_trial_into_the_parent_run(tmp_path, start_met
     child = tracking.get_run(uri, result.run_id)
     assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == parent.run_id
     assert tracking.metric_history(uri, result.run_id, "val_acc") == [pytest.approx(result.val_acc)]
+
+
+def test_a_dead_worker_process_is_a_clear_error(tmp_path):
+    import os
+    import signal
+
+    from babysit.errors import BabysitError
+    from tasks.data import load_dataset, split_dataset
+    from tasks.preprocess import fit_preprocess
+    from tasks.trial import make_spec, trial_task, worker_processes
+
+    base = load_config("conf/search_digits.yaml", ["model.hidden=[16]"], model=SearchExperiment).base_config()
+    prepared = fit_preprocess(split_dataset(load_dataset(base.data, 0), 0.15, 0.15, 0), base.preprocess)
+    parent = tracking.start_run(f"sqlite:///{tmp_path}/mlflow.db", "workers", "parent", {}, {})
+    spec = make_spec(base.model_dump(mode="json"), "coarse", 3, {"optim.lr": 3e-3}, 1, 1, "cpu")
+    with worker_processes(1, prepared) as (pool, _):
+        worker_pid = pool.submit(os.getpid).result()
+        os.kill(worker_pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
+        with pytest.raises(BabysitError, match="coarse-003: a worker process of this search died"):
+            trial_task.fn(spec, prepared, parent, pool=pool)
 
 
 def test_diverged_trials_are_flagged_and_end_early(prefect_harness, fresh_uri):
