@@ -123,9 +123,7 @@ class MetricBuffer:
 
     def flush(self, tags: dict[str, str] | None = None) -> None:
         """Write what is pending, and `tags`, in one call."""
-        from mlflow.entities import RunTag
-
-        run_tags = [RunTag(key, str(value)[:5000]) for key, value in (tags or {}).items()]
+        run_tags = _run_tags(tags)
         client = _client(self.run.uri)
         for start in range(0, max(len(self._pending), 1), 1000):  # MLflow takes ≤ 1000 metrics per call
             metrics = self._pending[start : start + 1000]
@@ -146,11 +144,15 @@ def log_metric_series(run: RunRef, series: dict[str, list[float]], first_step: i
         client.log_batch(run.run_id, metrics=metrics[start : start + 1000])
 
 
-def set_tags(run: RunRef, tags: dict[str, str]) -> None:
+def _run_tags(tags: dict[str, str] | None) -> list:
     from mlflow.entities import RunTag
 
+    return [RunTag(key, str(value)[:5000]) for key, value in (tags or {}).items()]  # MLflow's limit on a tag value
+
+
+def set_tags(run: RunRef, tags: dict[str, str]) -> None:
     if tags:
-        _client(run.uri).log_batch(run.run_id, tags=[RunTag(key, str(value)[:5000]) for key, value in tags.items()])
+        _client(run.uri).log_batch(run.run_id, tags=_run_tags(tags))
 
 
 def log_text(run: RunRef, text: str, artifact_file: str) -> None:

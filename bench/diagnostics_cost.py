@@ -35,7 +35,7 @@ def fit_seconds(cfg, prepared) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def task_seconds(cfg, prepared, uri: str, raw_example) -> tuple[float, float]:
+def task_seconds(cfg, prepared, uri: str) -> tuple[float, float]:
     run = tracking.start_run(uri, "bench", None, cfg.flat(), {})
     wall, cpu = time.perf_counter(), time.process_time()
     train_task.fn(cfg, prepared, run)
@@ -91,8 +91,8 @@ def main() -> None:
     cases = {
         "fit, no diagnostics": lambda: fit_seconds(cfg_off, prepared),
         "fit, diagnostics": lambda: fit_seconds(cfg_on, prepared),
-        "train task (MLflow per epoch), no diagnostics": lambda: task_seconds(cfg_off, prepared, uri, splits.X_train[:5]),
-        "train task (MLflow per epoch), diagnostics": lambda: task_seconds(cfg_on, prepared, uri, splits.X_train[:5]),
+        "train task (MLflow per epoch), no diagnostics": lambda: task_seconds(cfg_off, prepared, uri),
+        "train task (MLflow per epoch), diagnostics": lambda: task_seconds(cfg_on, prepared, uri),
     }
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
     for case in cases.values():  # warm-up, untimed

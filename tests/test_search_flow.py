@@ -139,17 +139,24 @@ def test_worker_processes_run_the_trials_and_share_pruning(prefect_harness, fres
     assert all(len(tracking.metric_history(fresh_uri, k.info.run_id, "val_acc")) == k.data.metrics["epochs_run"] for k in kids)
 
 
-@pytest.mark.parametrize("start_method", ["fork", "spawn"])  # spawn: macOS, Windows, or after CUDA started
-def test_a_worker_process_trains_a_trial_into_the_parent_run(tmp_path, start_method):
+def one_trial(uri: str, index: int = 0):
+    """A tiny digits trial (16 hidden units, 1 epoch), its data and a parent run to log it under."""
     from tasks.data import load_dataset, split_dataset
     from tasks.preprocess import fit_preprocess
-    from tasks.trial import _trial_in_worker, make_spec, worker_processes
+    from tasks.trial import make_spec
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
     base = load_config("conf/search_digits.yaml", ["model.hidden=[16]"], model=SearchExperiment).base_config()
     prepared = fit_preprocess(split_dataset(load_dataset(base.data, 0), 0.15, 0.15, 0), base.preprocess)
     parent = tracking.start_run(uri, "workers", "parent", {}, {})
-    spec = make_spec(base.model_dump(mode="json"), "coarse", 0, {"optim.lr": 3e-3}, 1, 1, "cpu")
+    return make_spec(base.model_dump(mode="json"), "coarse", index, {"optim.lr": 3e-3}, 1, 1, "cpu"), prepared, parent
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])  # spawn: macOS, Windows, or after CUDA started
+def test_a_worker_process_trains_a_trial_into_the_parent_run(tmp_path, start_method):
+    from tasks.trial import _trial_in_worker, worker_processes
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec, prepared, parent = one_trial(uri)
     with worker_processes(1, prepared, start_method) as (pool, _):
         result = pool.submit(_trial_in_worker, spec, parent, None).result(timeout=120)
     assert result.status == "finished" and result.val_acc > 0.5
@@ -163,14 +170,9 @@ def test_a_dead_worker_process_is_a_clear_error(tmp_path):
     import signal
 
     from babysit.errors import BabysitError
-    from tasks.data import load_dataset, split_dataset
-    from tasks.preprocess import fit_preprocess
-    from tasks.trial import make_spec, trial_task, worker_processes
+    from tasks.trial import trial_task, worker_processes
 
-    base = load_config("conf/search_digits.yaml", ["model.hidden=[16]"], model=SearchExperiment).base_config()
-    prepared = fit_preprocess(split_dataset(load_dataset(base.data, 0), 0.15, 0.15, 0), base.preprocess)
-    parent = tracking.start_run(f"sqlite:///{tmp_path}/mlflow.db", "workers", "parent", {}, {})
-    spec = make_spec(base.model_dump(mode="json"), "coarse", 3, {"optim.lr": 3e-3}, 1, 1, "cpu")
+    spec, prepared, parent = one_trial(f"sqlite:///{tmp_path}/mlflow.db", index=3)
     with worker_processes(1, prepared) as (pool, _):
         worker_pid = pool.submit(os.getpid).result()
         os.kill(worker_pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
