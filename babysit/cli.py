@@ -7,15 +7,18 @@ exits with status 2 and one paragraph that names the field.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 
 from rich.console import Console
 from rich.table import Table
 
+from babysit import servers
 from babysit.config import load_config
 from babysit.errors import BabysitError
 
@@ -36,12 +39,20 @@ def quiet_user_errors() -> None:
         handler.addFilter(HideUserErrorTracebacks())
 
 
+def warm_training_imports() -> None:
+    """A process's first optimizer imports torch._dynamo (~2 s). Start that now, in a thread, so it
+    overlaps the start of Prefect's temporary server instead of delaying the first training."""
+    threading.Thread(target=importlib.import_module, args=("torch._dynamo",), name="warm-imports", daemon=True).start()
+
+
 def train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     with console.status("starting Prefect (ephemeral server unless PREFECT_API_URL is set)..."):
         from flows.train import train_flow
     quiet_user_errors()
-    summary = train_flow(config=args.config, overrides=args.set)
+    warm_training_imports()
+    with servers.temporary_server_settings():
+        summary = train_flow(config=args.config, overrides=args.set)
 
     table = Table(title=f"babysit train: {cfg.name}", show_header=False)
     table.add_row("best validation accuracy", f"{summary.best_val_acc:.4f} (epoch {summary.best_epoch} of {summary.epochs_run})")
@@ -64,7 +75,9 @@ def search(args: argparse.Namespace) -> int:
     with console.status("starting Prefect (ephemeral server unless PREFECT_API_URL is set)..."):
         from flows.search import search_flow
     quiet_user_errors()
-    summary = search_flow(config=args.config, overrides=args.set)
+    warm_training_imports()
+    with servers.temporary_server_settings():
+        summary = search_flow(config=args.config, overrides=args.set)
 
     table = Table(title=f"babysit search: {exp.name}", show_header=False)
     for stage, space in summary.ranges.items():
@@ -159,8 +172,6 @@ def serve(args: argparse.Namespace) -> int:
     if not (api := os.environ.get("PREFECT_API_URL")):
         from pathlib import Path
 
-        from babysit import servers
-
         running = [r for r, alive, ok in servers.status(Path(".babysit")) if r.name == "prefect" and alive and ok]
         raise BabysitError("schedules need a Prefect server (the temporary one Prefect starts when PREFECT_API_URL is unset runs no scheduler): "
                            + (f"`babysit server up` started one; run `{servers.exports(running)[0]}` and try again." if running
@@ -176,8 +187,6 @@ def serve(args: argparse.Namespace) -> int:
 def server(args: argparse.Namespace) -> int:
     """babysit server up|down|status|env (babysit.servers)."""
     from pathlib import Path
-
-    from babysit import servers
 
     state = Path(args.state)
     names = [args.only] if args.only else ["prefect", "mlflow"]
@@ -220,7 +229,9 @@ def ensemble(args: argparse.Namespace) -> int:
     with console.status("starting Prefect (ephemeral server unless PREFECT_API_URL is set)..."):
         from flows.ensemble import ensemble_flow
     quiet_user_errors()
-    summary = ensemble_flow(search_run_id=args.run_id, top=args.top, epochs=args.epochs, tracking_uri=args.uri)
+    warm_training_imports()
+    with servers.temporary_server_settings():
+        summary = ensemble_flow(search_run_id=args.run_id, top=args.top, epochs=args.epochs, tracking_uri=args.uri)
     table = Table(title=f"babysit ensemble: top {args.top} of search {args.run_id}", show_header=False)
     table.add_row("members (test acc)", "\n".join(f"{run} ({acc:.4f})" for run, acc in zip(summary.members, summary.member_test_acc)))
     table.add_row("best single model", f"test acc {summary.best_single_test_acc:.4f}")

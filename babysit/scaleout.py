@@ -83,8 +83,12 @@ def task_runner(runner: str, workers: int, dask_address: str | None = None, pref
     `prefect_api`: the API URL for a LocalCluster's workers (see dask_prefect_api)."""
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    if runner in ("threads", "processes"):  # processes: each task thread waits on a worker process (tasks.trial.worker_processes)
+    if runner == "threads":
         return ThreadPoolTaskRunner(max_workers=workers)
+    if runner == "processes":  # each task thread waits on a worker process (tasks.trial.worker_processes)
+        # one trial queued per worker: a worker that finishes takes the next trial at once, instead
+        # of idling while Prefect finishes one task run and starts the next
+        return ThreadPoolTaskRunner(max_workers=2 * workers)
     from prefect_dask import DaskTaskRunner
 
     if dask_address:

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -110,6 +112,21 @@ def mlflow_spec(state: Path, host: str = "127.0.0.1", port: int = 5000, backend_
     env = {} if "MLFLOW_SERVER_ENABLE_JOB_EXECUTION" in os.environ else {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     return ServerSpec("mlflow", command, env, host, port, "/health", {"MLFLOW_TRACKING_URI": uri},
                       ("mlflow", "server"), ui=f"{uri}/#/experiments?{tracking.UI_VIEW}")
+
+
+@contextmanager
+def temporary_server_settings() -> Iterator[None]:
+    """Prefect settings for flows that this process runs. With no PREFECT_API_URL, Prefect starts a
+    temporary server that dies with this process, so nothing can ever read a flow run's heartbeats;
+    yet every flow waits for its heartbeat thread at exit, up to a second. They are off then; with a
+    real server (deployments, `babysit server up`) they stay on, to detect crashed runs."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:

@@ -18,6 +18,8 @@ import pandas as pd
 import torch
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext
+from prefect.utilities.annotations import quote
 
 from babysit import plots, recurring, scaleout, tracking
 from babysit.advice import search_advice
@@ -95,7 +97,10 @@ def run_stage(specs: list[TrialSpec], finished: dict, prepared: Prepared, parent
     reused = {s.key: result_from_run(finished[s.key], s) for s in specs if s.key in finished}
     todo = [s for s in specs if s.key not in reused]
     with nullcontext(runner) if runner is not None else scaleout.task_runner(exp.search.runner, exp.search.workers, exp.search.dask_address) as runner:
-        futures = [runner.submit(trial_task, {"spec": s, "prepared": prepared, "parent": parent, "pruner": pruner, "pool": pool}) for s in todo]
+        # quoted, Prefect does not walk the data and config of every trial looking for futures
+        # (Dask hands its workers the quotes themselves: not there)
+        wrap = quote if exp.search.runner in ("threads", "processes") else (lambda value: value)
+        futures = [runner.submit(trial_task, {"spec": wrap(s), "prepared": wrap(prepared), "parent": parent, "pruner": wrap(pruner), "pool": wrap(pool)}) for s in todo]
         fresh = {s.key: f.result() for s, f in zip(todo, futures)}
     return [reused.get(s.key) or fresh[s.key] for s in specs]
 
@@ -223,8 +228,10 @@ def recurrence_of(exp: SearchExperiment, uri: str) -> tuple[list, dict[str, str]
     deployment's schedule, the run it warm-starts from) and its parent run's name."""
     experiment_id = tracking.open_store(uri, exp.tracking.experiment)
     past = [r for r in tracking.find_runs(uri, experiment_id, {"babysit.kind": "search", "babysit.search_name": exp.name}) if r.info.status == "FINISHED"]
-    scheduled = runtime.flow_run.scheduled_start_time if runtime.deployment.id else None
-    recurrence = recurring.schedule_identity(runtime.deployment.name, scheduled)
+    context = FlowRunContext.get()  # not runtime.deployment.id: outside deployments that asks the API for the flow run
+    in_deployment = context is not None and context.flow_run is not None and context.flow_run.deployment_id is not None
+    scheduled = runtime.flow_run.scheduled_start_time if in_deployment else None
+    recurrence = recurring.schedule_identity(runtime.deployment.name if in_deployment else None, scheduled)
     if exp.search.warm_start == "latest" and past:
         recurrence["babysit.warm_from"] = past[0].info.run_id
     return past, recurrence, recurring.run_name(exp.tracking.run_name or exp.name, recurrence)

@@ -7,6 +7,7 @@ so one bad corner of a search space cannot stop the search.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import math
 import multiprocessing
@@ -162,6 +163,8 @@ def worker_processes(workers: int, prepared: Prepared, start_method: str | None 
     they are spawned and get the data once each.
     """
     fork = sys.platform == "linux" and not torch.cuda.is_initialized()
+    if fork:  # a process's first optimizer imports torch._dynamo (~2 s); import it once here, not once per worker
+        importlib.import_module("torch._dynamo")
     context = multiprocessing.get_context(start_method or ("fork" if fork else "spawn"))
     with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(prepared,)) as pool:
         list(pool.map(abs, range(workers)))  # start every worker now

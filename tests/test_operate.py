@@ -105,7 +105,17 @@ def test_the_dask_runner_makes_a_loopback_localcluster_or_joins_a_scheduler():
         "n_workers": 3, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
         "dashboard_address": "127.0.0.1:8787", "env": {"PREFECT_API_URL": "http://127.0.0.1:4200/api"}}
     assert scaleout.task_runner("dask", 3, "tcp://10.0.0.5:8786").address == "tcp://10.0.0.5:8786"
-    assert type(scaleout.task_runner("threads", 2)).__name__ == "ThreadPoolTaskRunner"
+    assert scaleout.task_runner("threads", 2)._max_workers == 2
+    assert scaleout.task_runner("processes", 2)._max_workers == 4  # one trial waits, queued, for each worker process
+
+
+def test_flows_on_a_temporary_prefect_server_send_no_heartbeats():
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), servers.temporary_server_settings():
+        assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None  # nothing could read them; each flow would wait ≤ 1 s for the thread
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}), servers.temporary_server_settings():
+        assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 180  # a real server detects crashed runs by them
 
 
 def test_an_existing_dask_cluster_needs_a_prefect_server():

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -10,6 +13,8 @@ import pytest
 from babysit import tracking
 from babysit.config import SearchExperiment, load_config
 from flows.search import search_flow
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SMALL = [
     "model.hidden=[32]",
@@ -163,6 +168,20 @@ def test_a_worker_process_trains_a_trial_into_the_parent_run(tmp_path, start_met
     child = tracking.get_run(uri, result.run_id)
     assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == parent.run_id
     assert tracking.metric_history(uri, result.run_id, "val_acc") == [pytest.approx(result.val_acc)]
+
+
+def test_forked_worker_processes_start_with_what_the_first_optimizer_imports():
+    # a fresh interpreter: this one may have imported torch._dynamo already
+    code = (
+        "import sys\n"
+        "from tasks.trial import worker_processes\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        "with worker_processes(2, None, 'fork') as (pool, _):\n"
+        "    print(all(pool.map(eval, [\"'torch._dynamo' in __import__('sys').modules\"] * 4)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "True"
 
 
 def test_a_dead_worker_process_is_a_clear_error(tmp_path):
