@@ -31,7 +31,7 @@ from flows.train import provenance_tags
 from tasks.check import overfit_tiny_subset
 from tasks.data import load_data_task
 from tasks.preprocess import Prepared, preprocess_task
-from tasks.trial import TrialResult, TrialSpec, make_spec, result_from_run, run_trial, trial_task, worker_processes
+from tasks.trial import TrialResult, TrialSpec, make_spec, result_from_run, trial_task, worker_processes
 
 
 @dataclass(frozen=True)
@@ -90,18 +90,22 @@ def open_parent(exp: SearchExperiment, uri: str, recurrence: dict[str, str] | No
     return parent, finished
 
 
-def run_stage(specs: list[TrialSpec], finished: dict, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner, exp: SearchExperiment, runner=None, pool=None) -> list[TrialResult]:
-    """Reuse finished trials; run the others `workers` at a time through a Prefect task runner
-    (`runner`, already entered, is shared by the stages: a Dask cluster starts once per search).
-    With `pool` (runner: processes) each trial task hands its training to a worker process."""
+def submit_trial(runner, spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner | None, pool, final: bool = False, raw_example=None):
+    """One trial task on `runner` (entered; shared by the stages: a Dask cluster starts once per
+    search). With `pool` (runner: processes) the task hands its training to a worker process."""
+    arguments = {"spec": spec, "prepared": prepared, "parent": parent, "pruner": pruner, "pool": pool, "final": final, "raw_example": raw_example}
+    if runner.__class__.__name__ != "DaskTaskRunner":  # Dask would hand its workers the quotes themselves
+        # quoted, Prefect does not walk every trial's data and config looking for futures
+        arguments = {name: quote(value) for name, value in arguments.items()}
+    return runner.submit(trial_task, arguments)
+
+
+def run_stage(specs: list[TrialSpec], finished: dict, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner, runner, pool=None) -> list[TrialResult]:
+    """Reuse finished trials; run the others `workers` at a time through the search's task runner."""
     reused = {s.key: result_from_run(finished[s.key], s) for s in specs if s.key in finished}
     todo = [s for s in specs if s.key not in reused]
-    with nullcontext(runner) if runner is not None else scaleout.task_runner(exp.search.runner, exp.search.workers, exp.search.dask_address) as runner:
-        # quoted, Prefect does not walk the data and config of every trial looking for futures
-        # (Dask hands its workers the quotes themselves: not there)
-        wrap = quote if exp.search.runner in ("threads", "processes") else (lambda value: value)
-        futures = [runner.submit(trial_task, {"spec": wrap(s), "prepared": wrap(prepared), "parent": parent, "pruner": wrap(pruner), "pool": wrap(pool)}) for s in todo]
-        fresh = {s.key: f.result() for s, f in zip(todo, futures)}
+    futures = [submit_trial(runner, s, prepared, parent, pruner, pool) for s in todo]
+    fresh = {s.key: f.result() for s, f in zip(todo, futures)}
     return [reused.get(s.key) or fresh[s.key] for s in specs]
 
 
@@ -133,10 +137,11 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     splits = load_data_task(base.data, base.seed)
     prepared = preprocess_task(splits, base.preprocess)
     uri = tracking.resolve_uri(base.tracking.uri)
-    dask, runner = exp.search.runner == "dask", None  # runner: one Dask task runner for all stages
+    dask = exp.search.runner == "dask"
     if dask:  # every Dask worker must write to the same store and report to the same Prefect API
         uri = scaleout.dask_tracking_uri(uri, exp.search.dask_address)
-        runner = scaleout.task_runner("dask", exp.search.workers, exp.search.dask_address, prefect_api_for_dask(exp))
+    # one task runner for all stages and the final retrain
+    runner = scaleout.task_runner(exp.search.runner, exp.search.workers, exp.search.dask_address, prefect_api_for_dask(exp) if dask else None)
     past, recurrence, parent_name = recurrence_of(exp, uri)
     parent, finished = open_parent(exp, uri, recurrence, parent_name)  # the store and experiment exist before any fan-out
     previous = next((recurring.past_search(r, list(exp.search.space), [s.name for s in exp.search.stages]) for r in past if r.info.run_id != parent.run_id), None)
@@ -158,7 +163,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     ranges: dict[str, dict[str, str]] = {}
     edges: list[str] = []
     processes = worker_processes(exp.search.workers, prepared) if exp.search.runner == "processes" else nullcontext((None, None))
-    with tracking.finished_or_failed(parent), runner or nullcontext(), processes as (pool, manager):
+    with tracking.finished_or_failed(parent), runner, processes as (pool, manager):
         if dask and scaleout.is_local_file_store(uri):  # workers that joined a loopback scheduler from elsewhere
             scaleout.dask_tracking_uri(uri, exp.search.dask_address, scaleout.dask_workers(runner))
         if exp.search.sanity_check:  # the lecture: make sure a tiny subset can be overfit before searching
@@ -171,7 +176,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             points = sample(space, stage.trials, exp.search.sampler, seed=exp.seed * 1000 + number)
             specs = [make_spec(base_tree, stage.name, i, p, stage.epochs, threads, trial_device(base.train.device, i)) for i, p in enumerate(points)]
             pruner = Pruner(stage.prune, stage.prune_warmup_epochs, stage.asha_eta)
-            stage_results = run_stage(specs, finished, prepared, parent, pruner.shared(manager) if manager else pruner, exp, runner, pool)
+            stage_results = run_stage(specs, finished, prepared, parent, pruner.shared(manager) if manager else pruner, runner, pool)
             results += stage_results
             log_stage(parent, stage.name, ranges[stage.name], stage_results)
             best = max((r.val_acc for r in stage_results if r.val_acc is not None), default=None)
@@ -187,14 +192,24 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         if not scored:
             raise RuntimeError("every trial failed or diverged; see the trials' failure tags in MLflow")
         best = max(scored, key=lambda r: r.val_acc)
-        final = None
+        final, retraining = None, None
         if exp.search.final is not None:
             spec = make_spec(base_tree, "final", 0, best.params, exp.search.final.epochs, threads, None)
-            final = result_from_run(finished[spec.key], spec) if spec.key in finished else run_trial(spec, prepared, parent, final=True, raw_example=splits.X_train[:5])
+            if spec.key in finished:
+                final = result_from_run(finished[spec.key], spec)
+            else:
+                retraining = submit_trial(runner, spec, prepared, parent, None, pool, final=True, raw_example=splits.X_train[:5])
+        searched = trials_frame(results)
+        if retraining is not None and pool is None and not dask:  # it trains in a thread here: matplotlib is not thread-safe
+            final = retraining.result()
+        log_search_figure(parent, searched, list(exp.search.space))  # the searched stages only: drawn while a worker retrains
+        advice = search_advice(searched, {e.split(":", 1)[1].split("=")[0]: e.rsplit("=", 1)[1] for e in edges})
+        if retraining is not None and final is None:
+            final = retraining.result()
+        if final is not None:
             results.append(final)
         frame = trials_frame(results)
-        advice = search_advice(frame[frame["stage"] != "final"], {e.split(":", 1)[1].split("=")[0]: e.rsplit("=", 1)[1] for e in edges})
-        log_search_outcome(parent, frame, best, final, edges, list(exp.search.space))
+        log_search_outcome(parent, frame, best, final, edges)
         tracking.log_text(parent, advice, "report.md")
         changes = recurring.changes_since(previous, best.val_acc, ranges)
         if changes:
@@ -237,7 +252,13 @@ def recurrence_of(exp: SearchExperiment, uri: str) -> tuple[list, dict[str, str]
     return past, recurrence, recurring.run_name(exp.tracking.run_name or exp.name, recurrence)
 
 
-def log_search_outcome(parent: tracking.RunRef, frame: pd.DataFrame, best: TrialResult, final: TrialResult | None, edges: list[str], fields: list[str]) -> None:
+def log_search_figure(parent: tracking.RunRef, searched: pd.DataFrame, fields: list[str]) -> None:
+    figure = plots.search_overview(searched, fields)
+    tracking.log_figure(parent, figure, "search.png")
+    plots.close(figure)
+
+
+def log_search_outcome(parent: tracking.RunRef, frame: pd.DataFrame, best: TrialResult, final: TrialResult | None, edges: list[str]) -> None:
     metrics = {"best_val_acc": best.val_acc, "trials": len(frame), "trials_diverged": int((frame["status"] == "diverged").sum()),
                "trials_failed": int((frame["status"] == "failed").sum()), "trials_pruned": int((frame["status"] == "pruned").sum())}
     if final is not None and final.val_acc is not None:
@@ -250,10 +271,6 @@ def log_search_outcome(parent: tracking.RunRef, frame: pd.DataFrame, best: Trial
         tags["babysit.final_run_id"] = final.run_id or ""
     tracking.set_tags(parent, tags)
     tracking.log_csv(parent, frame, "trials.csv")
-    searched = frame[frame["stage"] != "final"]
-    figure = plots.search_overview(searched, fields)
-    tracking.log_figure(parent, figure, "search.png")
-    plots.close(figure)
 
 
 def summary_markdown(name: str, frame: pd.DataFrame, best: TrialResult, final: TrialResult | None, edges: list[str], ranges: dict) -> str:

@@ -146,8 +146,8 @@ def _start_worker(prepared: Prepared) -> None:
     _WORKER["prepared"] = prepared
 
 
-def _trial_in_worker(spec: TrialSpec, parent: tracking.RunRef, pruner: Pruner | None) -> TrialResult:
-    return run_trial(spec, _WORKER["prepared"], parent, pruner)
+def _trial_in_worker(spec: TrialSpec, parent: tracking.RunRef, pruner: Pruner | None, final: bool = False, raw_example: Any = None) -> TrialResult:
+    return run_trial(spec, _WORKER["prepared"], parent, pruner, final, raw_example)
 
 
 @contextmanager
@@ -179,7 +179,7 @@ def trial_task(
     """One trial, here or (given `pool`, see worker_processes) in a worker process while this task waits."""
     if pool is not None:
         try:
-            return pool.submit(_trial_in_worker, spec, parent, pruner).result()
+            return pool.submit(_trial_in_worker, spec, parent, pruner, final, raw_example).result()
         except BrokenProcessPool:
             raise BabysitError(
                 f"trial {spec.stage}-{spec.index:03d}: a worker process of this search died (killed, or out of memory). "

@@ -69,6 +69,9 @@ def test_search_tracks_a_parent_with_nested_trials(finished_search, tracking_uri
     final = next(k for k in kids if k.data.tags["babysit.stage"] == "final")
     assert len(tracking.metric_history(tracking_uri, final.info.run_id, "val_acc")) == 3
     assert math.isclose(summary.test_acc, final.data.metrics["test_acc"])
+    # the final retrain (in a worker process, while the flow drew the search figure) logged its model
+    models = tracking._client(tracking_uri).search_logged_models([final.info.experiment_id], filter_string=f"source_run_id = '{final.info.run_id}'")
+    assert [m.name for m in models] == ["model"]
     # the parent logs each stage's ranges, the best params, the trial table and the plots
     assert parent.data.tags["range.coarse.optim.lr"] == "loguniform(1e-05, 0.1)"
     assert "range.fine.optim.lr" in parent.data.tags and "best.optim.lr" in parent.data.tags
