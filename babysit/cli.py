@@ -7,12 +7,10 @@ exits with status 2 and one paragraph that names the field.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 
 from rich.console import Console
@@ -39,18 +37,11 @@ def quiet_user_errors() -> None:
         handler.addFilter(HideUserErrorTracebacks())
 
 
-def warm_training_imports() -> None:
-    """A process's first optimizer imports torch._dynamo (~2 s). Start that now, in a thread, so it
-    overlaps the start of Prefect's temporary server instead of delaying the first training."""
-    threading.Thread(target=importlib.import_module, args=("torch._dynamo",), name="warm-imports", daemon=True).start()
-
-
 def train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     with console.status("starting Prefect (ephemeral server unless PREFECT_API_URL is set)..."):
         from flows.train import train_flow
     quiet_user_errors()
-    warm_training_imports()
     with servers.temporary_server_settings():
         summary = train_flow(config=args.config, overrides=args.set)
 
@@ -75,7 +66,6 @@ def search(args: argparse.Namespace) -> int:
     with console.status("starting Prefect (ephemeral server unless PREFECT_API_URL is set)..."):
         from flows.search import search_flow
     quiet_user_errors()
-    warm_training_imports()
     with servers.temporary_server_settings():
         summary = search_flow(config=args.config, overrides=args.set)
 
@@ -229,7 +219,6 @@ def ensemble(args: argparse.Namespace) -> int:
     with console.status("starting Prefect (ephemeral server unless PREFECT_API_URL is set)..."):
         from flows.ensemble import ensemble_flow
     quiet_user_errors()
-    warm_training_imports()
     with servers.temporary_server_settings():
         summary = ensemble_flow(search_run_id=args.run_id, top=args.top, epochs=args.epochs, tracking_uri=args.uri)
     table = Table(title=f"babysit ensemble: top {args.top} of search {args.run_id}", show_header=False)

@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per trial (the YAML's coarse stage: 2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed searches per case; also the bare passes")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds of quiet before each timed search")
-    parser.add_argument("--shipped-repeats", type=int, default=2, help="timed runs per case of the search as the YAML ships it (0: skip)")
+    parser.add_argument("--shipped-repeats", type=int, default=3, help="timed runs per case of the search as the YAML ships it (0: skip)")
     args = parser.parse_args()
     from prefect.server.api.server import SubprocessASGIServer
 
