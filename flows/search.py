@@ -19,6 +19,7 @@ import torch
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.context import FlowRunContext
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from babysit import plots, recurring, scaleout, tracking
@@ -94,7 +95,7 @@ def submit_trial(runner, spec: TrialSpec, prepared: Prepared, parent: tracking.R
     """One trial task on `runner` (entered; shared by the stages: a Dask cluster starts once per
     search). With `pool` (runner: processes) the task hands its training to a worker process."""
     arguments = {"spec": spec, "prepared": prepared, "parent": parent, "pruner": pruner, "pool": pool, "final": final, "raw_example": raw_example}
-    if runner.__class__.__name__ != "DaskTaskRunner":  # Dask would hand its workers the quotes themselves
+    if isinstance(runner, ThreadPoolTaskRunner):  # not Dask: it would hand its workers the quotes themselves
         # quoted, Prefect does not walk every trial's data and config looking for futures
         arguments = {name: quote(value) for name, value in arguments.items()}
     return runner.submit(trial_task, arguments)
