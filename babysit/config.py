@@ -7,7 +7,6 @@ flow takes the validated sections as explicit arguments.
 from __future__ import annotations
 
 import copy
-
 import re
 from pathlib import Path
 from typing import Any, Literal

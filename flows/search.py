@@ -200,12 +200,12 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
                 final = result_from_run(finished[spec.key], spec)
             else:
                 retraining = submit_trial(runner, spec, prepared, parent, None, pool, final=True, raw_example=splits.X_train[:5])
+        if retraining is not None and exp.search.runner == "threads":  # it trains in a thread here: matplotlib is not thread-safe
+            final, retraining = retraining.result(), None
         searched = trials_frame(results)
-        if retraining is not None and pool is None and not dask:  # it trains in a thread here: matplotlib is not thread-safe
-            final = retraining.result()
         log_search_figure(parent, searched, list(exp.search.space))  # the searched stages only: drawn while a worker retrains
         advice = search_advice(searched, {e.split(":", 1)[1].split("=")[0]: e.rsplit("=", 1)[1] for e in edges})
-        if retraining is not None and final is None:
+        if retraining is not None:
             final = retraining.result()
         if final is not None:
             results.append(final)
