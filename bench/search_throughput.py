@@ -40,7 +40,7 @@ takes a core, which swings the same 16 trainings between 2 s and 15 s: read "bes
 of the code, and the median as what a busy machine gave.
 
 Part 2 (--shipped-repeats): the search exactly as the YAML ships it (coarse 20 x 2 epochs, fine
-10 x 8 epochs with median pruning, the tiny-subset sanity check first), final retrain and resume
+10 x 8 epochs with median pruning), final retrain and resume
 off, with workers=1 (threads, and processes), workers=2 processes (the default runner) and workers=2
 threads: wall time and trials per minute, and the speed-up of 2 workers over the faster single worker.
 """

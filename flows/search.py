@@ -202,8 +202,12 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
                 retraining = submit_trial(runner, spec, prepared, parent, None, pool, final=True, raw_example=splits.X_train[:5])
         if retraining is not None and exp.search.runner == "threads":  # it trains in a thread here: matplotlib is not thread-safe
             final, retraining = retraining.result(), None
-        searched = trials_frame(results)
-        log_search_figure(parent, searched, list(exp.search.space))  # the searched stages only: drawn while a worker retrains
+        searched = trials_frame(results)  # search.png shows the searched stages only
+        # drawing it (~0.5 s) is the longest step left: a worker process with nothing to train
+        # draws it while this process writes the rest; the only worker, retraining, does not
+        drawing = pool.submit(log_search_figure, parent, searched, list(exp.search.space)) if pool is not None and (retraining is None or exp.search.workers > 1) else None
+        if drawing is None:
+            log_search_figure(parent, searched, list(exp.search.space))
         advice = search_advice(searched, {e.split(":", 1)[1].split("=")[0]: e.rsplit("=", 1)[1] for e in edges})
         if retraining is not None:
             final = retraining.result()
@@ -216,6 +220,8 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         if changes:
             tracking.set_tags(parent, {"babysit.previous_search": previous.run_id})
             tracking.log_text(parent, "\n".join(changes) + "\n", "changes.txt")
+        if drawing is not None:
+            drawing.result()
 
     url = tracking.run_url(parent)
     if runtime.flow_run.id is not None:

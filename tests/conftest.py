@@ -11,10 +11,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 @pytest.fixture(scope="session")
 def prefect_harness():
-    """A temporary Prefect server and database for the whole session (starting one costs ~15 s)."""
+    """A temporary Prefect server and database for the whole session (starting one costs ~15 s),
+    started with the settings `babysit` gives its own temporary server."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=180):
+    from babysit.servers import temporary_server_settings
+
+    with temporary_server_settings(), prefect_test_harness(server_startup_timeout=180):
         yield
 
 

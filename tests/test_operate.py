@@ -118,6 +118,34 @@ def test_flows_on_a_temporary_prefect_server_send_no_heartbeats():
         assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 180  # a real server detects crashed runs by them
 
 
+def test_a_temporary_server_batches_task_run_states_and_still_records_every_one(prefect_harness):
+    from prefect import flow, get_client, task
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE, PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL
+
+    assert PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE.value() > 1  # Prefect's default writes each state alone
+    assert PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL.value() <= 1
+
+    @task
+    def square(x: int) -> int:
+        return x * x
+
+    @flow
+    def fan_out(n: int) -> list[int]:
+        return [future.result() for future in square.map(range(n))]
+
+    state = fan_out(6, return_state=True)
+    assert state.result() == [0, 1, 4, 9, 16, 25]
+    runs, deadline = [], time.monotonic() + 10
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:  # written within a flush interval of the flow's end
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            if len(runs) == 6 and all(r.state_type and r.state_type.value == "COMPLETED" for r in runs):
+                break
+            time.sleep(0.2)
+    assert sorted(r.state_type.value for r in runs) == ["COMPLETED"] * 6
+
+
 def test_an_existing_dask_cluster_needs_a_prefect_server():
     with pytest.raises(BabysitError, match="PREFECT_API_URL"):
         scaleout.dask_prefect_api("tcp://10.0.0.5:8786", None, "http://127.0.0.1:8123/api")

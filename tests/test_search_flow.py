@@ -145,6 +145,9 @@ def test_worker_processes_run_the_trials_and_share_pruning(prefect_harness, fres
     pruned = [k for k in kids if k.data.tags["babysit.status"] == "pruned"]
     assert pruned and all(k.data.metrics["epochs_run"] < 3 for k in pruned)
     assert all(len(tracking.metric_history(fresh_uri, k.info.run_id, "val_acc")) == k.data.metrics["epochs_run"] for k in kids)
+    # no final retrain: a worker process drew search.png while the flow wrote the rest
+    artifacts = {a.path for a in tracking._client(fresh_uri).list_artifacts(summary.parent_run_id)}
+    assert {"search.png", "trials.csv", "report.md"} <= artifacts
 
 
 def one_trial(uri: str, index: int = 0):
