@@ -163,8 +163,11 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     results: list[TrialResult] = []
     ranges: dict[str, dict[str, str]] = {}
     edges: list[str] = []
-    processes = worker_processes(exp.search.workers, prepared) if exp.search.runner == "processes" else nullcontext((None, None))
-    with tracking.finished_or_failed(parent), runner, processes as (pool, manager):
+    stages = exp.search.stages
+    processes = nullcontext((None, None))
+    if exp.search.runner == "processes":  # room in shared memory for any stage's pruning reports
+        processes = worker_processes(exp.search.workers, prepared, epochs=max(s.epochs for s in stages), trials=max(s.trials for s in stages))
+    with tracking.finished_or_failed(parent), runner, processes as (pool, reports):
         if dask and scaleout.is_local_file_store(uri):  # workers that joined a loopback scheduler from elsewhere
             scaleout.dask_tracking_uri(uri, exp.search.dask_address, scaleout.dask_workers(runner))
         if exp.search.sanity_check:  # the lecture: make sure a tiny subset can be overfit before searching
@@ -177,7 +180,9 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             points = sample(space, stage.trials, exp.search.sampler, seed=exp.seed * 1000 + number)
             specs = [make_spec(base_tree, stage.name, i, p, stage.epochs, threads, trial_device(base.train.device, i)) for i, p in enumerate(points)]
             pruner = Pruner(stage.prune, stage.prune_warmup_epochs, stage.asha_eta)
-            stage_results = run_stage(specs, finished, prepared, parent, pruner.shared(manager) if manager else pruner, runner, pool)
+            if reports is not None and pruner.rule != "none":  # worker processes see each other's epochs in shared memory
+                pruner = pruner.shared(reports)
+            stage_results = run_stage(specs, finished, prepared, parent, pruner, runner, pool)
             results += stage_results
             log_stage(parent, stage.name, ranges[stage.name], stage_results)
             best = max((r.val_acc for r in stage_results if r.val_acc is not None), default=None)

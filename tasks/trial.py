@@ -28,7 +28,7 @@ from babysit import tracking
 from babysit.config import Config, with_values
 from babysit.errors import BabysitError
 from babysit.flags import run_flags
-from babysit.pruning import Pruner
+from babysit.pruning import Pruner, SharedReports
 from tasks.preprocess import Prepared
 from tasks.track import flag_tags, log_outcome, outcome_metrics
 from tasks.train import train_and_test
@@ -133,7 +133,7 @@ def result_from_run(run: Any, spec: TrialSpec) -> TrialResult:
 _WORKER: dict[str, Any] = {}  # in a worker process: the search's data, set once by _start_worker
 
 
-def _start_worker(prepared: Prepared) -> None:
+def _start_worker(prepared: Prepared, reports: SharedReports) -> None:
     if sys.platform == "linux":
         # die with the flow's process, kill -9 included: an orphan that went on to finish its
         # trial would add a second finished run to a key the resumed search runs again
@@ -143,16 +143,19 @@ def _start_worker(prepared: Prepared) -> None:
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     tracking.forget_connections_after_fork()
-    _WORKER["prepared"] = prepared
+    _WORKER.update(prepared=prepared, reports=reports)
 
 
 def _trial_in_worker(spec: TrialSpec, parent: tracking.RunRef, pruner: Pruner | None, final: bool = False, raw_example: Any = None) -> TrialResult:
+    if pruner is not None and pruner.detached:
+        pruner.attached(_WORKER["reports"])
     return run_trial(spec, _WORKER["prepared"], parent, pruner, final, raw_example)
 
 
 @contextmanager
-def worker_processes(workers: int, prepared: Prepared, start_method: str | None = None) -> Iterator[tuple[ProcessPoolExecutor, Any]]:
-    """`workers` trial processes for a whole search, with a multiprocessing manager for shared pruning.
+def worker_processes(workers: int, prepared: Prepared, start_method: str | None = None, epochs: int = 0, trials: int = 0) -> Iterator[tuple[ProcessPoolExecutor, SharedReports]]:
+    """`workers` trial processes for a whole search, and the shared memory through which their
+    trials prune: room for `trials` reports at each of `epochs` epochs (a stage's most).
 
     Small-model training holds the GIL for most of each step (two trials in two threads ran no
     faster than one after the other, bench/search_throughput.py), so parallel trials need
@@ -166,9 +169,10 @@ def worker_processes(workers: int, prepared: Prepared, start_method: str | None 
     if fork:  # a process's first optimizer imports torch._dynamo (~2 s); import it once here, not once per worker
         importlib.import_module("torch._dynamo")
     context = multiprocessing.get_context(start_method or ("fork" if fork else "spawn"))
-    with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(prepared,)) as pool:
+    reports = SharedReports(context, epochs, trials)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(prepared, reports)) as pool:
         list(pool.map(abs, range(workers)))  # start every worker now
-        yield pool, manager
+        yield pool, reports
 
 
 @task(name="trial", cache_policy=NO_CACHE)

@@ -9,7 +9,7 @@ import pytest
 
 from babysit.config import SearchExperiment, load_config
 from babysit.errors import BabysitError
-from babysit.pruning import Pruner
+from babysit.pruning import Pruner, SharedReports
 from babysit.space import Narrowing, narrow, parse_dist, sample, top_count
 
 
@@ -174,23 +174,33 @@ def test_median_pruner_stops_trials_below_their_stage_median():
     assert pruner.report(1, 0.95) is None
 
 
-def _report_in_child(pruner: Pruner, epoch: int, val_acc: float, out) -> None:
-    out.put(pruner.report(epoch, val_acc))
+def _report_in_child(pruner: Pruner, reports: SharedReports, epoch: int, val_acc: float, out) -> None:
+    out.put(pruner.attached(reports).report(epoch, val_acc))  # as a search's worker process does
 
 
 def test_a_shared_pruner_sees_reports_from_other_processes():
     import multiprocessing
+    import pickle
 
-    context = multiprocessing.get_context("spawn")  # nothing inherited: only the manager connects them
-    with context.Manager() as manager:
-        pruner = Pruner("median", warmup=1).shared(manager)
-        out = context.Queue()
-        for val_acc in (0.9, 0.8, 0.5):  # one trial per process, as a search's worker processes run them
-            child = context.Process(target=_report_in_child, args=(pruner, 1, val_acc, out))
-            child.start()
-            child.join()
-        verdicts = [out.get(timeout=10) for _ in range(3)]
+    context = multiprocessing.get_context("spawn")  # nothing inherited but what the children are given
+    reports = SharedReports(context, epochs=2, trials=4)
+    pruner = Pruner("median", warmup=1).shared(reports)
+    assert pickle.loads(pickle.dumps(pruner)).detached  # trials carry the rule; shared memory passes only at a process's start
+    out = context.Queue()
+    for val_acc in (0.9, 0.8, 0.5):  # one trial per process, as a search's worker processes run them
+        child = context.Process(target=_report_in_child, args=(pruner, reports, 1, val_acc, out))
+        child.start()
+        child.join()
+    verdicts = [out.get(timeout=10) for _ in range(3)]
     assert verdicts[:2] == [None, None] and verdicts[2].startswith("pruned in epoch 1")
+    assert reports.get(1) == [0.9, 0.8, 0.5]
+    pruner = Pruner("median", warmup=1).shared(reports)  # the next stage starts with no reports
+    assert reports.get(1) == [] and pruner.report(1, 0.1) is None
+    for val_acc in (0.9, 0.8, 0.7):
+        pruner.report(1, val_acc)
+    assert reports.get(1) == [0.1, 0.9, 0.8, 0.7]  # full: room for 4 trials
+    assert pruner.report(1, 0.2) is not None and reports.get(1) == [0.1, 0.9, 0.8, 0.7]  # judged, not stored
+    assert pruner.report(5, 0.1) is None and reports.get(5) == []  # past the epochs it has room for: never pruned
 
 
 def test_asha_keeps_the_top_third_at_each_rung():
