@@ -114,7 +114,7 @@ def test_flows_on_a_temporary_prefect_server_send_no_heartbeats():
 
     with temporary_settings(restore_defaults={PREFECT_API_URL}), servers.temporary_server_settings():
         assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None  # nothing could read them; each flow would wait ≤ 1 s for the thread
-    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}), servers.temporary_server_settings():
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}, restore_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY}), servers.temporary_server_settings():
         assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 180  # a real server detects crashed runs by them
 
 
