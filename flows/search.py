@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -210,9 +211,10 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         searched = trials_frame(results)  # search.png shows the searched stages only
         # drawing it (~0.5 s) is the longest step left: a worker process with nothing to train
         # draws it while this process writes the rest; the only worker, retraining, does not
-        drawing = pool.submit(log_search_figure, parent, searched, list(exp.search.space)) if pool is not None and (retraining is None or exp.search.workers > 1) else None
+        figure = (parent, searched, list(exp.search.space))
+        drawing = pool.submit(log_search_figure, *figure) if pool is not None and (retraining is None or exp.search.workers > 1) else None
         if drawing is None:
-            log_search_figure(parent, searched, list(exp.search.space))
+            log_search_figure(*figure)
         advice = search_advice(searched, {e.split(":", 1)[1].split("=")[0]: e.rsplit("=", 1)[1] for e in edges})
         if retraining is not None:
             final = retraining.result()
@@ -226,7 +228,10 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             tracking.set_tags(parent, {"babysit.previous_search": previous.run_id})
             tracking.log_text(parent, "\n".join(changes) + "\n", "changes.txt")
         if drawing is not None:
-            drawing.result()
+            try:
+                drawing.result()
+            except BrokenProcessPool:  # its worker died (killed, out of memory): draw it here
+                log_search_figure(*figure)
 
     url = tracking.run_url(parent)
     if runtime.flow_run.id is not None:
