@@ -176,7 +176,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             tracking.set_tags(parent, {"babysit.sanity_check": f"{'passed' if check.passed else 'failed'}: {check.reason}"})
             if not check.passed:
                 raise BabysitError(f"search {exp.name}: the base config cannot overfit a tiny subset ({check.reason}); fix the model or lr before searching.")
-        for number, stage in enumerate(exp.search.stages):
+        for number, stage in enumerate(stages):
             ranges[stage.name] = describe(space)
             points = sample(space, stage.trials, exp.search.sampler, seed=exp.seed * 1000 + number)
             specs = [make_spec(base_tree, stage.name, i, p, stage.epochs, threads, trial_device(base.train.device, i)) for i, p in enumerate(points)]
@@ -188,7 +188,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             log_stage(parent, stage.name, ranges[stage.name], stage_results)
             best = max((r.val_acc for r in stage_results if r.val_acc is not None), default=None)
             logger.info("stage %s: %d trials (%d reused), best val acc %s", stage.name, len(specs), sum(r.reused for r in stage_results), f"{best:.4f}" if best is not None else "n/a")
-            if number + 1 < len(exp.search.stages):
+            if number + 1 < len(stages):
                 trials = [{"params": r.params, "score": r.val_acc, "diverged": r.status == "diverged"} for r in stage_results]
                 space, stage_edges = narrow(space, trials, narrowing, is_valid)
                 for field, side in stage_edges.items():

@@ -130,7 +130,7 @@ def result_from_run(run: Any, spec: TrialSpec) -> TrialResult:
     )
 
 
-_WORKER: dict[str, Any] = {}  # in a worker process: the search's data, set once by _start_worker
+_WORKER: dict[str, Any] = {}  # in a worker process: the search's data and pruning reports, set once by _start_worker
 
 
 def _start_worker(prepared: Prepared, reports: SharedReports) -> None:
