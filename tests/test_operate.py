@@ -118,32 +118,54 @@ def test_flows_on_a_temporary_prefect_server_send_no_heartbeats():
         assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 180  # a real server detects crashed runs by them
 
 
-def test_a_temporary_server_batches_task_run_states_and_still_records_every_one(prefect_harness):
-    from prefect import flow, get_client, task
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-    from prefect.settings import PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE, PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL
+FAN_OUT = """
+from prefect import flow, task
+from babysit.servers import temporary_server_settings
 
-    assert PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE.value() > 1  # Prefect's default writes each state alone
-    flush_interval = PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL.value()
+@task
+def square(x: int) -> int:
+    return x * x
 
-    @task
-    def square(x: int) -> int:
-        return x * x
+@flow
+def fan_out(n: int) -> list[int]:
+    return [future.result() for future in square.map(range(n))]
 
-    @flow
-    def fan_out(n: int) -> list[int]:
-        return [future.result() for future in square.map(range(n))]
-
+with temporary_server_settings():
     state = fan_out(6, return_state=True)
-    assert state.result() == [0, 1, 4, 9, 16, 25]
-    runs, deadline = [], time.monotonic() + flush_interval + 10
-    with get_client(sync_client=True) as client:
-        while time.monotonic() < deadline:  # written within a flush interval of the flow's end
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-            if len(runs) == 6 and all(r.state_type and r.state_type.value == "COMPLETED" for r in runs):
-                break
-            time.sleep(0.2)
-    assert sorted(r.state_type.value for r in runs) == ["COMPLETED"] * 6
+    print(state.result(), state.state_details.flow_run_id)
+"""
+
+
+def test_a_temporary_server_batches_task_run_states_and_writes_them_all_when_it_stops(prefect_harness, tmp_path):
+    import sqlite3
+
+    from prefect.settings import (
+        PREFECT_API_DATABASE_CONNECTION_URL,
+        PREFECT_API_URL,
+        PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE,
+        PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL,
+        temporary_settings,
+    )
+
+    defaults = {PREFECT_API_URL, PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE, PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL}
+    with temporary_settings(restore_defaults=defaults), servers.temporary_server_settings():
+        assert PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE.value() == 100  # Prefect's default writes each state alone
+        assert PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL.value() == 60
+    # a fresh process whose temporary server stops with it, 18 states short of a batch; its database
+    # starts as a copy of the session's, which has Prefect's tables (creating them takes ~20 s here)
+    database = tmp_path / "prefect.db"
+    with sqlite3.connect(PREFECT_API_DATABASE_CONNECTION_URL.value().split(":///", 1)[1]) as session_db, sqlite3.connect(database) as copy:
+        session_db.backup(copy)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path), PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{database}",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+    done = subprocess.run([sys.executable, "-c", FAN_OUT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "[0, 1, 4, 9, 16, 25]" in done.stdout, done.stderr[-2000:]
+    assert "Error flushing" not in done.stderr and "Traceback" not in done.stderr
+    flow_run_id = done.stdout.split()[-1]
+    with sqlite3.connect(database) as db:
+        states = db.execute("SELECT state_type FROM task_run WHERE flow_run_id = ?", (flow_run_id,)).fetchall()
+    assert states == [("COMPLETED",)] * 6
 
 
 def test_an_existing_dask_cluster_needs_a_prefect_server():

@@ -125,6 +125,29 @@ def test_epoch_metrics_are_written_in_batches_by_time(tmp_path):
     tracking.end_run(run)
 
 
+def test_a_local_store_writes_ahead_with_normal_sync_and_other_databases_are_left_alone(tmp_path):
+    import sqlite3
+
+    import sqlalchemy
+
+    from babysit import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    run = tracking.start_run(uri, "write-ahead", None, {"lr": 0.1}, {})
+    tracking.end_run(run)
+    with sqlite3.connect(tmp_path / "mlruns" / "mlflow.db") as db:  # the mode is kept in the file
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    # every new connection to the store syncs normally (1); SQLite's default is full (2)
+    for url, sync, journal in ((uri, 1, "wal"), (f"sqlite:///{tmp_path}/other.db", 2, "delete")):
+        engine = sqlalchemy.create_engine(url)
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == sync
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == journal
+        engine.dispose()
+    stored = tracking.get_run(uri, run.run_id)
+    assert (stored.info.status, stored.data.params) == ("FINISHED", {"lr": "0.1"})
+
+
 def test_outcome_metrics_match_the_summary(finished):
     summary, run = finished.summary, finished.run
     metrics = run.data.metrics
