@@ -6,6 +6,7 @@ thread-local "active run": trials run in threads and tasks may hop threads.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import time
@@ -54,9 +55,10 @@ def _client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-_WRITE_AHEAD: set[str] = set()  # the SQLite stores this process writes to, as absolute paths
+_WRITE_AHEAD: set[str] = set()  # the SQLite stores this process uses, as absolute paths
 
 
+@functools.cache  # once per store path
 def _write_ahead(db: Path) -> None:
     """Open SQLite store `db` in write-ahead-log mode, with normal sync, as Prefect opens its own
     database. In SQLite's default (rollback journal, full sync) every MLflow write holds the
