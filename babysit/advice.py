@@ -109,14 +109,17 @@ def blame(trials: pd.DataFrame, bad: pd.Series, params: list[str]) -> tuple[str,
 
     For a numeric column: every bad trial has field ≥ t (t = the smallest bad value), and at
     least BLAME_PURITY of the trials with field ≥ t are bad (or the mirror image, ≤). For a
-    categorical column: every bad trial has the same value. The purest range wins.
+    categorical column: every bad trial has the same value. The purest range wins. A range needs
+    good trials to stand against: when every trial is bad, or a column has one value, it blames nothing.
     """
-    if bad.sum() < 2:
+    if bad.sum() < 2 or bad.all():
         return None
     best: tuple[float, tuple[str, str, str]] | None = None
     for column in params:
         values = trials[column]
         field = column.removeprefix("param.")
+        if values.astype(str).nunique() < 2:  # e.g. a choice narrowed to one option
+            continue
         if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
             candidates = [("above", values >= values[bad].min(), values[bad].min()), ("below", values <= values[bad].max(), values[bad].max())]
         else:
@@ -129,8 +132,10 @@ def blame(trials: pd.DataFrame, bad: pd.Series, params: list[str]) -> tuple[str,
     return best[1] if best else None
 
 
-def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, params: list[str], fix_above: str, fix_below: str) -> str:
+def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, params: list[str], fix_above: str, fix_below: str, everywhere: str) -> str:
     found = f"{what} in {int(bad.sum())} of {len(trials)} {stage} trials"
+    if bad.all() and len(trials) > 1:
+        return f"{what} in all {len(trials)} {stage} trials: {everywhere}."
     culprit = blame(trials, bad, params)
     if culprit is None:
         return f"{found}, with no single parameter range to blame."
@@ -167,10 +172,12 @@ def search_advice(trials: pd.DataFrame, edges: dict[str, str]) -> str:
         lines.append(f"{stage}: {len(group)} trials ({summary})" + (f"; best validation accuracy {best_acc:.1%}." if pd.notna(best_acc) else "."))
         exploded = (group_status == "diverged") | group_flags.map(lambda f: "diverged" in f)
         if exploded.any():
-            lines.append(_problem_line("loss exploded", stage, group, exploded, params, "lower the upper bound of {field}", "raise the lower bound of {field}"))
+            lines.append(_problem_line("loss exploded", stage, group, exploded, params, "lower the upper bound of {field}", "raise the lower bound of {field}",
+                                       everywhere="the learning-rate range is too high: lower it (both bounds, 10×)"))
         slow = group_flags.map(lambda f: "lr_too_low" in f)
         if slow.any():
-            lines.append(_problem_line("lr_too_low", stage, group, slow, params, "lower the upper bound of {field}", "raise the lower bound of {field}"))
+            lines.append(_problem_line("lr_too_low", stage, group, slow, params, "lower the upper bound of {field}", "raise the lower bound of {field}",
+                                       everywhere="the loss barely moved anywhere, so the learning-rate range is too low: raise it (10×)"))
         if (failed := int((group_status == "failed").sum())):
             lines.append(f"{failed} {stage} trial(s) failed with an error: see the `babysit.failure` tag of their MLflow runs.")
         if (pruned := int((group_status == "pruned").sum())):
@@ -186,7 +193,7 @@ def search_advice(trials: pd.DataFrame, edges: dict[str, str]) -> str:
                 }[flag])
     for field, side in edges.items():
         where = "upper" if side == "high" else "lower"
-        lines.append(f"best {field} at the {where} edge of its range: the range was widened (the optimum may lie beyond it).")
+        lines.append(f"{field} at the {where} edge of its range: the next range moved past it (the optimum may lie beyond it).")
     finished = trials[(status == "finished") & trials["val_acc"].notna()] if "val_acc" in trials else trials.iloc[0:0]
     if not finished.empty:
         top = finished.loc[finished["val_acc"].idxmax()]

@@ -148,6 +148,7 @@ class Narrowing:
     pad: float = 0.1  # of the current width, added on each side of the top-k span
     edge: float = 0.10  # best value within this fraction of the width from a bound: at the edge
     widen: float = 10.0  # edge moves: ×widen (loguniform) or + (widen/10) × width (uniform, int)
+    learning_rate: str = "optim.lr"  # the field that trials whose loss barely moved ('too_slow') blame
 
 
 def top_count(top_k: int | float, scored: int) -> int:
@@ -159,17 +160,25 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
     """The next stage's space from this stage's trials, and the fields whose best value sat at an edge.
 
     `trials`: dicts with 'params' (field -> value), 'score' (higher is better; None if the trial
-    failed) and 'diverged' (bool). Numeric ranges shrink to the top-k span plus padding (in log
-    space for loguniform); if the best trial lies within `edge` of a bound, that bound moves
-    outwards instead (by `widen`), unless a diverged trial already lies beyond it — diverged
-    trials cap the upper bound (too-high values) from above. `is_valid(field, value)` says whether
-    a moved bound is still a legal config value; a bound that cannot move stays put and is not reported as an edge.
+    failed), 'diverged' (bool) and optionally 'too_slow' (bool: the loss barely moved, the
+    lr_too_low flag). Numeric ranges shrink to the top-k span plus padding (in log space for
+    loguniform); if the best trial lies within `edge` of a bound, that bound moves outwards
+    instead (by `widen`), unless a diverged trial already lies beyond it — diverged trials cap the
+    upper bound (too-high values) from above. The learning rate (`cfg.learning_rate`) has the
+    mirror image: too-slow trials below the top trials raise its lower bound. When most of the
+    top trials were too slow themselves, or every trial diverged, only the learning rate's range
+    moves (up or down, past the edge); see _above_what_barely_learned and _below_what_diverged.
+    `is_valid(field, value)` says whether a moved bound is still a legal config value; a bound
+    that cannot move stays put and is not reported as an edge.
     Choices keep the options that appear among the top-k.
     """
     scored = sorted((t for t in trials if t["score"] is not None and not t.get("diverged")), key=lambda t: -t["score"])
     if not scored:
-        return space, {}
+        return _below_what_diverged(space, trials, cfg, is_valid)
     top, best = scored[: top_count(cfg.top_k, len(scored))], scored[0]
+    learning_rate = space.get(cfg.learning_rate)
+    if learning_rate is not None and learning_rate.numeric and 2 * sum(bool(t.get("too_slow")) for t in top) > len(top):
+        return _above_what_barely_learned(space, trials, cfg, is_valid)
     new_space, edges = {}, {}
     for field, dist in space.items():
         if not dist.numeric:
@@ -179,13 +188,16 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
         positions = [dist.to_unit(t["params"][field]) for t in top]
         best_pos = dist.to_unit(best["params"][field])
         lo, hi = min(positions) - cfg.pad, max(positions) + cfg.pad
-        shift = math.log(cfg.widen) / (dist._scaled(dist.high) - dist._scaled(dist.low)) if dist.kind == "loguniform" else cfg.widen / 10
+        shift = _edge_shift(dist, cfg.widen)
         if best_pos <= cfg.edge:
             edges[field] = "low"
             lo = -shift
         if best_pos >= 1 - cfg.edge:
             edges[field] = "high"
             hi = 1 + shift
+        if field == cfg.learning_rate:  # trials too slow to learn, below the top ones, raise the floor
+            slow_below = [u for t in trials if t.get("too_slow") and (u := dist.to_unit(t["params"][field])) < min(positions)]
+            lo = max([lo, *slow_below])
         diverged_above = [dist.to_unit(t["params"][field]) for t in trials if t.get("diverged") and dist.to_unit(t["params"][field]) > max(positions)]
         if diverged_above:
             hi = min(hi, min(diverged_above))
@@ -197,6 +209,34 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
         if field in edges and not moved:  # at a hard limit of the field (e.g. dropout 0): nothing moved
             del edges[field]
     return new_space, edges
+
+
+def _edge_shift(dist: Dist, widen: float) -> float:
+    """How far, in units of the current range, an edge moves: ×widen (log) or widen/10 of the width."""
+    return math.log(widen) / (dist._scaled(dist.high) - dist._scaled(dist.low)) if dist.kind == "loguniform" else widen / 10
+
+
+def _above_what_barely_learned(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid: Any) -> tuple[Space, dict[str, str]]:
+    """Most of the top trials barely learned (the lecture: a loss that hardly moves means the learning
+    rate is too low), so the scores rank noise: no field narrows on them. The learning rate's range
+    moves past its high edge, from the highest too-slow value up (not past a diverged one)."""
+    field, dist = cfg.learning_rate, space[cfg.learning_rate]
+    slow = [dist.to_unit(t["params"][field]) for t in trials if t.get("too_slow")]
+    diverged_above = [u for t in trials if t.get("diverged") and (u := dist.to_unit(t["params"][field])) > max(slow)]
+    moved = _rebuild(field, dist, max(slow), min([1 + _edge_shift(dist, cfg.widen), *diverged_above]), is_valid)
+    return {**space, field: moved}, ({field: "high"} if moved.high > dist.high else {})
+
+
+def _below_what_diverged(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid: Any) -> tuple[Space, dict[str, str]]:
+    """No trial finished: if some diverged, the learning rate's range moves below the lowest of
+    them, past its low edge (the lecture: an exploding loss means the learning rate is too high)."""
+    field, dist = cfg.learning_rate, space.get(cfg.learning_rate)
+    diverged = [dist.to_unit(t["params"][field]) for t in trials if t.get("diverged")] if dist is not None and dist.numeric else []
+    if not diverged:
+        return space, {}
+    shift = _edge_shift(dist, cfg.widen)
+    moved = _rebuild(field, dist, -shift, min(diverged), is_valid)
+    return {**space, field: moved}, ({field: "low"} if moved.low < dist.low else {})
 
 
 def _rebuild(field: str, dist: Dist, lo_u: float, hi_u: float, is_valid: Any) -> Dist:

@@ -189,11 +189,12 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             best = max((r.val_acc for r in stage_results if r.val_acc is not None), default=None)
             logger.info("stage %s: %d trials (%d reused), best val acc %s", stage.name, len(specs), sum(r.reused for r in stage_results), f"{best:.4f}" if best is not None else "n/a")
             if number + 1 < len(stages):
-                trials = [{"params": r.params, "score": r.val_acc, "diverged": r.status == "diverged"} for r in stage_results]
+                trials = [{"params": r.params, "score": r.val_acc, "diverged": r.status == "diverged", "too_slow": "lr_too_low" in r.flags} for r in stage_results]
                 space, stage_edges = narrow(space, trials, narrowing, is_valid)
                 for field, side in stage_edges.items():
-                    edges.append(f"edge:{field}={side}")
-                    logger.warning("stage %s: best %s at the %s edge of its range; the next stage's range moves past it", stage.name, field, side)
+                    if f"edge:{field}={side}" not in edges:  # one flag, however many stages moved the range
+                        edges.append(f"edge:{field}={side}")
+                    logger.warning("stage %s: %s at the %s edge of its range; the next stage's range moves past it", stage.name, field, side)
 
         scored = [r for r in results if r.val_acc is not None]
         if not scored:

@@ -230,11 +230,23 @@ def test_search_advice_blames_the_range_and_reports_edges():
     text = search_advice(trials, {"optim.lr": "high"})
     # the 5 trials above 3e-2 exploded; the smallest of them has lr = 1e-4 · 1.5^15 ≈ 0.044
     assert "loss exploded in 5 of 20 coarse trials, all with optim.lr >= 0.044: lower the upper bound of optim.lr" in text
-    assert "best optim.lr at the upper edge of its range: the range was widened" in text
+    assert "optim.lr at the upper edge of its range: the next range moved past it" in text
     assert "best trial: validation accuracy" in text
     mixed = trials.assign(status=["diverged" if i < 2 or lr > 3e-2 else "finished" for i, lr in enumerate(lrs)])  # both ends
     assert "no single parameter range to blame" in search_advice(mixed, {})
     assert search_advice(trials.iloc[0:0], {}).startswith("No trials")
+
+
+def test_search_advice_blames_no_range_when_every_trial_shares_the_problem():
+    slow = pd.DataFrame({
+        "stage": "fine", "status": "finished", "val_acc": [0.35, 0.42, 0.33, 0.4], "flags": "lr_too_low,underfitting",
+        "param.optim.lr": [2e-6, 8e-6, 3e-5, 6e-5], "param.model.activation": "tanh",  # narrowed to one choice
+    })
+    text = search_advice(slow, {})
+    assert "lr_too_low in all 4 fine trials: the loss barely moved anywhere, so the learning-rate range is too low: raise it" in text
+    assert "lower the upper bound" not in text and "drop that choice" not in text
+    some = slow.assign(flags=["lr_too_low", "lr_too_low", "", ""], **{"param.model.activation": ["tanh", "tanh", "relu", "relu"]})
+    assert "lr_too_low in 2 of 4 fine trials, all with optim.lr <= 8e-06: raise the lower bound of optim.lr" in search_advice(some, {})
 
 
 # Real runs through the train flow, then `babysit report`

@@ -223,6 +223,25 @@ def test_diverged_trials_are_flagged_and_end_early(prefect_harness, fresh_uri):
     assert "exploded" in advice and "optim.lr" in advice
 
 
+def test_a_learning_rate_range_too_low_to_learn_moves_up(prefect_harness, fresh_uri):
+    overrides = SMALL[:2] + [
+        "optim.name=sgd",
+        "search.space={optim.lr: 'loguniform(1e-8, 1e-6)', model.dropout: 'uniform(0.0, 0.5)'}",
+        "search.stages=[{name: coarse, trials: 4, epochs: 2}, {name: fine, trials: 2, epochs: 2}]",
+        "search.final=null",
+    ]
+    summary = search_flow(config="conf/search_digits.yaml", overrides=overrides)
+    kids = children(fresh_uri, summary.parent_run_id)
+    coarse = [k for k in kids if k.data.tags["babysit.stage"] == "coarse"]
+    assert all("lr_too_low" in k.data.tags["babysit.flags"] for k in coarse)  # SGD at ≤ 1e-6: the loss barely moves
+    assert "edge:optim.lr=high" in summary.edges
+    fine = [float(k.data.params["optim.lr"]) for k in kids if k.data.tags["babysit.stage"] == "fine"]
+    assert min(fine) >= max(float(k.data.params["optim.lr"]) for k in coarse) and max(fine) <= 1e-5
+    assert summary.ranges["fine"]["model.dropout"] == summary.ranges["coarse"]["model.dropout"]  # chance-level scores narrow nothing
+    advice = tracking.read_text(fresh_uri, summary.parent_run_id, "report.md")
+    assert "lr_too_low in all 4 coarse trials" in advice and "learning-rate range is too low" in advice
+
+
 def test_ensemble_of_the_top_trials_averages_their_probabilities(finished_search, tracking_uri):
     from flows.ensemble import config_from_params, ensemble_flow, ensemble_probabilities, top_trials
 

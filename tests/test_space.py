@@ -167,6 +167,49 @@ def test_coarse_to_fine_reaches_an_optimum_outside_the_initial_range():
     assert 0.3 < best["params"]["lr"] < 3.0  # ...and moved it until it found the optimum
 
 
+def test_trials_whose_loss_barely_moved_move_the_learning_rate_range_up():
+    space = space_of(lr="loguniform(1e-6, 1e-4)", dropout="uniform(0, 0.5)")
+    points = [{"lr": 10.0**e, "dropout": d} for e, d in zip(np.linspace(-5.9, -4.1, 8), np.linspace(0.05, 0.45, 8))]
+    noise = [0.36, 0.41, 0.33, 0.42, 0.35, 0.33, 0.38, 0.34]  # nothing learned: the scores are chance
+    trials = [{**t, "too_slow": True} for t in trials_for(points, lambda p: noise[points.index(p)])]
+    new, edges = narrow(space, trials, Narrowing(top_k=2, learning_rate="lr"))
+    assert edges == {"lr": "high"}  # though the best trial sat mid-range
+    assert new["lr"].low == pytest.approx(10**-4.1) and new["lr"].high == pytest.approx(1e-3)
+    assert new["dropout"] == space["dropout"]  # chance-level scores narrow nothing else
+    # a few slow trials below good ones only raise the floor
+    space = space_of(lr="loguniform(1e-5, 1e-1)")
+    points = [{"lr": v} for v in (1e-5, 3e-5, 1e-4, 1e-3, 1e-2, 3e-2)]
+    trials = [{**t, "too_slow": t["params"]["lr"] < 1e-4} for t in trials_for(points, lambda p: -abs(math.log10(p["lr"]) + 2.5))]
+    new, edges = narrow(space, trials, Narrowing(top_k=2, pad=0.5, learning_rate="lr"))
+    assert edges == {} and new["lr"].low == pytest.approx(3e-5) and new["lr"].high == pytest.approx(1e-1)
+
+
+def test_a_stage_where_every_trial_diverged_moves_the_learning_rate_range_down():
+    space = space_of(lr="loguniform(1e-2, 10)", dropout="uniform(0, 0.5)")
+    points = [{"lr": v, "dropout": 0.1} for v in (0.03, 0.2, 1.0, 5.0)]
+    new, edges = narrow(space, trials_for(points, lambda p: 0.0, diverged=lambda p: True), Narrowing(learning_rate="lr"))
+    assert edges == {"lr": "low"}
+    assert new["lr"].low == pytest.approx(1e-3) and new["lr"].high == pytest.approx(0.03)
+    assert new["dropout"] == space["dropout"]
+
+
+def test_coarse_to_fine_climbs_out_of_a_range_where_nothing_learns():
+    # below lr = 1e-3 the loss barely moves (val acc at chance, noise); above, it peaks at 1e-2
+    rng = np.random.default_rng(0)
+
+    def trial(p):
+        slow = p["lr"] < 1e-3
+        score = 0.33 + 0.05 * rng.random() if slow else 0.9 - (math.log10(p["lr"]) + 2) ** 2 / 10
+        return {"params": p, "score": score, "diverged": False, "too_slow": slow}
+
+    space = space_of(lr="loguniform(1e-7, 1e-5)")
+    for stage in range(5):
+        trials = [trial(p) for p in sample(space, 10, "random", seed=stage)]
+        best = max(trials, key=lambda t: t["score"])
+        space, _ = narrow(space, trials, Narrowing(learning_rate="lr"))
+    assert 3e-3 < best["params"]["lr"] < 3e-2
+
+
 def test_median_pruner_stops_trials_below_their_stage_median():
     pruner = Pruner("median", warmup=1)
     assert pruner.report(1, 0.9) is None and pruner.report(1, 0.8) is None  # too few peers yet
