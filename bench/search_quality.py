@@ -19,7 +19,7 @@ Methods (budget B = stages × trials):
                   when optuna is not installed (.venv/bin/pip install -c constraints-cpu.txt optuna).
 
 Trials are evaluated with the plain functions (make_spec → Config → train_and_test(test=False),
-run_flags for divergence), not through Prefect/MLflow: this measures search, not orchestration.
+run_flags for divergence and lr_too_low), not through Prefect/MLflow: this measures search, not orchestration.
 The data split is fixed (the YAML's seed); a search seed drives the sampling and, as in the flow
 (where `seed` is one field), the trials' init and batch order, so grid also varies over seeds.
 Pruning is off in every method (the YAML's fine stage prunes; that would change the budget).
