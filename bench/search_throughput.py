@@ -261,6 +261,10 @@ def main() -> None:
         speedup = one / statistics.median(shipped["workers=2 processes"][0])
         print(f"  speed-up 2 workers (processes, the default runner) vs the faster single worker ({baseline}): x{speedup:.2f}   "
               f"[goal >= x{GOAL_SPEEDUP}: {'MET' if speedup >= GOAL_SPEEDUP else 'NOT MET'}]")
+        # the same ratio within each repeat (the cases of a repeat ran back to back, so a slow spell of the machine hits them alike)
+        paired = [min(a, b) / c for a, b, c in zip(shipped["workers=1 threads"][0], shipped["workers=1 processes"][0], shipped["workers=2 processes"][0])]
+        print(f"  repeat by repeat (that repeat's faster single worker / its 2 processes): median x{statistics.median(paired):.2f}, "
+              f"range x{min(paired):.2f}-x{max(paired):.2f}")
 
 
 def shipped_search(config: str, repeats: int, settle: float) -> dict[str, tuple[list[float], int]]:
