@@ -36,6 +36,12 @@ def children(uri, parent_id):
     return tracking.find_runs(uri, parent.info.experiment_id, {"mlflow.parentRunId": parent_id})
 
 
+def small_search(uri, *overrides):
+    """The digits search on a small model with 2 workers and `overrides`: its summary and trial runs."""
+    summary = search_flow(config="conf/search_digits.yaml", overrides=[*SMALL[:2], *overrides])
+    return summary, children(uri, summary.parent_run_id)
+
+
 @pytest.fixture(scope="module")
 def search_store(tmp_path_factory):
     """One store for the tests that read the same finished search (a search costs ~20 s)."""
@@ -130,15 +136,13 @@ def test_failed_trials_are_recorded_and_do_not_stop_the_search(prefect_harness, 
 
 
 def test_worker_processes_run_the_trials_and_share_pruning(prefect_harness, fresh_uri):
-    overrides = SMALL[:1] + [
-        "search.workers=2",
+    summary, kids = small_search(
+        fresh_uri,
         "search.runner=processes",
         "search.space={optim.lr: 'loguniform(1e-5, 1e-1)'}",
         "search.stages=[{name: coarse, trials: 8, epochs: 3, prune: median}]",
         "search.final=null",
-    ]
-    summary = search_flow(config="conf/search_digits.yaml", overrides=overrides)
-    kids = children(fresh_uri, summary.parent_run_id)
+    )
     assert len(kids) == 8 and all(k.info.status == "FINISHED" for k in kids)
     assert all(k.data.params["train.threads"] == "1" for k in kids)  # 2 workers x 1 torch thread on 2 cores
     # each worker process sees the other's epochs through the shared pruner: some trials stop early
@@ -207,14 +211,13 @@ def test_a_dead_worker_process_is_a_clear_error(tmp_path):
 
 def test_diverged_trials_are_flagged_and_end_early(prefect_harness, fresh_uri):
     tracking_uri = fresh_uri
-    overrides = SMALL[:2] + [
+    summary, kids = small_search(
+        fresh_uri,
         "optim.name=sgd",
         "search.space={optim.lr: 'loguniform(1e-2, 1e3)'}",
         "search.stages=[{name: coarse, trials: 6, epochs: 3}]",
         "search.final=null",
-    ]
-    summary = search_flow(config="conf/search_digits.yaml", overrides=overrides)
-    kids = children(tracking_uri, summary.parent_run_id)
+    )
     diverged = [k for k in kids if k.data.tags["babysit.status"] == "diverged"]
     assert diverged and all("diverged" in k.data.tags["babysit.flags"] for k in diverged)
     assert all(k.data.metrics["epochs_run"] < 3 for k in diverged)
@@ -224,14 +227,13 @@ def test_diverged_trials_are_flagged_and_end_early(prefect_harness, fresh_uri):
 
 
 def test_a_learning_rate_range_too_low_to_learn_moves_up(prefect_harness, fresh_uri):
-    overrides = SMALL[:2] + [
+    summary, kids = small_search(
+        fresh_uri,
         "optim.name=sgd",
         "search.space={optim.lr: 'loguniform(1e-8, 1e-6)', model.dropout: 'uniform(0.0, 0.5)'}",
         "search.stages=[{name: coarse, trials: 4, epochs: 2}, {name: fine, trials: 2, epochs: 2}]",
         "search.final=null",
-    ]
-    summary = search_flow(config="conf/search_digits.yaml", overrides=overrides)
-    kids = children(fresh_uri, summary.parent_run_id)
+    )
     coarse = [k for k in kids if k.data.tags["babysit.stage"] == "coarse"]
     assert all("lr_too_low" in k.data.tags["babysit.flags"] for k in coarse)  # SGD at ≤ 1e-6: the loss barely moves
     assert "edge:optim.lr=high" in summary.edges
