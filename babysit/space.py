@@ -234,8 +234,7 @@ def _below_what_diverged(space: Space, trials: list[dict[str, Any]], cfg: Narrow
     diverged = [dist.to_unit(t["params"][field]) for t in trials if t.get("diverged")] if dist is not None and dist.numeric else []
     if not diverged:
         return space, {}
-    shift = _edge_shift(dist, cfg.widen)
-    moved = _rebuild(field, dist, -shift, min(diverged), is_valid)
+    moved = _rebuild(field, dist, -_edge_shift(dist, cfg.widen), min(diverged), is_valid)
     return {**space, field: moved}, ({field: "low"} if moved.low < dist.low else {})
 
 
