@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -108,7 +109,9 @@ def unit_points(n: int, dims: int, sampler: str, seed: int) -> np.ndarray:
     if sampler == "random":
         return np.random.default_rng(seed).random((n, dims))
     if sampler == "sobol":
-        return qmc.Sobol(dims, scramble=True, seed=seed).random(n)
+        with warnings.catch_warnings():  # scipy warns per call when n is not a power of 2; the README says it once
+            warnings.filterwarnings("ignore", "The balance properties of Sobol", UserWarning)
+            return qmc.Sobol(dims, scramble=True, seed=seed).random(n)
     if sampler == "lhs":
         return qmc.LatinHypercube(dims, seed=seed).random(n)
     raise ValueError(f"unknown sampler '{sampler}'")

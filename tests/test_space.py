@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -78,6 +79,9 @@ def test_samplers_stay_in_range_and_are_seeded(sampler):
     for p in points:
         assert 1e-4 <= p["lr"] <= 1e-1 and 0 <= p["d"] <= 0.5 and 16 <= p["b"] <= 128 and isinstance(p["b"], int)
         assert p["init"] in ("he", "xavier")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a stage of 6 trials: no raw library warning in the user's terminal
+        assert len(sample(space, 6, sampler, seed=3)) == 6
 
 
 def test_grid_is_a_full_grid_within_budget():
