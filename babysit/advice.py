@@ -132,7 +132,9 @@ def blame(trials: pd.DataFrame, bad: pd.Series, params: list[str]) -> tuple[str,
     return best[1] if best else None
 
 
-def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, params: list[str], fix_above: str, fix_below: str, everywhere: str) -> str:
+def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, params: list[str], everywhere: str) -> str:
+    """One line on the `bad` trials of a stage: the range that holds them, to be cut off, or, when
+    every trial shares the problem, `everywhere` (what to do with the learning rate)."""
     found = f"{what} in {int(bad.sum())} of {len(trials)} {stage} trials"
     if bad.all() and len(trials) > 1:
         return f"{what} in all {len(trials)} {stage} trials: {everywhere}."
@@ -142,8 +144,8 @@ def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, p
     field, side, threshold = culprit
     if side == "is":
         return f"{found}, all with {field} = {threshold}: drop that choice or search it separately."
-    symbol, fix = (">=", fix_above) if side == "above" else ("<=", fix_below)
-    return f"{found}, all with {field} {symbol} {threshold}: {fix.format(field=field)}."
+    symbol, fix = (">=", "lower the upper bound") if side == "above" else ("<=", "raise the lower bound")
+    return f"{found}, all with {field} {symbol} {threshold}: {fix} of {field}."
 
 
 def search_advice(trials: pd.DataFrame, edges: dict[str, str]) -> str:
@@ -172,12 +174,10 @@ def search_advice(trials: pd.DataFrame, edges: dict[str, str]) -> str:
         lines.append(f"{stage}: {len(group)} trials ({summary})" + (f"; best validation accuracy {best_acc:.1%}." if pd.notna(best_acc) else "."))
         exploded = (group_status == "diverged") | group_flags.map(lambda f: "diverged" in f)
         if exploded.any():
-            lines.append(_problem_line("loss exploded", stage, group, exploded, params, "lower the upper bound of {field}", "raise the lower bound of {field}",
-                                       everywhere="the learning-rate range is too high: lower it (both bounds, 10×)"))
+            lines.append(_problem_line("loss exploded", stage, group, exploded, params, everywhere="the learning-rate range is too high: lower it (both bounds, 10×)"))
         slow = group_flags.map(lambda f: "lr_too_low" in f)
         if slow.any():
-            lines.append(_problem_line("lr_too_low", stage, group, slow, params, "lower the upper bound of {field}", "raise the lower bound of {field}",
-                                       everywhere="the loss barely moved anywhere, so the learning-rate range is too low: raise it (10×)"))
+            lines.append(_problem_line("lr_too_low", stage, group, slow, params, everywhere="the loss barely moved anywhere, so the learning-rate range is too low: raise it (10×)"))
         if (failed := int((group_status == "failed").sum())):
             lines.append(f"{failed} {stage} trial(s) failed with an error: see the `babysit.failure` tag of their MLflow runs.")
         if (pruned := int((group_status == "pruned").sum())):
