@@ -121,25 +121,21 @@ def temporary_server_settings() -> Iterator[None]:
     in force when it starts). With a real server (deployments, `babysit server up`) nothing changes.
     - No flow heartbeats: nothing can read them after this process, yet every flow waits for its
       heartbeat thread at exit, up to a second.
-    - Task-run states are written in batches of 100 (Prefect's default is a batch of 1: one
-      database transaction per state change, ~70 ms of server CPU per search trial, which on 2
-      cores came out of the trials' time), and what is left when the server stops. A timed
-      flush runs every 60 s, not Prefect's 5 s: stopping the server cancels a timed flush in
-      flight, and Prefect then prints an error with a traceback (the batch is kept and written
-      by the final flush); at 5 s that hit about one command in fifteen here."""
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
-        PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE,
-        PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL,
-        temporary_settings,
-    )
+    - Task-run states and events are written in batches (Prefect's defaults are 1 and 20: one
+      database transaction per state change, ~70 ms of server CPU per search trial, and one per
+      20 events, ~7 ms more; on 2 cores that came out of the trials' time), and what is left
+      when the server stops. Timed flushes run every 60 s, not Prefect's 5 s: stopping the
+      server cancels a timed task-run flush in flight, and Prefect then prints an error with a
+      traceback (the batch is kept and written by the final flush); at 5 s that hit about one
+      command in fifteen here."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
         yield
         return
-    batches = {PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE: 100, PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL: 60}
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None, **batches}):
+    batched = {f"server.services.{service}.{setting}": value for service in ("task_run_recorder", "event_persister")
+               for setting, value in (("batch_size", 100), ("flush_interval", 60))}
+    with temporary_settings(updates={"flows.heartbeat_frequency": None, **batched}):
         yield
 
 

@@ -136,23 +136,17 @@ with temporary_server_settings():
 """
 
 
-def test_a_temporary_server_batches_task_run_states_and_writes_them_all_when_it_stops(prefect_harness, tmp_path):
+def test_a_temporary_server_batches_task_run_states_and_events_and_writes_them_all_when_it_stops(prefect_harness, tmp_path):
     import sqlite3
 
-    from prefect.settings import (
-        PREFECT_API_DATABASE_CONNECTION_URL,
-        PREFECT_API_URL,
-        PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE,
-        PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL,
-        temporary_settings,
-    )
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_API_URL, get_current_settings, temporary_settings
 
-    defaults = {PREFECT_API_URL, PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE, PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL}
-    with temporary_settings(restore_defaults=defaults), servers.temporary_server_settings():
-        assert PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE.value() == 100  # Prefect's default writes each state alone
-        assert PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_FLUSH_INTERVAL.value() == 60
-    # a fresh process whose temporary server stops with it, 18 states short of a batch; its database
-    # starts as a copy of the session's, which has Prefect's tables (creating them takes ~20 s here)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}), servers.temporary_server_settings():
+        services = get_current_settings().server.services
+        for batched in (services.task_run_recorder, services.event_persister):  # Prefect's defaults: batches of 1 and 20
+            assert (batched.batch_size, batched.flush_interval) == (100, 60)
+    # a fresh process whose temporary server stops with it, short of a batch of states and of events;
+    # its database starts as a copy of the session's, which has Prefect's tables (creating them takes ~20 s here)
     database = tmp_path / "prefect.db"
     with sqlite3.connect(PREFECT_API_DATABASE_CONNECTION_URL.value().split(":///", 1)[1]) as session_db, sqlite3.connect(database) as copy:
         session_db.backup(copy)
@@ -165,7 +159,10 @@ def test_a_temporary_server_batches_task_run_states_and_writes_them_all_when_it_
     flow_run_id = done.stdout.split()[-1]
     with sqlite3.connect(database) as db:
         states = db.execute("SELECT state_type FROM task_run WHERE flow_run_id = ?", (flow_run_id,)).fetchall()
+        events = dict(db.execute("SELECT event, COUNT(*) FROM events WHERE resource_id = ? OR related_resource_ids LIKE ? GROUP BY event",
+                                 (f"prefect.flow-run.{flow_run_id}", f'%"prefect.flow-run.{flow_run_id}"%')).fetchall())
     assert states == [("COMPLETED",)] * 6
+    assert events.get("prefect.task-run.Completed") == 6 and events.get("prefect.flow-run.Completed") == 1, events
 
 
 def test_an_existing_dask_cluster_needs_a_prefect_server():
