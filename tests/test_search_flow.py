@@ -283,3 +283,26 @@ def test_a_search_can_start_with_the_tiny_subset_sanity_check(prefect_harness, f
     assert tracking.get_run(fresh_uri, summary.parent_run_id).data.tags["babysit.sanity_check"].startswith("passed")
     with pytest.raises(BabysitError, match="cannot overfit a tiny subset"):  # lr 1e-7 cannot fit anything
         search_flow(config="conf/search_digits.yaml", overrides=[*small, "optim.lr=1e-7", "search.resume=false", "name=hopeless"])
+
+
+def test_the_search_figure_plots_each_field_by_stage_with_one_legend():
+    from matplotlib.colors import to_hex
+
+    from babysit import plots
+
+    trials = pd.DataFrame({"stage": ["coarse"] * 4 + ["fine"] * 2, "val_acc": [0.2, 0.5, 0.9, None, 0.95, 0.93],
+                           "param.optim.lr": [1e-4, 1e-3, 1e-2, 1e-1, 5e-3, 8e-3], "param.model.dropout": [0.1, 0.2, 0.3, 0.4, 0.25, 0.3],
+                           "param.model.batchnorm": [True, False, True, False, True, True]})
+    figure = plots.search_overview(trials, ["optim.lr", "model.dropout", "model.batchnorm"])
+    try:
+        lr, dropout, batchnorm, progress = figure.axes[:4]
+        assert (lr.get_xscale(), dropout.get_xscale()) == ("log", "linear")  # a log axis only for a range over more than 20x
+        assert [axis.get_legend() is not None for axis in (lr, dropout, batchnorm, progress)] == [True, False, False, False]
+        assert [text.get_text() for text in lr.get_legend().get_texts()] == ["coarse", "fine"]
+        colours = [[to_hex(points.get_facecolor()[0]) for points in axis.collections] for axis in (lr, dropout, batchnorm)]
+        assert colours[0] == colours[1] == colours[2] and colours[0][0] != colours[0][1]  # the one legend holds for every panel
+        figure.canvas.draw()
+        assert "1e" in " ".join(label.get_text() for label in lr.get_xticklabels())  # plain text, not mathtext
+        assert list(progress.get_lines()[0].get_ydata()) == [0.2, 0.5, 0.9, 0.9, 0.95, 0.95]  # best so far; a failed trial counts as 0
+    finally:
+        plots.close(figure)
