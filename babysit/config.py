@@ -242,10 +242,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise BabysitError(f"{path}: not valid YAML ({' '.join(str(err).split())}).") from None
+        raise BabysitError(f"{path}: not valid YAML ({' '.join(str(err).split())}).{_flow_hint(err)}") from None
     if not isinstance(tree, dict):
         raise BabysitError(f"{path}: expected a mapping of sections (data, model, optim, ...) at the top, got {type(tree).__name__}.")
     return tree
+
+
+def _flow_hint(err: yaml.YAMLError) -> str:
+    # inside {..} or [..] a comma ends the value: loguniform(1e-4, 1e-1) splits in two
+    if "flow" in str(err):
+        return " Inside {...} or [...] quote a distribution, e.g. {optim.lr: 'loguniform(1e-4, 1e-1)'}."
+    return ""
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
@@ -259,7 +266,10 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str], source: str = "-
         node = tree
         for part in parents:
             node = _child(node, part, item, source)
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise BabysitError(f"{source} '{item}': the value is not valid YAML ({' '.join(str(err).split())}).{_flow_hint(err)}") from None
         if isinstance(node, list):
             node[_index(node, leaf, item, source)] = value
         else:
@@ -293,7 +303,9 @@ def validate(model: type[BaseModel], tree: dict[str, Any], source: str) -> Any:
 
 
 def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
-    field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if not error["loc"]:  # a check across sections, e.g. the search space: its message names the fields
+        return error["msg"].removeprefix("Value error, ")
+    field = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         known = _known_fields(model, error["loc"][:-1])
         return f"unknown field `{field}` (expected one of: {', '.join(known)})"
@@ -406,10 +418,24 @@ def with_values(tree: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
+# A search loads and preprocesses the data once, from the base config, and sets each stage's
+# epochs and each trial's threads and device itself; these would be logged as searched and change nothing.
+SET_ONCE_PER_SEARCH = {
+    "data": "a search loads the data once, from the base config",
+    "preprocess": "a search preprocesses the data once, from the base config: compare preprocessing with one search per method (`--set preprocess.method=pca`)",
+    "flags": "flag thresholds judge trials; they do not train them",
+    "tracking": "every trial of a search is tracked under its parent run",
+    "train.epochs": "each stage sets its trials' epochs (search.stages[].epochs)",
+    "train.threads": "the search sets each trial's threads from search.workers",
+    "train.device": "the search places its trials (set train.device in the base config)",
+}
+
+
 def field_problem(base: dict[str, Any], field: str, value: Any) -> str | None:
     """Why `field = value` is not a legal training config, or None if it is."""
-    if field.split(".")[0] not in Config.model_fields or field in ("name", "seed"):
-        return f"unknown or unsearchable field `{field}` (expected a dotted field such as optim.lr or model.dropout)"
+    problem = _unsearchable(field)
+    if problem:
+        return problem
     try:
         Config.model_validate(with_values(base, {field: value}))
     except (ValidationError, AttributeError, TypeError) as err:
@@ -417,3 +443,21 @@ def field_problem(base: dict[str, Any], field: str, value: Any) -> str | None:
         where = ".".join(map(str, detail["loc"])) or field
         return f"`{field}` cannot take {value!r} (`{where}`: {detail['msg']})"
     return None
+
+
+def _unsearchable(field: str) -> str | None:
+    parts = field.split(".")
+    if parts[0] not in Config.model_fields or field in ("name", "seed"):
+        return f"unknown or unsearchable field `{field}` (expected a dotted field such as optim.lr or model.dropout)"
+    section: type[BaseModel] | None = Config
+    for depth, part in enumerate(parts):
+        if section is None:
+            return f"unknown field `{field}` (`{'.'.join(parts[:depth])}` is a value, not a section)"
+        if part not in section.model_fields:
+            return f"unknown field `{field}` (expected one of {'.'.join(parts[:depth])}'s fields: {', '.join(section.model_fields)})"
+        annotation = section.model_fields[part].annotation
+        section = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    if section is not None:
+        return f"`{field}` is a section, not a field: search one of its fields ({', '.join(section.model_fields)})"
+    fixed = next((why for prefix, why in SET_ONCE_PER_SEARCH.items() if field == prefix or field.startswith(prefix + ".")), None)
+    return f"`{field}` cannot be searched: {fixed}" if fixed else None

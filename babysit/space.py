@@ -66,7 +66,10 @@ def parse_dist(field: str, spec: Any) -> Dist:
     """Parse 'loguniform(1e-5, 1e-1)' & co. Raises ValueError with what was expected."""
     match = _SPEC.match(spec) if isinstance(spec, str) else None
     if not match:
-        raise ValueError(f"`{field}`: expected loguniform(low, high), uniform(low, high), int(low, high) or choice([a, b, ...]), got {spec!r}")
+        # YAML split an unquoted distribution at its comma inside {...}: the value ends mid-call
+        split = isinstance(spec, str) and spec.count("(") > spec.count(")")
+        hint = "; inside {...} or [...] quote a distribution, e.g. {optim.lr: 'loguniform(1e-4, 1e-1)'}" if split else ""
+        raise ValueError(f"`{field}`: expected loguniform(low, high), uniform(low, high), int(low, high) or choice([a, b, ...]), got {spec!r}{hint}")
     kind, raw_args = match.groups()
     try:
         args = yaml.safe_load(f"[{raw_args}]")

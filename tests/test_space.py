@@ -49,13 +49,30 @@ def write_search(tmp_path, space: str):
         ("    model.init: uniform(0, 1)", "model.init"),
         ("    model.dropout: uniform(0.1, 1.5)", "model.dropout"),
         ("    optim.lr: loguniform(-1, 1)", "optim.lr"),
+        ("    optim.lrr: loguniform(1e-4, 1e-1)", "expected one of optim's fields: name, lr,"),
+        ("    model: choice([a, b])", "`model` is a section"),
+        ("    model.hidden.0: int(8, 64)", "`model.hidden` is a value"),
+        # set once for the whole search: searched, they would be logged per trial and change nothing
+        ("    preprocess.method: choice([standardize, pca])", "`preprocess.method` cannot be searched: a search preprocesses the data once"),
+        ("    data.val_fraction: uniform(0.1, 0.3)", "`data.val_fraction` cannot be searched"),
+        ("    train.epochs: int(2, 8)", "each stage sets its trials' epochs"),
+        ("    tracking.experiment: choice([a, b])", "`tracking.experiment` cannot be searched"),
+        ("    flags.overfit_gap: uniform(0.05, 0.2)", "`flags.overfit_gap` cannot be searched"),
     ],
 )
 def test_invalid_search_files_fail_at_load_naming_the_field(tmp_path, space, named):
     path = write_search(tmp_path, space)
     with pytest.raises(BabysitError) as err:
         load_config(path, model=SearchExperiment)
-    assert str(path) in str(err.value) and named in str(err.value)
+    assert str(path) in str(err.value) and named in str(err.value) and "(top level)" not in str(err.value)
+
+
+@pytest.mark.parametrize("item", ["search.space={optim.lr: choice([1e-3, 1e-2])}", "search.space={optim.lr: loguniform(1e-4, 1e-1)}"])
+def test_an_unquoted_distribution_in_a_flow_mapping_says_to_quote_it(item):
+    # YAML cuts a flow mapping at commas: one fails to parse, the other parses into 'loguniform(1e-4' and '1e-1)'
+    with pytest.raises(BabysitError, match=r"quote a distribution, e.g. \{optim.lr: 'loguniform\(1e-4, 1e-1\)'\}"):
+        load_config("conf/search_digits.yaml", [item], model=SearchExperiment)
+    assert load_config("conf/search_digits.yaml", ["search.space={optim.lr: 'loguniform(1e-4, 1e-1)'}"], model=SearchExperiment).search.space
 
 
 def test_shipped_search_config_loads():
