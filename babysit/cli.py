@@ -24,17 +24,25 @@ console = Console()
 
 
 class HideUserErrorTracebacks(logging.Filter):
-    """Bad input is not a bug: log BabysitError's paragraph, not a traceback of our internals."""
+    """Bad input is not a bug: log BabysitError's paragraph, not a traceback of our internals.
+    On the terminal, drop Prefect's "failed with exception" records of it altogether: the command
+    ends by printing the paragraph once (the API, and so the Prefect UI, still gets them)."""
+
+    def __init__(self, terminal: bool) -> None:
+        super().__init__()
+        self.terminal = terminal
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], BabysitError):
+            if self.terminal:
+                return False
             record.exc_info, record.exc_text = None, None
         return True
 
 
 def quiet_user_errors() -> None:
     for handler in logging.getLogger("prefect").handlers + logging.getLogger().handlers:
-        handler.addFilter(HideUserErrorTracebacks())
+        handler.addFilter(HideUserErrorTracebacks(terminal=isinstance(handler, logging.StreamHandler)))
 
 
 def train(args: argparse.Namespace) -> int:

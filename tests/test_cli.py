@@ -104,6 +104,7 @@ def test_bad_data_file_exits_2_without_traceback(prefect_harness, tracking_uri, 
     assert code == 2
     assert str(missing) in " ".join(out.split())
     assert "Traceback" not in out + err
+    assert "failed with exception" not in out + err and "Encountered exception" not in out + err  # said once, at the end
     assert store_is_empty(tracking_uri)
 
 
