@@ -14,6 +14,7 @@ import sys
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from babysit import servers
@@ -81,8 +82,10 @@ def search(args: argparse.Namespace) -> int:
     for stage, space in summary.ranges.items():
         table.add_row(f"stage {stage}", "\n".join(f"{field} ~ {dist}" for field, dist in space.items()))
     table.add_row("best trial", f"val acc {summary.best_val_acc:.4f}: " + ", ".join(f"{k}={v}" for k, v in summary.best_params.items()))
-    if summary.test_acc is not None:
+    if summary.final_val_acc is not None:
         table.add_row("final retrain", f"val acc {summary.final_val_acc:.4f}, test acc {summary.test_acc:.4f}")
+    elif summary.test_acc is not None:  # it ran, and diverged or failed: no accuracy to show
+        table.add_row("final retrain", "[yellow]diverged or failed[/]: see the final run's flags in MLflow")
     table.add_row("edges", "\n".join(summary.edges) or "none: every best value sat inside its range")
     table.add_row("trials", f"{summary.trials_run} run, {summary.trials_reused} reused from an earlier run of this search")
     if summary.changes:
@@ -96,7 +99,6 @@ def search(args: argparse.Namespace) -> int:
 def check(args: argparse.Namespace) -> int:
     """Pre-flight checks on plain functions (no Prefect server, no MLflow run): exit 0 if all pass, 1 if not."""
     import torch
-    from rich.markup import escape
 
     from tasks.check import preflight
     from tasks.data import load_dataset, split_dataset
@@ -319,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except BabysitError as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)  # a user's choice([a, b]) is not markup
         return 2
 
 

@@ -332,12 +332,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 class StageConfig(Section):
-    name: str = Field(min_length=1)
+    name: str
     trials: int = Field(ge=1)
     epochs: int = Field(ge=1)
     prune: Literal["none", "median", "asha"] = "none"  # stop poor trials on their val accuracy
     prune_warmup_epochs: int = Field(1, ge=1)  # median: no trial is stopped before this epoch
     asha_eta: int = Field(3, ge=2)  # asha: keep the top 1/eta at each rung (epochs 1, eta, eta², ...)
+
+    @field_validator("name")
+    @classmethod
+    def _a_name_for_runs_tags_and_artifacts(cls, name: str) -> str:  # coarse-003, range.coarse.optim.lr
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise ValueError(f"a stage name names its runs, tags and Prefect artifacts: use letters, digits, - and _ (got {name!r})")
+        return name
 
 
 class FinalStageConfig(Section):
@@ -376,6 +383,14 @@ class SearchConfig(Section):
             raise ValueError(f"expected a count of trials (an integer ≥ 1) or a share of them (a number between 0 and 1), got {value}")
         return value
 
+    @field_validator("stages")
+    @classmethod
+    def _distinct_stage_names(cls, stages: list[StageConfig]) -> list[StageConfig]:
+        names = [stage.name for stage in stages]
+        if "final" in names or len(set(names)) < len(names):
+            raise ValueError(f"stage names must differ from each other and from 'final' (the retrain's), got {names}")
+        return stages
+
     @model_validator(mode="after")
     def _dask_address_needs_dask(self) -> SearchConfig:
         if self.dask_address and self.runner != "dask":
@@ -396,10 +411,13 @@ class SearchExperiment(Config):
         for field, spec in self.search.space.items():
             dist = parse_dist(field, spec)
             values = dist.options if not dist.numeric else (dist.low, dist.high)
+            if dist.kind in ("uniform", "loguniform"):  # they sample fractions: an integer field needs int(low, high)
+                values = (*values, dist.low + (dist.high - dist.low) / 3)
             for value in values:
                 problem = field_problem(base, field, value)
                 if problem:
-                    raise ValueError(f"search.space: {problem}")
+                    hint = f"; {field} takes whole numbers: use int({dist.low:g}, {dist.high:g})" if "integer" in problem else ""
+                    raise ValueError(f"search.space: {problem}{hint}")
         return self
 
     def base_config(self) -> Config:

@@ -83,6 +83,8 @@ def parse_dist(field: str, spec: Any) -> Dist:
     if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in _floats(args)):
         raise ValueError(f"`{field}`: {kind} needs two numbers (low, high), got {spec!r}; use choice([...]) for categories")
     low, high = _floats(args)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"`{field}`: bounds must be finite numbers, got {spec!r}")
     if low >= high:
         raise ValueError(f"`{field}`: low must be below high in {spec!r}")
     if kind == "loguniform" and low <= 0:

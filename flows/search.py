@@ -197,8 +197,11 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
                     logger.warning("stage %s: %s at the %s edge of its range; the next stage's range moves past it", stage.name, field, side)
 
         scored = [r for r in results if r.val_acc is not None]
-        if not scored:
-            raise RuntimeError("every trial failed or diverged; see the trials' failure tags in MLflow")
+        if not scored:  # the ranges are wrong, not the code: the trials and the advice still go to MLflow
+            searched = trials_frame(results)
+            tracking.log_csv(parent, searched, "trials.csv")
+            tracking.log_text(parent, search_advice(searched, {}), "report.md")
+            raise BabysitError(nothing_scored(exp.name, searched, parent.run_id))
         best = max(scored, key=lambda r: r.val_acc)
         final, retraining = None, None
         if exp.search.final is not None:
@@ -244,6 +247,18 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         final.val_acc if final else None, final.test_acc if final else None, edges, ranges,
         int((~frame["reused"]).sum()), int(frame["reused"].sum()), url, tuple(changes),
     )
+
+
+def nothing_scored(name: str, trials: pd.DataFrame, run_id: str) -> str:
+    """Why a search has no best trial, and what to change: one paragraph."""
+    counts = trials["status"].value_counts()
+    failed = trials.loc[trials["status"] == "failed", "reason"].dropna()
+    said = f"search {name}: none of its {len(trials)} trials finished with a score ({counts.get('diverged', 0)} diverged, {counts.get('failed', 0)} failed)"
+    if not failed.empty:
+        said += f"; the first failure: {failed.iloc[0]}"
+    if "param.optim.lr" in trials and counts.get("diverged", 0):
+        said += f"; lower optim.lr's range below {trials['param.optim.lr'].min():.3g}, the lowest that diverged"
+    return said + f". The trials and report.md are in MLflow run {run_id}."
 
 
 def prefect_api_for_dask(exp: SearchExperiment) -> str | None:

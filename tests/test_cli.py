@@ -131,3 +131,25 @@ def test_ui_arguments():
     with pytest.raises(SystemExit) as exit_:
         parser().parse_args(["train"])  # the config file is required
     assert exit_.value.code == 2
+
+
+def test_search_prints_a_final_retrain_that_diverged(prefect_harness, tracking_uri, tmp_path, capsys, monkeypatch):
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.chdir(tmp_path)
+    # SGD with momentum at lr 6 on spirals: the one trial scores chance before it blows up, the retrain diverges
+    code = main(["search", str(ROOT / "conf" / "search_digits.yaml"), "--set", "data={source: spiral, n_samples: 300}", "--set", "preprocess.method=none",
+                 "--set", "model.hidden=[16]", "--set", "model.head_init_scale=1.0", "--set", "optim={name: momentum, lr: 1.0, momentum: 0.9}",
+                 "--set", "train.diagnostics=false", "--set", "search.workers=1", "--set", "search.space={optim.lr: 'choice([6.0])'}",
+                 "--set", "search.stages=[{name: a, trials: 1, epochs: 1}]", "--set", "search.final.epochs=5"])
+    torch.set_num_threads(threads)
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0, out
+    assert "final retrain │ diverged or failed" in out
+
+
+def test_errors_print_brackets_as_written(tmp_path, capsys):
+    path = bad_yaml(tmp_path, {"search": {"space": {"optim.lr": "normal(0, 1)"}, "stages": [{"name": "a", "trials": 1, "epochs": 1}]}})
+    assert main(["search", path]) == 2
+    assert "choice([a, b, ...])" in one_paragraph(capsys.readouterr().out)  # not eaten as console markup

@@ -226,6 +226,20 @@ def test_diverged_trials_are_flagged_and_end_early(prefect_harness, fresh_uri):
     assert "exploded" in advice and "optim.lr" in advice
 
 
+def test_a_search_where_every_trial_diverges_is_a_clear_error_with_its_trials_logged(prefect_harness, fresh_uri):
+    from babysit.errors import BabysitError
+
+    with pytest.raises(BabysitError, match=r"none of its 3 trials finished with a score \(3 diverged, 0 failed\); lower optim.lr's range below"):
+        small_search(fresh_uri, "optim.name=sgd", "search.space={optim.lr: 'loguniform(1e3, 1e4)'}",
+                     "search.stages=[{name: coarse, trials: 3, epochs: 2}]", "search.final=null")
+    client = tracking._client(fresh_uri)
+    (parent,) = [r for r in client.search_runs([e.experiment_id for e in client.search_experiments()]) if r.data.tags.get("babysit.kind") == "search"]
+    assert parent.info.status == "FAILED" and "none of its 3 trials" in parent.data.tags["babysit.failure"]
+    trials = pd.read_csv(client.download_artifacts(parent.info.run_id, "trials.csv"))
+    assert list(trials["status"]) == ["diverged"] * 3
+    assert "exploded" in tracking.read_text(fresh_uri, parent.info.run_id, "report.md")
+
+
 def test_a_learning_rate_range_too_low_to_learn_moves_up(prefect_harness, fresh_uri):
     summary, kids = small_search(
         fresh_uri,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import numpy as np
@@ -58,6 +59,9 @@ def write_search(tmp_path, space: str):
         ("    train.epochs: int(2, 8)", "each stage sets its trials' epochs"),
         ("    tracking.experiment: choice([a, b])", "`tracking.experiment` cannot be searched"),
         ("    flags.overfit_gap: uniform(0.05, 0.2)", "`flags.overfit_gap` cannot be searched"),
+        ("    train.batch_size: uniform(8, 64)", "train.batch_size takes whole numbers: use int(8, 64)"),
+        ("    train.batch_size: loguniform(8, 256)", "use int(8, 256)"),
+        ("    optim.lr: loguniform(1e-4, .inf)", "bounds must be finite"),
     ],
 )
 def test_invalid_search_files_fail_at_load_naming_the_field(tmp_path, space, named):
@@ -73,6 +77,16 @@ def test_an_unquoted_distribution_in_a_flow_mapping_says_to_quote_it(item):
     with pytest.raises(BabysitError, match=r"quote a distribution, e.g. \{optim.lr: 'loguniform\(1e-4, 1e-1\)'\}"):
         load_config("conf/search_digits.yaml", [item], model=SearchExperiment)
     assert load_config("conf/search_digits.yaml", ["search.space={optim.lr: 'loguniform(1e-4, 1e-1)'}"], model=SearchExperiment).search.space
+
+
+@pytest.mark.parametrize("stages, problem", [
+    ("[{name: coarse 1, trials: 2, epochs: 1}]", "use letters, digits, - and _ (got 'coarse 1')"),
+    ("[{name: a, trials: 2, epochs: 1}, {name: a, trials: 2, epochs: 2}]", "stage names must differ"),
+    ("[{name: final, trials: 2, epochs: 1}]", "from 'final'"),
+])
+def test_stage_names_are_distinct_and_fit_run_names_tags_and_artifact_keys(stages, problem):
+    with pytest.raises(BabysitError, match=re.escape(problem)):
+        load_config("conf/search_digits.yaml", [f"search.stages={stages}"], model=SearchExperiment)
 
 
 def test_shipped_search_config_loads():
