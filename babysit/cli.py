@@ -323,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     except BabysitError as err:
         console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)  # a user's choice([a, b]) is not markup
         return 2
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted:[/] runs in progress are marked FAILED in MLflow; finished trials are kept, "
+                      "and running the same command again resumes a search.", highlight=False)
+        return 130
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ PREFECT_API_URL and MLFLOW_TRACKING_URI are exported (`babysit server env` print
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -136,7 +137,26 @@ def temporary_server_settings() -> Iterator[None]:
     batched = {f"server.services.{service}.{setting}": value for service in ("task_run_recorder", "event_persister")
                for setting, value in (("batch_size", 100), ("flush_interval", 60))}
     with temporary_settings(updates={"flows.heartbeat_frequency": None, **batched}):
+        start_temporary_server_apart()
         yield
+
+
+def start_temporary_server_apart() -> None:
+    """Start Prefect's temporary server in a session of its own. Ctrl-C signals every process in
+    the terminal's foreground group: the server died with it, and the interrupted flow, unable to
+    record its crash, retried it for minutes before exiting with a traceback. Apart, the server
+    lives until this process exits, when Prefect stops it as before."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    if server.running:
+        return
+    popen = subprocess.Popen
+    subprocess.Popen = functools.partial(popen, start_new_session=True)  # Prefect's start() takes no Popen options
+    try:
+        server.start()
+    finally:
+        subprocess.Popen = popen
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:

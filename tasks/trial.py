@@ -13,8 +13,8 @@ import math
 import multiprocessing
 import sys
 import time
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -75,8 +75,10 @@ def make_spec(base: dict[str, Any], stage: str, index: int, params: dict[str, An
     return TrialSpec(stage, index, {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}, config, digest)
 
 
-def run_trial(spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner | None = None, final: bool = False, raw_example: Any = None) -> TrialResult:
-    """Train one trial under a nested MLflow run. Only the final stage reads the test split."""
+def run_trial(spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner | None = None, final: bool = False, raw_example: Any = None,
+              stopped: Callable[[], bool] | None = None) -> TrialResult:
+    """Train one trial under a nested MLflow run. Only the final stage reads the test split.
+    `stopped` (worker processes) is asked after each epoch whether the search was interrupted."""
     started = time.perf_counter()
     cfg = Config.model_validate(spec.config)
     tags = {"babysit.stage": spec.stage, "babysit.trial_key": spec.key, "babysit.trial_index": str(spec.index)}
@@ -86,6 +88,8 @@ def run_trial(spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, prun
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> str | None:
         metrics_out.log(metrics, step=epoch)
+        if stopped is not None and stopped():
+            raise KeyboardInterrupt("the search was interrupted")
         return pruner.report(epoch, metrics["val_acc"]) if pruner is not None else None
 
     try:
@@ -130,10 +134,10 @@ def result_from_run(run: Any, spec: TrialSpec) -> TrialResult:
     )
 
 
-_WORKER: dict[str, Any] = {}  # in a worker process: the search's data and pruning reports, set once by _start_worker
+_WORKER: dict[str, Any] = {}  # in a worker process: the search's data, pruning reports and stop flag, set once by _start_worker
 
 
-def _start_worker(prepared: Prepared, reports: SharedReports) -> None:
+def _start_worker(prepared: Prepared, reports: SharedReports, stop: Any) -> None:
     if sys.platform == "linux":
         # die with the flow's process, kill -9 included: an orphan that went on to finish its
         # trial would add a second finished run to a key the resumed search runs again
@@ -143,13 +147,15 @@ def _start_worker(prepared: Prepared, reports: SharedReports) -> None:
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     tracking.forget_connections_after_fork()
-    _WORKER.update(prepared=prepared, reports=reports)
+    _WORKER.update(prepared=prepared, reports=reports, stop=stop)
 
 
 def _trial_in_worker(spec: TrialSpec, parent: tracking.RunRef, pruner: Pruner | None, final: bool = False, raw_example: Any = None) -> TrialResult:
+    if _WORKER["stop"].is_set():  # queued before the search was interrupted
+        raise KeyboardInterrupt("the search was interrupted")
     if pruner is not None and pruner.detached:
         pruner.attached(_WORKER["reports"])
-    return run_trial(spec, _WORKER["prepared"], parent, pruner, final, raw_example)
+    return run_trial(spec, _WORKER["prepared"], parent, pruner, final, raw_example, stopped=_WORKER["stop"].is_set)
 
 
 @contextmanager
@@ -170,9 +176,15 @@ def worker_processes(workers: int, prepared: Prepared, start_method: str | None 
         importlib.import_module("torch._dynamo")
     context = multiprocessing.get_context(start_method or ("fork" if fork else "spawn"))
     reports = SharedReports(context, epochs, trials)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(prepared, reports)) as pool:
+    stop = context.Event()
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(prepared, reports, stop)) as pool:
         list(pool.map(abs, range(workers)))  # start every worker now
-        yield pool, reports
+        try:
+            yield pool, reports
+        except BaseException:  # Ctrl-C, or the flow failed: running trials end at their next epoch, queued ones never start
+            stop.set()
+            pool.shutdown(cancel_futures=True)
+            raise
 
 
 @task(name="trial", cache_policy=NO_CACHE)
@@ -190,4 +202,8 @@ def trial_task(
                 f"Trials that finished are kept in MLflow and reused when the search runs again; with less memory "
                 f"try search.workers=1, or search.runner=threads."
             ) from None
+        except (CancelledError, RuntimeError) as err:  # after BrokenProcessPool, a RuntimeError too
+            if isinstance(err, RuntimeError) and "shutdown" not in str(err):
+                raise
+            raise BabysitError(f"trial {spec.stage}-{spec.index:03d}: not run, the search was interrupted") from None
     return run_trial(spec, prepared, parent, pruner, final, raw_example)

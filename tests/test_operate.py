@@ -132,6 +132,9 @@ def fan_out(n: int) -> list[int]:
 
 with temporary_server_settings():
     state = fan_out(6, return_state=True)
+    from prefect.server.api.server import SubprocessASGIServer
+    import os
+    print("server in its own session:", os.getsid(SubprocessASGIServer().server_process.pid) != os.getsid(0))
     print(state.result(), state.state_details.flow_run_id)
 """
 
@@ -139,30 +142,69 @@ with temporary_server_settings():
 def test_a_temporary_server_batches_task_run_states_and_events_and_writes_them_all_when_it_stops(prefect_harness, tmp_path):
     import sqlite3
 
-    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_API_URL, get_current_settings, temporary_settings
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     with temporary_settings(restore_defaults={PREFECT_API_URL}), servers.temporary_server_settings():
         services = get_current_settings().server.services
         for batched in (services.task_run_recorder, services.event_persister):  # Prefect's defaults: batches of 1 and 20
             assert (batched.batch_size, batched.flush_interval) == (100, 60)
-    # a fresh process whose temporary server stops with it, short of a batch of states and of events;
-    # its database starts as a copy of the session's, which has Prefect's tables (creating them takes ~20 s here)
+    # a fresh process whose temporary server stops with it, short of a batch of states and of events
+    done = subprocess.run([sys.executable, "-c", FAN_OUT], cwd=ROOT, env=fresh_prefect_home(tmp_path), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "[0, 1, 4, 9, 16, 25]" in done.stdout, done.stderr[-2000:]
+    assert "Error flushing" not in done.stderr and "Traceback" not in done.stderr
+    assert "server in its own session: True" in done.stdout  # out of reach of the terminal's Ctrl-C
+    flow_run_id = done.stdout.split()[-1]
+    with sqlite3.connect(tmp_path / "prefect.db") as db:
+        states = db.execute("SELECT state_type FROM task_run WHERE flow_run_id = ?", (flow_run_id,)).fetchall()
+        events = dict(db.execute("SELECT event, COUNT(*) FROM events WHERE resource_id = ? OR related_resource_ids LIKE ? GROUP BY event",
+                                 (f"prefect.flow-run.{flow_run_id}", f'%"prefect.flow-run.{flow_run_id}"%')).fetchall())
+    assert states == [("COMPLETED",)] * 6
+    assert events.get("prefect.task-run.Completed") == 6 and events.get("prefect.flow-run.Completed") == 1, events
+
+
+def fresh_prefect_home(tmp_path) -> dict[str, str]:
+    """Environment for a babysit process with its own temporary Prefect server, whose database
+    starts as a copy of the session's (which has Prefect's tables: creating them takes ~20 s here)."""
+    import sqlite3
+
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL
+
     database = tmp_path / "prefect.db"
     with sqlite3.connect(PREFECT_API_DATABASE_CONNECTION_URL.value().split(":///", 1)[1]) as session_db, sqlite3.connect(database) as copy:
         session_db.backup(copy)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path), PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{database}",
                PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
-    done = subprocess.run([sys.executable, "-c", FAN_OUT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "[0, 1, 4, 9, 16, 25]" in done.stdout, done.stderr[-2000:]
-    assert "Error flushing" not in done.stderr and "Traceback" not in done.stderr
-    flow_run_id = done.stdout.split()[-1]
-    with sqlite3.connect(database) as db:
-        states = db.execute("SELECT state_type FROM task_run WHERE flow_run_id = ?", (flow_run_id,)).fetchall()
-        events = dict(db.execute("SELECT event, COUNT(*) FROM events WHERE resource_id = ? OR related_resource_ids LIKE ? GROUP BY event",
-                                 (f"prefect.flow-run.{flow_run_id}", f'%"prefect.flow-run.{flow_run_id}"%')).fetchall())
-    assert states == [("COMPLETED",)] * 6
-    assert events.get("prefect.task-run.Completed") == 6 and events.get("prefect.flow-run.Completed") == 1, events
+    return env
+
+
+def test_ctrl_c_stops_a_search_at_once_leaving_no_run_running(prefect_harness, tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**fresh_prefect_home(tmp_path), "MLFLOW_TRACKING_URI": uri}
+    command = [str(Path(sys.executable).parent / "babysit"), "search", str(ROOT / "conf/search_digits.yaml"), "--set", "search.final=null",
+               "--set", "search.stages=[{name: coarse, trials: 6, epochs: 3000}]"]
+    # a session of its own, whose process group stands for the terminal's: Ctrl-C signals all of it
+    search = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and search.poll() is None:
+            client = MlflowClient(uri) if (tmp_path / "mlflow.db").exists() else None
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()]) if client else []
+            if sum("mlflow.parentRunId" in r.data.tags for r in runs) >= 2:  # both workers are training
+                break
+            time.sleep(0.5)
+        os.killpg(search.pid, signal.SIGINT)
+        out, _ = search.communicate(timeout=60)  # before: minutes, retrying a server the signal had stopped
+    finally:
+        if search.poll() is None:
+            os.killpg(search.pid, signal.SIGKILL)
+    assert search.returncode == 130, out[-3000:]
+    assert "interrupted:" in out and "Traceback" not in out
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert "RUNNING" not in {r.info.status for r in runs}
+    assert {r.data.tags.get("babysit.failure") for r in runs if "mlflow.parentRunId" in r.data.tags} == {"interrupted"}
 
 
 def test_an_existing_dask_cluster_needs_a_prefect_server():

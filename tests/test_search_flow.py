@@ -180,6 +180,28 @@ def test_a_worker_process_trains_a_trial_into_the_parent_run(tmp_path, start_met
     assert tracking.metric_history(uri, result.run_id, "val_acc") == [pytest.approx(result.val_acc)]
 
 
+def test_leaving_the_worker_processes_early_ends_a_running_trial_as_failed_and_skips_queued_ones(tmp_path):
+    import dataclasses
+    import time
+
+    from tasks.trial import _trial_in_worker, worker_processes
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec, prepared, parent = one_trial(uri)
+    long = dataclasses.replace(spec, config={**spec.config, "train": {**spec.config["train"], "epochs": 2000}})
+    with pytest.raises(KeyboardInterrupt), worker_processes(1, prepared) as (pool, _):
+        running, queued = pool.submit(_trial_in_worker, long, parent, None), pool.submit(_trial_in_worker, spec, parent, None)
+        experiment = tracking.get_run(uri, parent.run_id).info.experiment_id
+        while not tracking.find_runs(uri, experiment, {"mlflow.parentRunId": parent.run_id}):
+            time.sleep(0.1)
+        raise KeyboardInterrupt  # Ctrl-C in the flow's process, as a signal to it alone
+    (child,) = tracking.find_runs(uri, experiment, {"mlflow.parentRunId": parent.run_id})
+    assert child.info.status == "FAILED" and child.data.tags["babysit.failure"] == "interrupted"
+    assert len(tracking.metric_history(uri, child.info.run_id, "val_acc")) < 2000  # it stopped at an epoch's end
+    assert queued.cancelled() or isinstance(queued.exception(), KeyboardInterrupt)  # never trained: no second run
+    assert isinstance(running.exception(), KeyboardInterrupt)
+
+
 def test_forked_worker_processes_start_with_what_the_first_optimizer_imports():
     # a fresh interpreter: this one may have imported torch._dynamo already
     code = (
