@@ -145,14 +145,21 @@ def start_temporary_server_apart() -> None:
     """Start Prefect's temporary server in a session of its own. Ctrl-C signals every process in
     the terminal's foreground group: the server died with it, and the interrupted flow, unable to
     record its crash, retried it for minutes before exiting with a traceback. Apart, the server
-    lives until this process exits, when Prefect stops it as before."""
+    lives until this process exits, when Prefect stops it as before; on Linux it is also told to
+    stop if this process dies without stopping it (kill -9, a closed terminal)."""
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
     if server.running:
         return
+    options: dict = {"start_new_session": True}
+    if sys.platform == "linux":
+        import ctypes
+
+        prctl, pr_set_pdeathsig = ctypes.CDLL(None, use_errno=True).prctl, 1  # looked up here: the forked child only calls it
+        options["preexec_fn"] = lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
     popen = subprocess.Popen
-    subprocess.Popen = functools.partial(popen, start_new_session=True)  # Prefect's start() takes no Popen options
+    subprocess.Popen = functools.partial(popen, **options)  # Prefect's start() takes no Popen options
     try:
         server.start()
     finally:
