@@ -96,8 +96,11 @@ def fit(
     optimizer = make_optimizer(model.parameters(), optim_cfg)
     generator = torch.Generator(device=device).manual_seed(seed)
     n, batch, epochs = len(y_train), train_cfg.batch_size, train_cfg.epochs
-    steps_per_epoch = math.ceil(n / batch)
-    batch_sizes = torch.tensor([min(batch, n - start) for start in range(0, n, batch)], dtype=torch.float32, device=device)
+    bounds = [(start, min(start + batch, n)) for start in range(0, n, batch)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:  # BatchNorm cannot normalise a batch of one row: it joins the one before
+        bounds[-2:] = [(bounds[-2][0], n)]
+    steps_per_epoch = len(bounds)
+    batch_sizes = torch.tensor([end - start for start, end in bounds], dtype=torch.float32, device=device)
     initial_loss, _ = evaluate(model, X_train, y_train)
     history, diagnostics = {key: [] for key in HISTORY_KEYS}, {}
     best_acc, best_epoch, best_state, stop_reason = -1.0, 0, None, None
@@ -106,17 +109,17 @@ def fit(
         model.train()
         order = torch.randperm(n, device=device, generator=generator)
         losses, predictions = [], []  # reduced once per epoch: a few kernels fewer per step
-        for step, start in enumerate(range(0, n, batch)):
+        for step, (start, end) in enumerate(bounds):
             lr = lr_at(epoch - 1 + step / steps_per_epoch, optim_cfg, epochs)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            idx = order[start : start + batch]
+            idx = order[start:end]
             with mixed_precision(device):
                 logits = model(augment(X_train[idx]) if augment else X_train[idx]).float()
             loss = F.cross_entropy(logits, y_train[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            before = snapshot(model) if diagnose and start + batch >= n else None  # the epoch's last step
+            before = snapshot(model) if diagnose and end == n else None  # the epoch's last step
             optimizer.step()
             losses.append(loss.detach())
             predictions.append(logits.detach().argmax(1))

@@ -169,3 +169,10 @@ def test_deployable_model_takes_raw_inputs(default_run, digits):
     with torch.no_grad():
         logits = deployable(model, digits)(torch.as_tensor(raw.X_test))
     assert accuracy_score(raw.y_test, logits.argmax(1).numpy()) == pytest.approx(result.test_acc, abs=1e-9)
+
+
+def test_batchnorm_trains_when_the_last_batch_would_hold_one_row(digits):
+    n = len(digits.splits.y_train)
+    batch = next(b for b in range(8, n) if n % b == 1)  # the training rows leave one over
+    result, _ = train_and_test(config("model.hidden=[32]", "model.batchnorm=true", f"train.batch_size={batch}", "train.epochs=2"), digits)
+    assert result.epochs_run == 2 and result.best_val_acc > 0.5  # BatchNorm cannot normalise one row: it joined the batch before
