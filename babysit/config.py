@@ -263,6 +263,8 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str], source: str = "-
         if not sep or not key.strip():
             raise BabysitError(f"{source} '{item}': expected FIELD=VALUE, e.g. optim.lr=3e-3.")
         *parents, leaf = key.strip().split(".")
+        if parents[:2] == ["search", "space"] and len(parents) > 2:  # the space's keys are dotted fields: search.space.optim.lr
+            parents, leaf = parents[:2], ".".join([*parents[2:], leaf])
         node = tree
         for part in parents:
             node = _child(node, part, item, source)

@@ -89,6 +89,12 @@ def test_stage_names_are_distinct_and_fit_run_names_tags_and_artifact_keys(stage
         load_config("conf/search_digits.yaml", [f"search.stages={stages}"], model=SearchExperiment)
 
 
+def test_set_reaches_one_field_of_the_search_space():
+    exp = load_config("conf/search_digits.yaml", ["search.space.optim.lr=loguniform(1e-3, 1e-1)"], model=SearchExperiment)
+    assert exp.search.space["optim.lr"] == "loguniform(1e-3, 1e-1)"
+    assert exp.search.space.keys() == load_config("conf/search_digits.yaml", model=SearchExperiment).search.space.keys()
+
+
 def test_shipped_search_config_loads():
     exp = load_config("conf/search_digits.yaml", model=SearchExperiment)
     assert exp.search.stages[0].name == "coarse" and exp.base_config().data.source == "digits"
