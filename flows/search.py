@@ -179,7 +179,13 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         for number, stage in enumerate(stages):
             ranges[stage.name] = describe(space)
             points = sample(space, stage.trials, exp.search.sampler, seed=exp.seed * 1000 + number)
-            specs = [make_spec(base_tree, stage.name, i, p, stage.epochs, threads, trial_device(base.train.device, i)) for i, p in enumerate(points)]
+            sampled = [make_spec(base_tree, stage.name, i, p, stage.epochs, threads, trial_device(base.train.device, i)) for i, p in enumerate(points)]
+            first_of_each: dict[str, TrialSpec] = {}  # same config, same seed, same result: train it once
+            for spec in sampled:
+                first_of_each.setdefault(spec.key, spec)
+            specs = list(first_of_each.values())
+            if len(specs) < len(sampled):
+                logger.info("stage %s: %d of %d sampled configs repeat another (a small discrete space); each config runs once", stage.name, len(sampled) - len(specs), len(sampled))
             pruner = Pruner(stage.prune, stage.prune_warmup_epochs, stage.asha_eta)
             if reports is not None and pruner.rule != "none":  # worker processes see each other's epochs in shared memory
                 pruner = pruner.shared(reports)

@@ -262,6 +262,13 @@ def test_a_search_where_every_trial_diverges_is_a_clear_error_with_its_trials_lo
     assert "exploded" in tracking.read_text(fresh_uri, parent.info.run_id, "report.md")
 
 
+def test_a_config_sampled_twice_in_a_stage_trains_once(prefect_harness, fresh_uri):
+    summary, kids = small_search(fresh_uri, "search.space={model.activation: 'choice([relu, tanh])'}", "search.sampler=random",
+                                 "search.stages=[{name: coarse, trials: 6, epochs: 1}]", "search.final=null")
+    keys = [k.data.tags["babysit.trial_key"] for k in kids]
+    assert len(keys) == len(set(keys)) == 2 and summary.trials_run == 2
+
+
 def test_a_learning_rate_range_too_low_to_learn_moves_up(prefect_harness, fresh_uri):
     summary, kids = small_search(
         fresh_uri,
