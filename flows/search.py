@@ -33,7 +33,7 @@ from flows.train import provenance_tags
 from tasks.check import overfit_tiny_subset
 from tasks.data import load_data_task
 from tasks.preprocess import Prepared, preprocess_task
-from tasks.trial import TrialResult, TrialSpec, make_spec, result_from_run, trial_task, worker_processes
+from tasks.trial import TrialResult, TrialSpec, forks_workers, make_spec, result_from_run, trial_task, worker_processes
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,9 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     # processes too: each worker process sets its trial's train.threads (torch's default is all cores)
     on_this_machine = exp.search.runner in ("threads", "processes") or dask and not exp.search.dask_address
     threads = threads_per_trial(exp.search.workers) if on_this_machine else None
+    if threads and exp.search.runner == "processes" and forks_workers():
+        # as in DataLoader's workers: a forked child that runs OpenMP threads after its parent did hangs
+        threads = 1
     if threads and exp.search.runner == "threads":
         torch.set_num_threads(threads)
     narrowing = Narrowing(exp.search.top_k, exp.search.pad, exp.search.edge, exp.search.widen)

@@ -158,6 +158,11 @@ def _trial_in_worker(spec: TrialSpec, parent: tracking.RunRef, pruner: Pruner | 
     return run_trial(spec, _WORKER["prepared"], parent, pruner, final, raw_example, stopped=_WORKER["stop"].is_set)
 
 
+def forks_workers() -> bool:
+    """Whether worker_processes forks (Linux, before this process has initialized CUDA)."""
+    return sys.platform == "linux" and not torch.cuda.is_initialized()
+
+
 @contextmanager
 def worker_processes(workers: int, prepared: Prepared, start_method: str | None = None, epochs: int = 0, trials: int = 0) -> Iterator[tuple[ProcessPoolExecutor, SharedReports]]:
     """`workers` trial processes for a whole search, and the shared memory through which their
@@ -171,7 +176,7 @@ def worker_processes(workers: int, prepared: Prepared, start_method: str | None 
     (macOS, Windows), or once this process has initialized CUDA (which a forked child cannot use),
     they are spawned and get the data once each.
     """
-    fork = sys.platform == "linux" and not torch.cuda.is_initialized()
+    fork = forks_workers()
     if fork:  # a process's first optimizer imports torch._dynamo (~2 s); import it once here, not once per worker
         importlib.import_module("torch._dynamo")
     context = multiprocessing.get_context(start_method or ("fork" if fork else "spawn"))
