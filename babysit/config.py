@@ -439,7 +439,7 @@ def with_values(tree: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
 
 
 # A search loads and preprocesses the data once, from the base config, and sets each stage's
-# epochs and each trial's threads and device itself; these would be logged as searched and change nothing.
+# epochs and each trial's threads itself; these would be logged as searched and change nothing.
 SET_ONCE_PER_SEARCH = {
     "data": "a search loads the data once, from the base config",
     "preprocess": "a search preprocesses the data once, from the base config: compare preprocessing with one search per method (`--set preprocess.method=pca`)",
@@ -447,7 +447,6 @@ SET_ONCE_PER_SEARCH = {
     "tracking": "every trial of a search is tracked under its parent run",
     "train.epochs": "each stage sets its trials' epochs (search.stages[].epochs)",
     "train.threads": "the search sets each trial's threads from search.workers",
-    "train.device": "the search places its trials (set train.device in the base config)",
 }
 
 
