@@ -66,7 +66,7 @@ def search_overview(trials, fields: list[str]) -> Figure:
     """One panel per searched field (validation accuracy against the field's value, coloured by
     stage, log x-axis for ranges over more than 20×: the lecture's coarse/fine scatter), and a last
     panel with the best validation accuracy found after each trial. One figure, saved once: drawing
-    one costs ~0.5 s here, paid by every search. `trials` has columns stage, val_acc and
+    one costs ~0.3-0.4 s here, paid by every search. `trials` has columns stage, val_acc and
     param.<field>, rows in the order the trials ran."""
     n = len(fields) + 1
     cols = min(n, 3)

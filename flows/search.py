@@ -222,7 +222,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         if retraining is not None and exp.search.runner == "threads":  # it trains in a thread here: matplotlib is not thread-safe
             final, retraining = retraining.result(), None
         searched = trials_frame(results)  # search.png shows the searched stages only
-        # drawing it (~0.5 s) is the longest step left: a worker process with nothing to train
+        # drawing and saving it (~0.3-0.5 s) is the longest step left: a worker process with nothing to train
         # draws it while this process writes the rest; the only worker, retraining, does not
         figure = (parent, searched, list(exp.search.space))
         drawing = pool.submit(log_search_figure, *figure) if pool is not None and (retraining is None or exp.search.workers > 1) else None
