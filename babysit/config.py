@@ -242,17 +242,18 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise BabysitError(f"{path}: not valid YAML ({' '.join(str(err).split())}).{_flow_hint(err)}") from None
+        raise BabysitError(f"{path}: not valid YAML ({' '.join(str(err).split())}){_flow_hint(err)}.") from None
     if not isinstance(tree, dict):
         raise BabysitError(f"{path}: expected a mapping of sections (data, model, optim, ...) at the top, got {type(tree).__name__}.")
     return tree
 
 
+# inside {..} or [..] a comma ends the value: loguniform(1e-4, 1e-1) splits in two (babysit.space says it too)
+QUOTE_DISTRIBUTIONS = "inside {...} or [...] quote a distribution, e.g. {optim.lr: 'loguniform(1e-4, 1e-1)'}"
+
+
 def _flow_hint(err: yaml.YAMLError) -> str:
-    # inside {..} or [..] a comma ends the value: loguniform(1e-4, 1e-1) splits in two
-    if "flow" in str(err):
-        return " Inside {...} or [...] quote a distribution, e.g. {optim.lr: 'loguniform(1e-4, 1e-1)'}."
-    return ""
+    return f"; {QUOTE_DISTRIBUTIONS}" if "flow" in str(err) else ""
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
@@ -271,7 +272,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str], source: str = "-
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
-            raise BabysitError(f"{source} '{item}': the value is not valid YAML ({' '.join(str(err).split())}).{_flow_hint(err)}") from None
+            raise BabysitError(f"{source} '{item}': the value is not valid YAML ({' '.join(str(err).split())}){_flow_hint(err)}.") from None
         if isinstance(node, list):
             node[_index(node, leaf, item, source)] = value
         else:

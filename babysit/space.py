@@ -19,6 +19,8 @@ import numpy as np
 import yaml
 from scipy.stats import qmc
 
+from babysit.config import QUOTE_DISTRIBUTIONS
+
 Kind = Literal["loguniform", "uniform", "int", "choice"]
 
 
@@ -68,7 +70,7 @@ def parse_dist(field: str, spec: Any) -> Dist:
     if not match:
         # YAML split an unquoted distribution at its comma inside {...}: the value ends mid-call
         split = isinstance(spec, str) and spec.count("(") > spec.count(")")
-        hint = "; inside {...} or [...] quote a distribution, e.g. {optim.lr: 'loguniform(1e-4, 1e-1)'}" if split else ""
+        hint = f"; {QUOTE_DISTRIBUTIONS}" if split else ""
         raise ValueError(f"`{field}`: expected loguniform(low, high), uniform(low, high), int(low, high) or choice([a, b, ...]), got {spec!r}{hint}")
     kind, raw_args = match.groups()
     try:
