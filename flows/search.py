@@ -265,8 +265,9 @@ def nothing_scored(name: str, trials: pd.DataFrame, run_id: str) -> str:
     said = f"search {name}: none of its {len(trials)} trials finished with a score ({counts.get('diverged', 0)} diverged, {counts.get('failed', 0)} failed)"
     if not failed.empty:
         said += f"; the first failure: {failed.iloc[0]}"
-    if "param.optim.lr" in trials and counts.get("diverged", 0):
-        said += f"; lower optim.lr's range below {trials['param.optim.lr'].min():.3g}, the lowest that diverged"
+    diverged_lr = trials.loc[trials["status"] == "diverged", "param.optim.lr"] if "param.optim.lr" in trials else pd.Series(dtype=float)
+    if not diverged_lr.empty:
+        said += f"; lower optim.lr's range below {diverged_lr.min():.3g}, the lowest that diverged"
     return said + f". The trials and report.md are in MLflow run {run_id}."
 
 
