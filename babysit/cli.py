@@ -90,6 +90,8 @@ def search(args: argparse.Namespace) -> int:
     table.add_row("trials", f"{summary.trials_run} run, {summary.trials_reused} reused from an earlier run of this search")
     if summary.changes:
         table.add_row("since last run", "\n".join(summary.changes))
+    if summary.advice:
+        table.add_row("report", escape(summary.advice.strip()))
     table.add_row("MLflow parent run", f"{summary.parent_run_id} ({summary.tracking_uri})")
     table.add_row("see it", f"babysit ui  →  {summary.url}")
     console.print(table)

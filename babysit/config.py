@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from babysit.errors import BabysitError
 
@@ -123,12 +123,22 @@ class OptimConfig(Section):
     decay: float = Field(0.1, ge=0)  # inverse_time: lr / (1 + decay * epoch)
     min_lr_fraction: float = Field(0.0, ge=0, le=1)  # cosine: floor as a fraction of lr
 
-    @model_validator(mode="before")
+    _lr_unset: bool = PrivateAttr(False)
+
+    @model_validator(mode="wrap")
     @classmethod
-    def _default_lr(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("lr") is None:
+    def _default_lr(cls, data: Any, handler: Any) -> OptimConfig:
+        unset = isinstance(data, dict) and data.get("lr") is None
+        if unset:
             data = {**data, "lr": DEFAULT_LR.get(data.get("name", "adam"), 1e-3)}
-        return data
+        optim = handler(data)
+        optim._lr_unset = unset
+        return optim
+
+    @property
+    def lr_follows_name(self) -> bool:
+        """lr was left unset (or null): it is the optimizer's DEFAULT_LR, and changes with `name`."""
+        return self._lr_unset
 
 
 class TrainConfig(Section):

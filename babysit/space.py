@@ -124,14 +124,34 @@ def unit_points(n: int, dims: int, sampler: str, seed: int) -> np.ndarray:
     raise ValueError(f"unknown sampler '{sampler}'")
 
 
+def grid_levels(space: Space, n: int) -> tuple[int, int]:
+    """(combinations of the choices, levels per numeric field) of the grid that n trials allow."""
+    choices = math.prod(len(d.options) for d in space.values() if not d.numeric)
+    numeric = sum(d.numeric for d in space.values())
+    budget = max(n // choices, 1)
+    return choices, max(int(math.floor(budget ** (1 / numeric) + 1e-9)), 1) if numeric else 1
+
+
+def grid_shortfall(space: Space, n: int) -> str | None:
+    """What a grid of n trials leaves out, in words; None when it runs n points that cover every choice."""
+    choices, levels = grid_levels(space, n)
+    numeric = sum(d.numeric for d in space.values())
+    full = choices * levels**numeric
+    if choices > n:
+        return (f"the choices alone make {choices} combinations, more than the {n} trials: only the first {n} run"
+                + (", with every numeric field at the middle of its range" if numeric else "") + "; raise the stage's trials or use a random sampler")
+    if full < n:
+        middle = " (1 level: the middle of each range)" if levels == 1 and numeric else ""
+        return (f"a full grid of {choices} choice combination(s) × {levels} level(s) per numeric field{middle} is {full} points: "
+                f"{n - full} of the {n} trials are not run; random sampling would use all {n}")
+    return None
+
+
 def grid_points(space: Space, n: int) -> list[dict[str, Any]]:
     """A full grid with at most n points: every option of each choice, and k evenly spaced cell
     centres per numeric field, k as large as the budget allows. The lecture's foil to random search."""
     fields = list(space)
-    choices = [len(space[f].options) for f in fields if not space[f].numeric]
-    numeric = [f for f in fields if space[f].numeric]
-    budget = max(n // max(math.prod(choices), 1), 1)
-    levels = max(int(math.floor(budget ** (1 / len(numeric)) + 1e-9)), 1) if numeric else 1
+    _, levels = grid_levels(space, n)
     axes = []
     for f in fields:
         d = space[f]

@@ -264,7 +264,7 @@ def finished_or_failed(run: RunRef) -> Iterator[RunRef]:
     try:
         yield run
     except BaseException as err:
-        set_tags(run, {"babysit.failure": f"{type(err).__name__}: {err}"})
+        set_tags(run, {"babysit.failure": "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"})
         end_run(run, "FAILED")
         raise
     end_run(run, "FINISHED")

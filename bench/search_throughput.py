@@ -43,6 +43,12 @@ Part 2 (--shipped-repeats): the search exactly as the YAML ships it (coarse 20 x
 10 x 8 epochs with median pruning), final retrain and resume
 off, with workers=1 (threads, and processes), workers=2 processes (the default runner) and workers=2
 threads: wall time and trials per minute, and the speed-up of 2 workers over the faster single worker.
+Beside each repeat, the hardware's own ceiling for that speed-up: bare PyTorch trainings of the
+same size (the coarse stage's trial configs at its epochs, then the first half of them at the fine
+stage's epochs), one after another in 1 forked process and shared out to 2 forked processes
+(1 torch thread each, as the search's worker processes train), no Prefect, no MLflow. Two
+processes on this machine's 2 vCPUs do not give ×2 (shared caches, hypervisor steal), and
+no runner can beat what bare training gets; the search's speed-up is also shown as a share of it.
 """
 
 from __future__ import annotations
@@ -51,9 +57,10 @@ import argparse
 import os
 import statistics
 import tempfile
+import multiprocessing
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry errors
@@ -77,6 +84,7 @@ from tasks.trial import make_spec
 
 GOAL_OVERHEAD_S = 0.25  # per trial
 GOAL_SPEEDUP = 1.6  # 2 workers over 1
+BARE_ONE, BARE_TWO = "bare, 1 process", "bare, 2 processes"  # the ceiling (shipped_search)
 
 BareKey = tuple[int, str]  # (torch threads, trial key)
 
@@ -227,7 +235,7 @@ def main() -> None:
     started = time.perf_counter()
     wall, _, _ = timed_search(args.config, Case("warm-up", 1, "threads", 1).overrides(epochs=1))
     print(f"  warm-up search (1 trial; starts Prefect's temporary server, creates the MLflow store, first flow in this process): {wall:.1f} s (excluded)", flush=True)
-    shipped = shipped_search(args.config, args.shipped_repeats, args.settle) if args.shipped_repeats else None
+    shipped = shipped_search(args.config, args.shipped_repeats, args.settle, prepared) if args.shipped_repeats else None
     for repeat in range(args.repeats):
         for case in cases:
             time.sleep(args.settle)
@@ -253,26 +261,74 @@ def main() -> None:
     if shipped:
         print()
         print(f"the search as {args.config} ships it (every stage as written; final retrain off, resume off), median of {args.shipped_repeats}")
-        baseline = min(("workers=1 threads", "workers=1 processes"), key=lambda label: statistics.median(shipped[label][0]))  # the faster single worker
-        one = statistics.median(shipped[baseline][0])
-        for label, (walls, trials) in shipped.items():
+        searches = {label: value for label, value in shipped.items() if not label.startswith("bare")}
+        baseline = min(("workers=1 threads", "workers=1 processes"), key=lambda label: statistics.median(searches[label][0]))  # the faster single worker
+        one = statistics.median(searches[baseline][0])
+        for label, (walls, trials) in searches.items():
             wall = statistics.median(walls)
             print(f"  {label:24s} wall {wall:6.1f} s  {trials} trials  {60 * trials / wall:6.1f} trials/min  x{one / wall:.2f}")
-        speedup = one / statistics.median(shipped["workers=2 processes"][0])
+        speedup = one / statistics.median(searches["workers=2 processes"][0])
         print(f"  speed-up 2 workers (processes, the default runner) vs the faster single worker ({baseline}): x{speedup:.2f}   "
               f"[goal >= x{GOAL_SPEEDUP}: {'MET' if speedup >= GOAL_SPEEDUP else 'NOT MET'}]")
         # the same ratio within each repeat (the cases of a repeat ran back to back, so a slow spell of the machine hits them alike)
-        paired = [min(a, b) / c for a, b, c in zip(shipped["workers=1 threads"][0], shipped["workers=1 processes"][0], shipped["workers=2 processes"][0])]
+        paired = [min(a, b) / c for a, b, c in zip(searches["workers=1 threads"][0], searches["workers=1 processes"][0], searches["workers=2 processes"][0])]
         print(f"  repeat by repeat (that repeat's faster single worker / its 2 processes): median x{statistics.median(paired):.2f}, "
               f"range x{min(paired):.2f}-x{max(paired):.2f}")
+        ceiling = [a / b for a, b in zip(shipped[BARE_ONE][0], shipped[BARE_TWO][0])]
+        print(f"  ceiling: bare PyTorch, {shipped[BARE_ONE][1]} trainings, 2 forked processes vs 1 (1 torch thread each): median x{statistics.median(ceiling):.2f}, "
+              f"range x{min(ceiling):.2f}-x{max(ceiling):.2f}; the search's speed-up is {speedup / statistics.median(ceiling):.0%} of it "
+              f"(repeat by repeat: median {statistics.median(p / c for p, c in zip(paired, ceiling)):.0%})")
 
 
-def shipped_search(config: str, repeats: int, settle: float) -> dict[str, tuple[list[float], int]]:
+_BARE: dict[str, Prepared] = {}  # the data that forked bare workers inherit
+
+
+def _one_bare_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _bare_train(config: dict) -> None:
+    train_and_test(Config.model_validate(config), _BARE["prepared"], test=False)
+
+
+def bare_in_processes(configs: list[dict], prepared: Prepared, processes: int) -> float:
+    """Seconds to train `configs` (plain train_and_test) shared out to `processes` forked processes
+    of 1 torch thread, a trial at a time each, as the search's worker pool hands them out; the
+    processes are started before the clock starts."""
+    _BARE["prepared"] = prepared
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"), initializer=_one_bare_thread) as pool:
+        list(pool.map(abs, range(processes)))
+        started = time.perf_counter()
+        list(pool.map(_bare_train, configs, chunksize=1))
+        return time.perf_counter() - started
+
+
+def ceiling_configs(config: str) -> list[dict]:
+    """Bare trainings shaped like the YAML's search: its first stage's trials at that stage's
+    epochs, then the first half of them at the next stage's epochs (the narrowed trials differ)."""
+    exp = load_config(config, [], model=SearchExperiment)
+    stages = exp.search.stages
+    specs = trial_specs(config, ["search.resume=false"], 1)
+    configs = [s.config for s in specs]
+    if len(stages) > 1:
+        longer = [{**c, "train": {**c["train"], "epochs": stages[1].epochs}} for c in configs[: len(configs) // 2]]
+        configs += longer
+    return configs
+
+
+def shipped_search(config: str, repeats: int, settle: float, prepared: Prepared) -> dict[str, tuple[list[float], int]]:
     """Wall times of the YAML's own search (every stage as written) with 1 and 2 workers, cases alternating."""
     cases = {"workers=1 threads": (1, "threads"), "workers=1 processes": (1, "processes"), "workers=2 processes": (2, "processes"), "workers=2 threads": (2, "threads")}
     walls: dict[str, list[float]] = {label: [] for label in cases}
+    walls.update({BARE_ONE: [], BARE_TWO: []})
+    bare_configs = ceiling_configs(config)
     trials = 0
     for repeat in range(repeats):
+        for label, processes in ((BARE_ONE, 1), (BARE_TWO, 2)):
+            time.sleep(settle)
+            walls[label].append(bare_in_processes(bare_configs, prepared, processes))
+        print(f"  bare ceiling, repeat {repeat}: {len(bare_configs)} trainings, 1 process {walls[BARE_ONE][-1]:.1f} s, "
+              f"2 processes {walls[BARE_TWO][-1]:.1f} s (x{walls[BARE_ONE][-1] / walls[BARE_TWO][-1]:.2f})", flush=True)
         for label, (workers, runner) in cases.items():
             time.sleep(settle)
             overrides = [f"search.workers={workers}", f"search.runner={runner}", "search.final=null", "search.resume=false", "tracking.experiment=bench-shipped"]
@@ -280,7 +336,7 @@ def shipped_search(config: str, repeats: int, settle: float) -> dict[str, tuple[
             walls[label].append(wall)
             trials = summary.trials_run
             print(f"  shipped search, repeat {repeat}: {label:22s} wall {wall:6.1f} s, {trials} trials", flush=True)
-    return {label: (values, trials) for label, values in walls.items()}
+    return {label: (values, trials if label in cases else len(bare_configs)) for label, values in walls.items()}
 
 
 if __name__ == "__main__":

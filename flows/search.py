@@ -26,14 +26,14 @@ from prefect.utilities.annotations import quote
 from babysit import plots, recurring, scaleout, tracking
 from babysit.advice import search_advice
 from babysit.errors import BabysitError
-from babysit.config import SearchExperiment, field_problem, load_config
+from babysit.config import Config, SearchExperiment, field_problem, load_config, with_values
 from babysit.pruning import Pruner
-from babysit.space import Narrowing, describe, narrow, parse_dist, sample
+from babysit.space import Narrowing, describe, grid_shortfall, narrow, parse_dist, sample
 from flows.train import provenance_tags
 from tasks.check import overfit_tiny_subset
 from tasks.data import load_data_task
 from tasks.preprocess import Prepared, preprocess_task
-from tasks.trial import TrialResult, TrialSpec, forks_workers, make_spec, result_from_run, trial_task, worker_processes
+from tasks.trial import TrialResult, TrialSpec, forks_workers, make_spec, result_from_run, stop_flag, trial_task, worker_processes
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ class SearchSummary:
     trials_reused: int
     url: str
     changes: tuple[str, ...] = ()  # since the latest finished run of this search (babysit.recurring)
+    advice: str = ""  # report.md: per stage what happened to the trials, which ranges to move
 
 
 def trials_frame(results: list[TrialResult]) -> pd.DataFrame:
@@ -92,21 +93,24 @@ def open_parent(exp: SearchExperiment, uri: str, recurrence: dict[str, str] | No
     return parent, finished
 
 
-def submit_trial(runner, spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner | None, pool, final: bool = False, raw_example=None):
+def submit_trial(runner, spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner | None, pool, final: bool = False, raw_example=None, stop=None):
     """One trial task on `runner` (entered; shared by the stages: a Dask cluster starts once per
-    search). With `pool` (runner: processes) the task hands its training to a worker process."""
+    search). With `pool` (runner: processes) the task hands its training to a worker process;
+    with `stop` (runner: threads, tasks.trial.stop_flag) it trains here until the flag is set."""
     arguments = {"spec": spec, "prepared": prepared, "parent": parent, "pruner": pruner, "pool": pool, "final": final, "raw_example": raw_example}
+    if stop is not None:
+        arguments["stop"] = stop
     if isinstance(runner, ThreadPoolTaskRunner):  # not Dask: it would hand its workers the quotes themselves
         # quoted, Prefect does not walk every trial's data and config looking for futures
         arguments = {name: quote(value) for name, value in arguments.items()}
     return runner.submit(trial_task, arguments)
 
 
-def run_stage(specs: list[TrialSpec], finished: dict, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner, runner, pool=None) -> list[TrialResult]:
+def run_stage(specs: list[TrialSpec], finished: dict, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner, runner, pool=None, stop=None) -> list[TrialResult]:
     """Reuse finished trials; run the others `workers` at a time through the search's task runner."""
     reused = {s.key: result_from_run(finished[s.key], s) for s in specs if s.key in finished}
     todo = [s for s in specs if s.key not in reused]
-    futures = [submit_trial(runner, s, prepared, parent, pruner, pool) for s in todo]
+    futures = [submit_trial(runner, s, prepared, parent, pruner, pool, stop=stop) for s in todo]
     fresh = {s.key: f.result() for s, f in zip(todo, futures)}
     return [reused.get(s.key) or fresh[s.key] for s in specs]
 
@@ -132,10 +136,32 @@ def log_stage(parent: tracking.RunRef, stage: str, space_text: dict[str, str], r
     tracking.set_tags(parent, {f"range.{stage}.{field}": text for field, text in space_text.items()})
 
 
+def trial_base(exp: SearchExperiment) -> dict:
+    """The config tree that each trial's sampled values are set on. An lr left unset in the file
+    stays unset here, so that a trial with a searched optim.name trains at that optimizer's
+    default lr (DEFAULT_LR), not at the base optimizer's."""
+    tree = exp.base_config().model_dump(mode="json")
+    if exp.optim.lr_follows_name:
+        del tree["optim"]["lr"]
+    return tree
+
+
+def check_before_searching(name: str, base_tree: dict, space: dict, prepared: Prepared, parent: tracking.RunRef) -> None:
+    """The lecture's first step: the base config must overfit a tiny subset, or the search is
+    pointless. A searched lr is checked at the middle of its range (geometric on a log scale)."""
+    searched_lr = {"optim.lr": space["optim.lr"].from_unit(0.5)} if "optim.lr" in space else {}
+    checked = Config.model_validate(with_values(base_tree, searched_lr))
+    check = overfit_tiny_subset(checked, prepared)
+    tracking.set_tags(parent, {"babysit.sanity_check": f"{'passed' if check.passed else 'failed'}: {check.reason}"})
+    if not check.passed:
+        lr = f"optim.lr {checked.optim.lr:.3g}" + (", the middle of its searched range" if searched_lr else "")
+        raise BabysitError(f"search {name}: the base config ({lr}) cannot overfit a tiny subset ({check.reason}); fix the model or the lr (range) before searching.")
+
+
 def run_search(exp: SearchExperiment) -> SearchSummary:
     logger = get_run_logger()
     base = exp.base_config()
-    base_tree = base.model_dump(mode="json")
+    base_tree = trial_base(exp)
     splits = load_data_task(base.data, base.seed)
     prepared = preprocess_task(splits, base.preprocess)
     uri = tracking.resolve_uri(base.tracking.uri)
@@ -155,6 +181,9 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         threads = 1
     if threads and exp.search.runner == "threads":
         torch.set_num_threads(threads)
+    if dask and any(stage.prune != "none" for stage in exp.search.stages):
+        logger.warning("search.runner=dask: no trial is pruned (each Dask worker sees only its own trials' epochs); "
+                       "pruning needs runner processes or threads (docs/scale-out.md)")
     narrowing = Narrowing(exp.search.top_k, exp.search.pad, exp.search.edge, exp.search.widen)
 
     def is_valid(field: str, value: object) -> bool:
@@ -171,17 +200,18 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     processes = nullcontext((None, None))
     if exp.search.runner == "processes":  # room in shared memory for any stage's pruning reports
         processes = worker_processes(exp.search.workers, prepared, epochs=max(s.epochs for s in stages), trials=max(s.trials for s in stages))
-    with tracking.finished_or_failed(parent), runner, processes as (pool, reports):
+    # threads: Ctrl-C sets the flag before the task runner waits for its running trials
+    stopping = stop_flag() if exp.search.runner == "threads" else nullcontext()
+    with tracking.finished_or_failed(parent), runner, processes as (pool, reports), stopping as stop:
         if dask and scaleout.is_local_file_store(uri):  # workers that joined a loopback scheduler from elsewhere
             scaleout.dask_tracking_uri(uri, exp.search.dask_address, scaleout.dask_workers(runner))
-        if exp.search.sanity_check:  # the lecture: make sure a tiny subset can be overfit before searching
-            check = overfit_tiny_subset(base, prepared)
-            tracking.set_tags(parent, {"babysit.sanity_check": f"{'passed' if check.passed else 'failed'}: {check.reason}"})
-            if not check.passed:
-                raise BabysitError(f"search {exp.name}: the base config cannot overfit a tiny subset ({check.reason}); fix the model or lr before searching.")
+        if exp.search.sanity_check:
+            check_before_searching(exp.name, base_tree, space, prepared, parent)
         for number, stage in enumerate(stages):
             ranges[stage.name] = describe(space)
             points = sample(space, stage.trials, exp.search.sampler, seed=exp.seed * 1000 + number)
+            if exp.search.sampler == "grid" and (shortfall := grid_shortfall(space, stage.trials)):
+                logger.warning("stage %s, grid sampler: %s", stage.name, shortfall)
             sampled = [make_spec(base_tree, stage.name, i, p, stage.epochs, threads, trial_device(base.train.device, i)) for i, p in enumerate(points)]
             first_of_each: dict[str, TrialSpec] = {}  # same config, same seed, same result: train it once
             for spec in sampled:
@@ -192,7 +222,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             pruner = Pruner(stage.prune, stage.prune_warmup_epochs, stage.asha_eta)
             if reports is not None and pruner.rule != "none":  # worker processes see each other's epochs in shared memory
                 pruner = pruner.shared(reports)
-            stage_results = run_stage(specs, finished, prepared, parent, pruner, runner, pool)
+            stage_results = run_stage(specs, finished, prepared, parent, pruner, runner, pool, stop)
             results += stage_results
             log_stage(parent, stage.name, ranges[stage.name], stage_results)
             best = max((r.val_acc for r in stage_results if r.val_acc is not None), default=None)
@@ -218,7 +248,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             if spec.key in finished:
                 final = result_from_run(finished[spec.key], spec)
             else:
-                retraining = submit_trial(runner, spec, prepared, parent, None, pool, final=True, raw_example=splits.X_train[:5])
+                retraining = submit_trial(runner, spec, prepared, parent, None, pool, final=True, raw_example=splits.X_train[:5], stop=stop)
         if retraining is not None and exp.search.runner == "threads":  # it trains in a thread here: matplotlib is not thread-safe
             final, retraining = retraining.result(), None
         searched = trials_frame(results)  # search.png shows the searched stages only
@@ -254,7 +284,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     return SearchSummary(
         parent.run_id, parent.experiment_id, uri, best.params, best.val_acc,
         final.val_acc if final else None, final.test_acc if final else None, edges, ranges,
-        int((~frame["reused"]).sum()), int(frame["reused"].sum()), url, tuple(changes),
+        int((~frame["reused"]).sum()), int(frame["reused"].sum()), url, tuple(changes), advice,
     )
 
 

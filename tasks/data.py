@@ -71,6 +71,8 @@ def read_table(path: Path, target: str, kind: str) -> tuple[np.ndarray, np.ndarr
     frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
     if target not in frame.columns:
         raise BabysitError(f"{path}: no target column '{target}' (columns: {', '.join(map(str, frame.columns))}); set `data.target` to the label column.")
+    if frame.empty:  # a header and no rows: every column reads as text
+        raise BabysitError(f"{path}: has columns ({', '.join(map(str, frame.columns))}) but no rows of data.")
     features = frame.drop(columns=[target])
     non_numeric = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
     if non_numeric:
@@ -110,6 +112,8 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         origin = "generated blobs"
     else:
         path = Path(cfg.path)
+        if path.is_dir():
+            raise BabysitError(f"{path}: is a folder; `data.path` with source '{cfg.source}' names one {cfg.source} file (a folder of images: source image_folder).")
         if not path.is_file():
             raise BabysitError(f"{path}: data file not found (`data.path`, source '{cfg.source}').")
         try:

@@ -12,6 +12,7 @@ import json
 import math
 import multiprocessing
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, ProcessPoolExecutor
@@ -192,12 +193,26 @@ def worker_processes(workers: int, prepared: Prepared, start_method: str | None 
             raise
 
 
+@contextmanager
+def stop_flag() -> Iterator[threading.Event]:
+    """A flag that trials in this process's threads (runner: threads) read after each epoch, set
+    when the search leaves the block by an exception (Ctrl-C, a failed flow): enter it inside the
+    task runner, which on exit waits for the trials it is running."""
+    stop = threading.Event()
+    try:
+        yield stop
+    except BaseException:
+        stop.set()
+        raise
+
+
 @task(name="trial", cache_policy=NO_CACHE)
 def trial_task(
     spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner | None = None, final: bool = False,
-    raw_example: Any = None, pool: ProcessPoolExecutor | None = None,
+    raw_example: Any = None, pool: ProcessPoolExecutor | None = None, stop: threading.Event | None = None,
 ) -> TrialResult:
-    """One trial, here or (given `pool`, see worker_processes) in a worker process while this task waits."""
+    """One trial, here or (given `pool`, see worker_processes) in a worker process while this task
+    waits. Here, a set `stop` (stop_flag) ends it at its next epoch."""
     if pool is not None:
         try:
             return pool.submit(_trial_in_worker, spec, parent, pruner, final, raw_example).result()
@@ -211,4 +226,4 @@ def trial_task(
             if isinstance(err, RuntimeError) and "shutdown" not in str(err):
                 raise
             raise BabysitError(f"trial {spec.stage}-{spec.index:03d}: not run, the search was interrupted") from None
-    return run_trial(spec, prepared, parent, pruner, final, raw_example)
+    return run_trial(spec, prepared, parent, pruner, final, raw_example, stopped=stop.is_set if stop is not None else None)

@@ -99,6 +99,16 @@ def test_missing_file(tmp_path):
     raises_naming(DataConfig(source="csv", path=path, target="y"), str(path), "not found")
 
 
+def test_folder_as_data_file(tmp_path):
+    raises_naming(DataConfig(source="csv", path=tmp_path, target="y"), str(tmp_path), "is a folder", "image_folder")
+
+
+def test_header_without_rows(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("a,b,species\n")
+    raises_naming(DataConfig(source="csv", path=path, target="species"), str(path), "no rows")
+
+
 def test_missing_target_column(tmp_path):
     path = tmp_path / "t.csv"
     table().to_csv(path, index=False)

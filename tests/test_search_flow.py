@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from babysit import tracking
-from babysit.config import SearchExperiment, load_config
+from babysit.config import DEFAULT_LR, SearchExperiment, load_config
 from flows.search import search_flow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,6 +202,38 @@ def test_leaving_the_worker_processes_early_ends_a_running_trial_as_failed_and_s
     assert isinstance(running.exception(), KeyboardInterrupt)
 
 
+def test_leaving_the_stop_flag_early_ends_a_trial_training_in_a_thread_as_failed(tmp_path):
+    import dataclasses
+    import threading
+    import time
+
+    from tasks.trial import run_trial, stop_flag
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec, prepared, parent = one_trial(uri)
+    long = dataclasses.replace(spec, config={**spec.config, "train": {**spec.config["train"], "epochs": 2000}})
+    ended: list[BaseException] = []
+
+    def train(stop):
+        try:
+            run_trial(long, prepared, parent, stopped=stop.is_set)
+        except BaseException as err:  # noqa: BLE001 - the test reads what ended the trial
+            ended.append(err)
+
+    experiment = tracking.get_run(uri, parent.run_id).info.experiment_id
+    with pytest.raises(KeyboardInterrupt), stop_flag() as stop:
+        thread = threading.Thread(target=train, args=(stop,))
+        thread.start()
+        while not tracking.find_runs(uri, experiment, {"mlflow.parentRunId": parent.run_id}):
+            time.sleep(0.1)
+        raise KeyboardInterrupt  # Ctrl-C in the flow's thread, with runner: threads
+    thread.join(timeout=60)
+    assert not thread.is_alive() and isinstance(ended[0], KeyboardInterrupt)
+    (child,) = tracking.find_runs(uri, experiment, {"mlflow.parentRunId": parent.run_id})
+    assert child.info.status == "FAILED" and child.data.tags["babysit.failure"] == "interrupted"
+    assert len(tracking.metric_history(uri, child.info.run_id, "val_acc")) < 2000  # it stopped at an epoch's end
+
+
 def test_forked_worker_processes_start_with_what_the_first_optimizer_imports():
     # a fresh interpreter: this one may have imported torch._dynamo already
     code = (
@@ -324,8 +356,22 @@ def test_a_search_can_start_with_the_tiny_subset_sanity_check(prefect_harness, f
     small = SMALL[:2] + ["search.stages=[{name: coarse, trials: 2, epochs: 1}]", "search.final=null", "search.sanity_check=true"]
     summary = search_flow(config="conf/search_digits.yaml", overrides=small)
     assert tracking.get_run(fresh_uri, summary.parent_run_id).data.tags["babysit.sanity_check"].startswith("passed")
-    with pytest.raises(BabysitError, match="cannot overfit a tiny subset"):  # lr 1e-7 cannot fit anything
-        search_flow(config="conf/search_digits.yaml", overrides=[*small, "optim.lr=1e-7", "search.resume=false", "name=hopeless"])
+    # a searched lr is checked at the middle of its range (here ~3e-8: it cannot fit anything), not at the base lr
+    with pytest.raises(BabysitError, match=r"optim.lr 3.16e-08, the middle of its searched range\) cannot overfit a tiny subset"):
+        search_flow(config="conf/search_digits.yaml", overrides=[*small, "search.space.optim.lr=loguniform(1e-8, 1e-7)", "search.resume=false", "name=hopeless"])
+
+
+def test_an_unset_lr_follows_each_trials_optimizer():
+    from flows.search import trial_base
+    from tasks.trial import make_spec
+
+    def trial_lrs(*overrides):
+        exp = load_config("conf/search_digits.yaml", [*overrides, "search.space={optim.name: 'choice([sgd, momentum, adam])'}"], model=SearchExperiment)
+        base = trial_base(exp)
+        return {name: make_spec(base, "coarse", 0, {"optim.name": name}, 1, None, None).config["optim"]["lr"] for name in ("sgd", "momentum", "adam")}
+
+    assert trial_lrs("optim.lr=null") == {name: DEFAULT_LR[name] for name in ("sgd", "momentum", "adam")}  # each optimizer at its own default
+    assert trial_lrs("optim.lr=0.002") == {"sgd": 0.002, "momentum": 0.002, "adam": 0.002}  # a given lr holds for every trial
 
 
 def test_the_search_figure_plots_each_field_by_stage_with_one_legend():

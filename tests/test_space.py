@@ -12,7 +12,7 @@ import pytest
 from babysit.config import SearchExperiment, load_config
 from babysit.errors import BabysitError
 from babysit.pruning import Pruner, SharedReports
-from babysit.space import Narrowing, narrow, parse_dist, sample, top_count
+from babysit.space import Narrowing, grid_shortfall, narrow, parse_dist, sample, top_count
 
 
 def space_of(**specs):
@@ -128,6 +128,18 @@ def test_grid_is_a_full_grid_within_budget():
     assert len(points) == 20 and len(lrs) == 10
     assert np.allclose(np.diff(np.log10(lrs)), 0.4)  # evenly spaced cell centres in log space
     assert {p["init"] for p in points} == {"he", "xavier"}
+
+
+def test_grid_says_what_its_budget_leaves_out():
+    two_numeric = space_of(lr="loguniform(1e-4, 1e-0)", dropout="uniform(0, 0.5)", init="choice([he, xavier])")
+    assert grid_shortfall(two_numeric, 18) is None  # 2 choices × 3 × 3 levels: all 18 run
+    assert len(sample(two_numeric, 20, "grid", seed=0)) == 18
+    assert re.search(r"2 choice combination\(s\) × 3 level\(s\) .* is 18 points: 2 of the 20 trials are not run", grid_shortfall(two_numeric, 20))
+    assert "(1 level: the middle of each range)" in grid_shortfall(two_numeric, 3)
+    many_choices = space_of(lr="loguniform(1e-4, 1e-0)", act="choice([relu, tanh, elu])", init="choice([he, xavier])")
+    assert len(sample(many_choices, 4, "grid", seed=0)) == 4
+    said = grid_shortfall(many_choices, 4)
+    assert "6 combinations, more than the 4 trials: only the first 4 run, with every numeric field at the middle" in said
 
 
 def trials_for(points, objective, diverged=lambda p: False):
