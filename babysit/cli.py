@@ -81,7 +81,7 @@ def search(args: argparse.Namespace) -> int:
     table = Table(title=f"babysit search: {exp.name}", show_header=False)
     for stage, space in summary.ranges.items():
         table.add_row(f"stage {stage}", "\n".join(f"{field} ~ {dist}" for field, dist in space.items()))
-    table.add_row("best trial", f"val acc {summary.best_val_acc:.4f}: " + ", ".join(f"{k}={v}" for k, v in summary.best_params.items()))
+    table.add_row("best trial", f"val acc {summary.best_val_acc:.4f}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.best_params.items()))
     if summary.final_val_acc is not None:
         table.add_row("final retrain", f"val acc {summary.final_val_acc:.4f}, test acc {summary.test_acc:.4f}")
     elif summary.test_acc is not None:  # it ran, and diverged or failed: no accuracy to show

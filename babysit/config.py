@@ -461,6 +461,32 @@ SET_ONCE_PER_SEARCH = {
 }
 
 
+# Fields that a trial reads only when another field has one of some values: momentum is SGD
+# momentum's, betas Adam's, gamma a decaying schedule's. Narrowing a range on trials that never
+# read the field would follow noise (babysit.space.narrow).
+READ_ONLY_WHEN: dict[str, tuple[str, frozenset[str]]] = {
+    "optim.momentum": ("optim.name", frozenset({"momentum", "nesterov"})),
+    "optim.alpha": ("optim.name", frozenset({"rmsprop"})),
+    "optim.betas": ("optim.name", frozenset({"adam", "adamw"})),
+    "optim.step_epochs": ("optim.schedule", frozenset({"step"})),
+    "optim.gamma": ("optim.schedule", frozenset({"step", "exponential"})),
+    "optim.decay": ("optim.schedule", frozenset({"inverse_time"})),
+    "optim.min_lr_fraction": ("optim.schedule", frozenset({"cosine"})),
+    "model.leaky_slope": ("model.activation", frozenset({"leaky_relu"})),
+    "model.hidden": ("model.kind", frozenset({"mlp"})),
+    "model.channels": ("model.kind", frozenset({"cnn", "resnet"})),
+}
+
+
+def reads_field(field: str, values: dict[str, Any], base: dict[str, Any]) -> bool:
+    """Whether a trial with these sampled `values` (dotted field -> value) on the `base` config tree trains with `field`."""
+    if field not in READ_ONLY_WHEN:
+        return True
+    switch, readers = READ_ONLY_WHEN[field]
+    section, name = switch.split(".")
+    return values.get(switch, base.get(section, {}).get(name)) in readers
+
+
 def field_problem(base: dict[str, Any], field: str, value: Any) -> str | None:
     """Why `field = value` is not a legal training config, or None if it is."""
     problem = _unsearchable(field)

@@ -186,7 +186,7 @@ def top_count(top_k: int | float, scored: int) -> int:
     return top_k if isinstance(top_k, int) else max(2, round(top_k * scored))
 
 
-def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid: Any = None) -> tuple[Space, dict[str, str]]:
+def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid: Any = None, reads: Any = None) -> tuple[Space, dict[str, str]]:
     """The next stage's space from this stage's trials, and the fields whose best value sat at an edge.
 
     `trials`: dicts with 'params' (field -> value), 'score' (higher is better; None if the trial
@@ -201,22 +201,29 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
     `is_valid(field, value)` says whether a moved bound is still a legal config value; a bound
     that cannot move stays put and is not reported as an edge.
     Choices keep the options that appear among the top-k.
+    `reads(field, params)` says whether a trial trained with `field` at all (momentum only with
+    SGD momentum, see babysit.config.READ_ONLY_WHEN): a field narrows on the top-k trials that
+    read it, and stays as it was when none did.
     """
     scored = sorted((t for t in trials if t["score"] is not None and not t.get("diverged")), key=lambda t: -t["score"])
     if not scored:
         return _below_what_diverged(space, trials, cfg, is_valid)
-    top, best = scored[: top_count(cfg.top_k, len(scored))], scored[0]
+    top = scored[: top_count(cfg.top_k, len(scored))]
     learning_rate = space.get(cfg.learning_rate)
     if learning_rate is not None and learning_rate.numeric and 2 * sum(bool(t.get("too_slow")) for t in top) > len(top):
         return _above_what_barely_learned(space, trials, cfg, is_valid)
     new_space, edges = {}, {}
     for field, dist in space.items():
+        field_top = [t for t in top if reads is None or reads(field, t["params"])]
+        if not field_top:  # no top trial trained with it: no evidence either way
+            new_space[field] = dist
+            continue
         if not dist.numeric:
-            kept = [o for o in dist.options if any(_same(t["params"][field], o) for t in top)]
+            kept = [o for o in dist.options if any(_same(t["params"][field], o) for t in field_top)]
             new_space[field] = replace(dist, options=tuple(kept) or dist.options)
             continue
-        positions = [dist.to_unit(t["params"][field]) for t in top]
-        best_pos = dist.to_unit(best["params"][field])
+        positions = [dist.to_unit(t["params"][field]) for t in field_top]
+        best_pos = dist.to_unit(field_top[0]["params"][field])
         lo, hi = min(positions) - cfg.pad, max(positions) + cfg.pad
         shift = _edge_shift(dist, cfg.widen)
         if best_pos <= cfg.edge:
@@ -228,7 +235,7 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
         if field == cfg.learning_rate:  # trials too slow to learn, below the top ones, raise the floor
             slow_below = [u for t in trials if t.get("too_slow") and (u := dist.to_unit(t["params"][field])) < min(positions)]
             lo = max([lo, *slow_below])
-        diverged_above = [dist.to_unit(t["params"][field]) for t in trials if t.get("diverged") and dist.to_unit(t["params"][field]) > max(positions)]
+        diverged_above = [u for t in trials if t.get("diverged") and (reads is None or reads(field, t["params"])) and (u := dist.to_unit(t["params"][field])) > max(positions)]
         if diverged_above:
             hi = min(hi, min(diverged_above))
         # without an edge, narrowing stays inside the current range

@@ -42,9 +42,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads its
 
 import torch
 
-from babysit.config import Config, SearchExperiment, field_problem, load_config
+from babysit.config import Config, SearchExperiment, field_problem, load_config, reads_field
 from babysit.flags import run_flags
 from babysit.space import Narrowing, Space, describe, narrow, parse_dist, sample
+from flows.search import trial_base
 from tasks.data import load_dataset, split_dataset
 from tasks.preprocess import Prepared, fit_preprocess
 from tasks.train import train_and_test
@@ -98,7 +99,7 @@ def coarse_to_fine(space: Space, evaluate: Evaluator, seed: int, stages: int, pe
         stage_trials = [evaluate(p, seed, f"stage{number}", i) for i, p in enumerate(points)]
         trials += stage_trials
         if number + 1 < stages:
-            space, stage_edges = narrow(space, stage_trials, narrowing, is_valid)
+            space, stage_edges = narrow(space, stage_trials, narrowing, is_valid, lambda field, params: reads_field(field, params, evaluate.base_tree))
             edges += [f"{field}={side}" for field, side in stage_edges.items()]
     return trials, edges
 
@@ -150,7 +151,7 @@ def main() -> None:
 
     exp = load_config(args.config, args.overrides, model=SearchExperiment)
     base = exp.base_config()
-    base_tree = base.model_dump(mode="json")
+    base_tree = trial_base(exp)  # as the flow: an lr left unset follows each trial's optimizer
     splits = split_dataset(load_dataset(base.data, base.seed), base.data.val_fraction, base.data.test_fraction, base.seed)
     prepared = fit_preprocess(splits, base.preprocess)
     space = {field: parse_dist(field, spec) for field, spec in exp.search.space.items()}

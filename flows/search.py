@@ -26,7 +26,7 @@ from prefect.utilities.annotations import quote
 from babysit import plots, recurring, scaleout, tracking
 from babysit.advice import search_advice
 from babysit.errors import BabysitError
-from babysit.config import Config, SearchExperiment, field_problem, load_config, with_values
+from babysit.config import Config, SearchExperiment, field_problem, load_config, reads_field, with_values
 from babysit.pruning import Pruner
 from babysit.space import Narrowing, describe, grid_shortfall, narrow, parse_dist, sample
 from flows.train import provenance_tags
@@ -229,7 +229,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             logger.info("stage %s: %d trials (%d reused), best val acc %s", stage.name, len(specs), sum(r.reused for r in stage_results), f"{best:.4f}" if best is not None else "n/a")
             if number + 1 < len(stages):
                 trials = [{"params": r.params, "score": r.val_acc, "diverged": r.status == "diverged", "too_slow": "lr_too_low" in r.flags} for r in stage_results]
-                space, stage_edges = narrow(space, trials, narrowing, is_valid)
+                space, stage_edges = narrow(space, trials, narrowing, is_valid, lambda field, params: reads_field(field, params, base_tree))
                 for field, side in stage_edges.items():
                     if f"edge:{field}={side}" not in edges:  # one flag, however many stages moved the range
                         edges.append(f"edge:{field}={side}")

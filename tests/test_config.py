@@ -155,3 +155,17 @@ def test_assignment_is_validated():
     cfg = load_config(CONF / "digits_mlp.yaml")
     with pytest.raises(ValueError):
         cfg.optim.lr = -1.0
+
+
+def test_fields_read_only_with_one_setting_of_another():
+    from babysit.config import READ_ONLY_WHEN, field_problem, reads_field
+
+    adam = Config().model_dump(mode="json")
+    assert not reads_field("optim.momentum", {}, adam)
+    assert reads_field("optim.momentum", {"optim.name": "nesterov"}, adam)  # a sampled optimizer wins over the base's
+    assert reads_field("optim.lr", {}, adam) and not reads_field("model.channels", {}, adam)
+    images = Config.model_validate({"data": {"source": "digits_images"}}).model_dump(mode="json")  # every model kind fits
+    for field, (switch, readers) in READ_ONLY_WHEN.items():  # real fields, switched by real values
+        section, name = field.split(".")
+        assert field_problem(images, field, images[section][name]) is None, field
+        assert all(field_problem(images, switch, value) is None for value in readers), switch

@@ -146,6 +146,27 @@ def trials_for(points, objective, diverged=lambda p: False):
     return [{"params": p, "score": None if diverged(p) else objective(p), "diverged": diverged(p)} for p in points]
 
 
+def test_a_field_narrows_only_on_the_trials_that_read_it():
+    from babysit.config import reads_field
+
+    space = space_of(optim__name="choice([adam, momentum])", optim__momentum="uniform(0.5, 0.99)")
+    spread = np.linspace(0.52, 0.97, 8)
+    points = [{"optim.name": "adam", "optim.momentum": m} for m in spread] + [{"optim.name": "momentum", "optim.momentum": m} for m in spread]
+    # Adam never reads momentum; with SGD momentum the best value is near 0.9
+    trials = trials_for(points, lambda p: 0.95 - 0.001 * p["optim.momentum"] if p["optim.name"] == "adam" else 0.9 - abs(p["optim.momentum"] - 0.9))
+    reads = lambda field, params: reads_field(field, params, {"optim": {"name": "adam"}})  # noqa: E731
+
+    only_adam_on_top, _ = narrow(space, trials, Narrowing(top_k=4, pad=0.0), reads=reads)
+    assert only_adam_on_top["optim.name"].options == ("adam",)
+    assert only_adam_on_top["optim.momentum"] == space["optim.momentum"]  # no top trial read it: no evidence
+    followed_noise, _ = narrow(space, trials, Narrowing(top_k=4, pad=0.0))
+    assert followed_noise["optim.momentum"].high < 0.72  # the Adam trials' unread (lowest) values
+
+    with_momentum_on_top, edges = narrow(space, trials, Narrowing(top_k=10, pad=0.0), reads=reads)
+    momentum = with_momentum_on_top["optim.momentum"]
+    assert 0.80 < momentum.low and momentum.high < 0.98 and not edges  # the 2 momentum trials nearest 0.9
+
+
 def test_narrowing_shrinks_around_the_top_trials_in_log_space():
     space = space_of(lr="loguniform(1e-6, 1e-0)")
     points = [{"lr": 10.0**e} for e in np.linspace(-5.5, -0.5, 11)]
