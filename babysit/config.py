@@ -323,6 +323,9 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
         known = _known_fields(model, error["loc"][:-1])
         return f"unknown field `{field}` (expected one of: {', '.join(known)})"
     message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing" and error["loc"] == ("search",):  # a training file given to `babysit search`
+        return ("no `search` section: a search file is a training config plus `search: {space: ..., stages: [...]}` "
+                "(see conf/search_digits.yaml); to train this config once, run `babysit train`")
     if error["type"] == "value_error" or error["type"].startswith("missing"):
         return f"`{field}`: {message}"
     return f"`{field}`: {message} (got {error['input']!r})"

@@ -95,6 +95,11 @@ def test_set_reaches_one_field_of_the_search_space():
     assert exp.search.space.keys() == load_config("conf/search_digits.yaml", model=SearchExperiment).search.space.keys()
 
 
+def test_a_training_file_given_to_search_says_what_a_search_file_needs():
+    with pytest.raises(BabysitError, match=r"conf/digits_mlp.yaml: invalid config: no `search` section: .*conf/search_digits.yaml.*`babysit train`"):
+        load_config("conf/digits_mlp.yaml", model=SearchExperiment)
+
+
 def test_shipped_search_config_loads():
     exp = load_config("conf/search_digits.yaml", model=SearchExperiment)
     assert exp.search.stages[0].name == "coarse" and exp.base_config().data.source == "digits"
