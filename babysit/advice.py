@@ -104,13 +104,15 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def blame(trials: pd.DataFrame, bad: pd.Series, params: list[str]) -> tuple[str, str, str] | None:
+def blame(trials: pd.DataFrame, bad: pd.Series, params: list[str], never: tuple[str, str] | None = None) -> tuple[str, str, str] | None:
     """The parameter range that holds the `bad` trials: (field, 'above'|'below'|'is', threshold).
 
     For a numeric column: every bad trial has field ≥ t (t = the smallest bad value), and at
     least BLAME_PURITY of the trials with field ≥ t are bad (or the mirror image, ≤). For a
     categorical column: every bad trial has the same value. The purest range wins. A range needs
     good trials to stand against: when every trial is bad, or a column has one value, it blames nothing.
+    `never` = (field, side) is a range the problem cannot come from (lr_too_low at the highest
+    learning rates: the cure, a higher rate, would point the wrong way).
     """
     if bad.sum() < 2 or bad.all():
         return None
@@ -126,19 +128,21 @@ def blame(trials: pd.DataFrame, bad: pd.Series, params: list[str]) -> tuple[str,
             shared = values[bad].unique()
             candidates = [("is", values == shared[0], shared[0])] if len(shared) == 1 else []
         for side, inside, threshold in candidates:
+            if (field, side) == never:
+                continue
             purity = bad[inside].mean()
             if purity >= BLAME_PURITY and (best is None or purity > best[0]):
                 best = (purity, (field, side, _fmt(threshold)))
     return best[1] if best else None
 
 
-def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, params: list[str], everywhere: str) -> str:
+def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, params: list[str], everywhere: str, never: tuple[str, str] | None = None) -> str:
     """One line on the `bad` trials of a stage: the range that holds them, to be cut off, or, when
     every trial shares the problem, `everywhere` (what to do with the learning rate)."""
     found = f"{what} in {int(bad.sum())} of {len(trials)} {stage} trials"
     if bad.all() and len(trials) > 1:
         return f"{what} in all {len(trials)} {stage} trials: {everywhere}."
-    culprit = blame(trials, bad, params)
+    culprit = blame(trials, bad, params, never)
     if culprit is None:
         return f"{found}, with no single parameter range to blame."
     field, side, threshold = culprit
@@ -148,12 +152,13 @@ def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, p
     return f"{found}, all with {field} {symbol} {threshold}: {fix} of {field}."
 
 
-def search_advice(trials: pd.DataFrame, edges: dict[str, str]) -> str:
+def search_advice(trials: pd.DataFrame, edges: dict[str, str], unmoved: dict[str, str] | None = None) -> str:
     """Markdown advice on a search from its trials and the fields whose best value sat at an edge.
 
     `trials` has columns stage, status (finished|failed|diverged|pruned), val_acc, flags
     (comma-separated flag names) and param.<field> per searched field; `edges` maps a field
-    (e.g. 'optim.lr') to 'low' or 'high'. Per stage, in order of appearance: what happened to
+    (e.g. 'optim.lr') to 'low' or 'high' (the next stage's range moved past it); `unmoved`, the
+    same for the last stage, whose range nothing moved. Per stage, in order of appearance: what happened to
     the trials; which range holds the exploded (status diverged or flag diverged) and the
     lr_too_low trials (see `blame`); the most common flag among finished trials. Then the edges
     and the best trial.
@@ -174,10 +179,12 @@ def search_advice(trials: pd.DataFrame, edges: dict[str, str]) -> str:
         lines.append(f"{stage}: {len(group)} trials ({summary})" + (f"; best validation accuracy {best_acc:.1%}." if pd.notna(best_acc) else "."))
         exploded = (group_status == "diverged") | group_flags.map(lambda f: "diverged" in f)
         if exploded.any():
-            lines.append(_problem_line("loss exploded", stage, group, exploded, params, everywhere="the learning-rate range is too high: lower it (both bounds, 10×)"))
+            lines.append(_problem_line("loss exploded", stage, group, exploded, params, everywhere="the learning-rate range is too high: lower it (both bounds, 10×)",
+                                       never=("optim.lr", "below")))
         slow = group_flags.map(lambda f: "lr_too_low" in f)
         if slow.any():
-            lines.append(_problem_line("lr_too_low", stage, group, slow, params, everywhere="the loss barely moved anywhere, so the learning-rate range is too low: raise it (10×)"))
+            lines.append(_problem_line("lr_too_low", stage, group, slow, params, everywhere="the loss barely moved anywhere, so the learning-rate range is too low: raise it (10×)",
+                                       never=("optim.lr", "above")))
         if (failed := int((group_status == "failed").sum())):
             lines.append(f"{failed} {stage} trial(s) failed with an error: see the `babysit.failure` tag of their MLflow runs.")
         if (pruned := int((group_status == "pruned").sum())):
@@ -194,6 +201,9 @@ def search_advice(trials: pd.DataFrame, edges: dict[str, str]) -> str:
     for field, side in edges.items():
         where = "upper" if side == "high" else "lower"
         lines.append(f"{field} at the {where} edge of its range: the next range moved past it (the optimum may lie beyond it).")
+    for field, side in (unmoved or {}).items():
+        where, bound = ("upper", "raise its upper bound") if side == "high" else ("lower", "lower its lower bound")
+        lines.append(f"{field} at the {where} edge of the last stage's range: the optimum may lie beyond it; {bound} in the file and search again.")
     finished = trials[(status == "finished") & trials["val_acc"].notna()] if "val_acc" in trials else trials.iloc[0:0]
     if not finished.empty:
         top = finished.loc[finished["val_acc"].idxmax()]

@@ -124,7 +124,8 @@ def lr_too_high(train_loss: list[float], initial_loss: float, update_ratio: list
 
 def lr_too_low(train_loss: list[float], initial_loss: float, update_ratio: list[float], early_epochs: int, min_drop: float, ratio_low: float) -> str | None:
     """Too low when the training loss of epoch `early_epochs` (or of the last epoch, if fewer ran)
-    is not below (1 − `min_drop`) × the initial loss; or when the median over the first
+    is not below (1 − `min_drop`) × the initial loss, nor above it (a loss that rose is a rate too
+    high); or when the median over the first
     `early_epochs` epochs of the update ratio is below `ratio_low` (rule of thumb ≈ 1e-3).
     """
     if not train_loss or not math.isfinite(initial_loss):
@@ -134,7 +135,7 @@ def lr_too_low(train_loss: list[float], initial_loss: float, update_ratio: list[
         return f"update/weight ratio {ratio:.1e} in the first {len(early)} epoch(s), below {ratio_low:.0e} (rule of thumb: about 1e-3)"
     epoch = min(early_epochs, len(train_loss))
     loss = train_loss[epoch - 1]
-    if math.isfinite(loss) and loss > (1 - min_drop) * initial_loss:
+    if math.isfinite(loss) and (1 - min_drop) * initial_loss < loss <= initial_loss:  # above the initial: it rose (lr_too_high)
         return f"training loss {loss:.3g} after {epoch} epoch(s) is only {1 - loss / initial_loss:.1%} below the initial {initial_loss:.3g} (expected a drop of at least {min_drop:.0%})"
     return None
 
@@ -198,7 +199,8 @@ def run_flags(
     found["diverged"] = diverged(history["train_loss"], initial_loss, cfg.diverge_factor)
     found["lr_too_high"] = lr_too_high(history["train_loss"], initial_loss, ratio, cfg.early_epochs, cfg.early_loss_rise, cfg.update_ratio_high)
     if not found["diverged"]:
-        found["lr_too_low"] = lr_too_low(history["train_loss"], initial_loss, ratio, cfg.early_epochs, cfg.min_loss_drop, cfg.update_ratio_low)
+        # a loss that rose is a rate too high, never one too low (the cures point opposite ways)
+        found["lr_too_low"] = None if found["lr_too_high"] else lr_too_low(history["train_loss"], initial_loss, ratio, cfg.early_epochs, cfg.min_loss_drop, cfg.update_ratio_low)
         if not found["lr_too_low"]:
             found["plateau"] = plateau(history["train_loss"], history["train_acc"], cfg.plateau_epochs, cfg.plateau_min_drop, cfg.plateau_max_acc)
         found["underfitting"] = underfitting(history, cfg.underfit_acc, cfg.underfit_gap)

@@ -38,7 +38,7 @@ class Dist:
     def to_unit(self, value: float) -> float:
         """Position of `value` in [0, 1] along the range (log scale for loguniform)."""
         lo, hi, v = self._scaled(self.low), self._scaled(self.high), self._scaled(value)
-        return (v - lo) / (hi - lo)
+        return (v - lo) / (hi - lo) if hi > lo else 0.5  # a one-value range (int(46, 46)): no edge to sit at
 
     def from_unit(self, u: float) -> Any:
         """The value at position u in [0, 1) of the range; a choice picks option floor(u · n)."""
@@ -54,8 +54,10 @@ class Dist:
         return math.log(value) if self.kind == "loguniform" else float(value)
 
     def describe(self) -> str:
+        """The distribution as a search file writes it (parse_dist reads it back: range tags, warm starts)."""
         if self.kind == "choice":
-            return f"choice({list(self.options)})"
+            options = [list(o) if isinstance(o, tuple) else o for o in self.options]
+            return f"choice({yaml.safe_dump(options, default_flow_style=True, width=1_000_000).strip()})"  # [64, 64], null, true
         return f"{self.kind}({self.low:.4g}, {self.high:.4g})"
 
 
@@ -250,7 +252,10 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
 
 def _edge_shift(dist: Dist, widen: float) -> float:
     """How far, in units of the current range, an edge moves: ×widen (log) or widen/10 of the width."""
-    return math.log(widen) / (dist._scaled(dist.high) - dist._scaled(dist.low)) if dist.kind == "loguniform" else widen / 10
+    if dist.kind != "loguniform":
+        return widen / 10
+    width = dist._scaled(dist.high) - dist._scaled(dist.low)
+    return math.log(widen) / width if width > 0 else 0.0
 
 
 def _above_what_barely_learned(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid: Any) -> tuple[Space, dict[str, str]]:
@@ -290,8 +295,13 @@ def _rebuild(field: str, dist: Dist, lo_u: float, hi_u: float, is_valid: Any) ->
         low = dist.low
     if high > dist.high and is_valid is not None and not is_valid(field, high):
         high = dist.high
-    if high <= low and dist.kind != "int":  # all top trials at one value: keep a sliver around it
-        low, high = (low / 1.5, low * 1.5) if dist.kind == "loguniform" else (low - 1e-6, low + 1e-6)
+    if high <= low and dist.kind != "int":  # all top trials at one value: keep a sliver around it, within the field's limits
+        value = low
+        low, high = (value / 1.5, value * 1.5) if dist.kind == "loguniform" else (value - 1e-6, value + 1e-6)
+        if is_valid is not None and not is_valid(field, low):
+            low = value
+        if is_valid is not None and not is_valid(field, high):
+            high = value
     return replace(dist, low=float(low), high=float(max(high, low)))
 
 

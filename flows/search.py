@@ -196,6 +196,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     results: list[TrialResult] = []
     ranges: dict[str, dict[str, str]] = {}
     edges: list[str] = []
+    unmoved: dict[str, str] = {}  # field -> side: the last stage's best value at an edge
     stages = exp.search.stages
     processes = nullcontext((None, None))
     if exp.search.runner == "processes":  # room in shared memory for any stage's pruning reports
@@ -227,13 +228,18 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             log_stage(parent, stage.name, ranges[stage.name], stage_results)
             best = max((r.val_acc for r in stage_results if r.val_acc is not None), default=None)
             logger.info("stage %s: %d trials (%d reused), best val acc %s", stage.name, len(specs), sum(r.reused for r in stage_results), f"{best:.4f}" if best is not None else "n/a")
-            if number + 1 < len(stages):
-                trials = [{"params": r.params, "score": r.val_acc, "diverged": r.status == "diverged", "too_slow": "lr_too_low" in r.flags} for r in stage_results]
-                space, stage_edges = narrow(space, trials, narrowing, is_valid, lambda field, params: reads_field(field, params, base_tree))
-                for field, side in stage_edges.items():
-                    if f"edge:{field}={side}" not in edges:  # one flag, however many stages moved the range
-                        edges.append(f"edge:{field}={side}")
+            trials = [{"params": r.params, "score": r.val_acc, "diverged": r.status == "diverged", "too_slow": "lr_too_low" in r.flags} for r in stage_results]
+            narrowed, stage_edges = narrow(space, trials, narrowing, is_valid, lambda field, params: reads_field(field, params, base_tree))
+            last = number + 1 == len(stages)
+            for field, side in stage_edges.items():
+                if f"edge:{field}={side}" not in edges:  # one flag, however many stages moved the range
+                    edges.append(f"edge:{field}={side}")
+                if last:  # no stage left to move it: the file's range has to
+                    unmoved[field] = side
+                    logger.warning("stage %s, the last: %s at the %s edge of its range; the optimum may lie beyond it: widen the range and search again", stage.name, field, side)
+                else:
                     logger.warning("stage %s: %s at the %s edge of its range; the next stage's range moves past it", stage.name, field, side)
+            space = space if last else narrowed
 
         scored = [r for r in results if r.val_acc is not None]
         if not scored:  # the ranges are wrong, not the code: the trials and the advice still go to MLflow
@@ -258,7 +264,8 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         drawing = pool.submit(log_search_figure, *figure) if pool is not None and (retraining is None or exp.search.workers > 1) else None
         if drawing is None:
             log_search_figure(*figure)
-        advice = search_advice(searched, {e.split(":", 1)[1].split("=")[0]: e.rsplit("=", 1)[1] for e in edges})
+        moved = {e.split(":", 1)[1].split("=")[0]: e.rsplit("=", 1)[1] for e in edges}
+        advice = search_advice(searched, {f: side for f, side in moved.items() if unmoved.get(f) != side}, unmoved)
         if retraining is not None:
             final = retraining.result()
         if final is not None:

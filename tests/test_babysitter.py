@@ -247,6 +247,15 @@ def test_search_advice_blames_no_range_when_every_trial_shares_the_problem():
     assert "lower the upper bound" not in text and "drop that choice" not in text
     some = slow.assign(flags=["lr_too_low", "lr_too_low", "", ""], **{"param.model.activation": ["tanh", "tanh", "relu", "relu"]})
     assert "lr_too_low in 2 of 4 fine trials, all with optim.lr <= 8e-06: raise the lower bound of optim.lr" in search_advice(some, {})
+    # too slow at the highest rates: "lower the upper bound" would contradict the flag's own cure
+    top = slow.assign(flags=["", "", "lr_too_low", "lr_too_low"])
+    assert "optim.lr >=" not in search_advice(top, {}) and "lower the upper bound" not in search_advice(top, {})
+
+
+def test_a_loss_that_rose_is_a_rate_too_high_never_too_low():
+    assert F.lr_too_low([3.47], 2.31, [], 3, 0.1, 1e-5) is None  # after 1 epoch, 50% above the initial loss
+    flags = F.run_flags(history([3.47], [0.1]), 2.31, CFG)
+    assert "lr_too_high" in flags and "lr_too_low" not in flags
 
 
 # Real runs through the train flow, then `babysit report`

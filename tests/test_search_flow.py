@@ -317,6 +317,8 @@ def test_a_learning_rate_range_too_low_to_learn_moves_up(prefect_harness, fresh_
     assert summary.ranges["fine"]["model.dropout"] == summary.ranges["coarse"]["model.dropout"]  # chance-level scores narrow nothing
     advice = tracking.read_text(fresh_uri, summary.parent_run_id, "report.md")
     assert "lr_too_low in all 4 coarse trials" in advice and "learning-rate range is too low" in advice
+    # still too slow at the last stage: nothing is left to move its range, so the advice says to move the file's
+    assert "optim.lr at the upper edge of the last stage's range: the optimum may lie beyond it; raise its upper bound in the file" in advice
 
 
 def test_ensemble_of_the_top_trials_averages_their_probabilities(finished_search, tracking_uri):

@@ -100,6 +100,11 @@ def test_a_training_file_given_to_search_says_what_a_search_file_needs():
         load_config("conf/digits_mlp.yaml", model=SearchExperiment)
 
 
+@pytest.mark.parametrize("spec", ["choice([[32], [64, 64]])", "choice([null, 2])", "choice([false, true])", "choice([sgd, adam])", "loguniform(0.001, 0.1)"])
+def test_a_described_range_reads_back_as_written(spec):  # range tags feed warm starts, and users paste them into files
+    assert parse_dist("f", spec).describe() == spec and parse_dist("f", parse_dist("f", spec).describe()) == parse_dist("f", spec)
+
+
 def test_shipped_search_config_loads():
     exp = load_config("conf/search_digits.yaml", model=SearchExperiment)
     assert exp.search.stages[0].name == "coarse" and exp.base_config().data.source == "digits"
@@ -170,6 +175,23 @@ def test_a_field_narrows_only_on_the_trials_that_read_it():
     with_momentum_on_top, edges = narrow(space, trials, Narrowing(top_k=10, pad=0.0), reads=reads)
     momentum = with_momentum_on_top["optim.momentum"]
     assert 0.80 < momentum.low and momentum.high < 0.98 and not edges  # the 2 momentum trials nearest 0.9
+
+
+def test_narrowing_to_one_value_neither_crashes_nor_leaves_the_fields_limits():
+    from babysit.config import Config, field_problem
+
+    base = Config().model_dump(mode="json")
+    is_valid = lambda field, value: field_problem(base, field, value) is None  # noqa: E731
+    narrowing = Narrowing(top_k=1, pad=0.0)
+    space = space_of(train__batch_size="int(16, 128)")
+    for _ in range(3):  # int(46, 46), then again: a one-value range stays put
+        points = sample(space, 4, "random", seed=0)
+        space, edges = narrow(space, trials_for(points, lambda p: -abs(p["train.batch_size"] - 46)), narrowing, is_valid)
+    assert space["train.batch_size"].low == space["train.batch_size"].high and not edges
+    # momentum < 1: the sliver kept around a single best value stops at the field's limit
+    momentum = space_of(optim__momentum="loguniform(0.5, 0.99)")
+    new, _ = narrow(momentum, trials_for([{"optim.momentum": 0.7}, {"optim.momentum": 0.8}], lambda p: p["optim.momentum"]), narrowing, is_valid)
+    assert new["optim.momentum"].low < 0.8 <= new["optim.momentum"].high < 1  # 0.8 × 1.5 would be 1.2
 
 
 def test_narrowing_shrinks_around_the_top_trials_in_log_space():
