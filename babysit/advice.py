@@ -100,8 +100,8 @@ def _flag_sets(trials: pd.DataFrame) -> pd.Series:
 
 def _fmt(value: object) -> str:
     if isinstance(value, float):
-        return f"{value:.2g}"
-    return str(value)
+        return "null" if math.isnan(value) else f"{value:.2g}"  # a None option became NaN in the trials table
+    return "null" if value is None else str(value)
 
 
 def blame(trials: pd.DataFrame, bad: pd.Series, params: list[str], never: tuple[str, str] | None = None) -> tuple[str, str, str] | None:

@@ -41,6 +41,17 @@ class HideUserErrorTracebacks(logging.Filter):
         return True
 
 
+def at_least_one(text: str) -> int:
+    """argparse type for counts (members, epochs, examples): a whole number ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def quiet_user_errors() -> None:
     for handler in logging.getLogger("prefect").handlers + logging.getLogger().handlers:
         handler.addFilter(HideUserErrorTracebacks(terminal=isinstance(handler, logging.StreamHandler)))
@@ -157,8 +168,20 @@ def report(args: argparse.Namespace) -> int:
     flags = {name: record.tags.get(f"flag.{name}", "") for name in names}
     history = {key: record.histories[key] for key in ("train_loss", "train_acc", "val_loss", "val_acc") if key in record.histories}
     name = record.tags.get("babysit.config_name") or record.tags.get("mlflow.runName", args.run_id)
-    text = run_report(name, flags, history, record.metrics.get("initial_loss", float("nan")), record.histories,
-                      record.tags.get("babysit.stop_reason"), args.run_id)
+    kind = record.tags.get("babysit.kind")
+    if kind == "search":  # a parent run: the search wrote its own report (ranges, edges, stages), not a training's
+        try:
+            text = f"# Search {name} ({args.run_id})\n\n" + tracking.read_text(uri, args.run_id, "report.md")
+        except Exception:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
+            text = f"# Search {name} ({args.run_id})\n\nNo report.md: the search stopped before its first stage ended.\n"
+    elif kind == "ensemble":
+        members = record.tags.get("babysit.members", "").split(",")
+        text = (f"# Ensemble {name} ({args.run_id})\n\n{len(members)} members from search {record.tags.get('babysit.search_run_id')}: "
+                f"ensemble test acc {record.metrics.get('ensemble_test_acc', float('nan')):.4f}, "
+                f"best single member {record.metrics.get('best_single_test_acc', float('nan')):.4f}.\n")
+    else:
+        text = run_report(name, flags, history, record.metrics.get("initial_loss", float("nan")), record.histories,
+                          record.tags.get("babysit.stop_reason"), args.run_id)
     if record.status != "FINISHED":
         text += f"\nMLflow status: {record.status}" + (f" ({record.tags['babysit.failure']})" if "babysit.failure" in record.tags else "") + "\n"
     print(text, end="")
@@ -271,8 +294,8 @@ def parser() -> argparse.ArgumentParser:
 
     with_config("train", "train one model and track it in MLflow").set_defaults(handler=train)
     check_cmd = with_config("check", "pre-flight checks: initial loss, tiny-subset overfit, activations at init")
-    check_cmd.add_argument("--subset", type=int, default=20, metavar="N", help="training examples the model must overfit (default 20)")
-    check_cmd.add_argument("--budget", type=int, default=200, metavar="EPOCHS", help="epochs allowed to overfit them (default 200)")
+    check_cmd.add_argument("--subset", type=at_least_one, default=20, metavar="N", help="training examples the model must overfit (default 20)")
+    check_cmd.add_argument("--budget", type=at_least_one, default=200, metavar="EPOCHS", help="epochs allowed to overfit them (default 200)")
     check_cmd.add_argument("--plots", default=None, metavar="DIR", help="also save init_activations.png and overfit_curve.png there")
     check_cmd.set_defaults(handler=check)
     report_cmd = commands.add_parser("report", help="a run's flags and advice, rebuilt from MLflow")
@@ -302,8 +325,8 @@ def parser() -> argparse.ArgumentParser:
     server_cmd.set_defaults(handler=server)
     ens = commands.add_parser("ensemble", help="average the top-k trials of a search and compare with the best single model")
     ens.add_argument("run_id", help="the search's parent MLflow run id")
-    ens.add_argument("--top", type=int, default=3, help="members: the k best trials by validation accuracy")
-    ens.add_argument("--epochs", type=int, default=None, help="retrain each member this long (default: its trial's epochs)")
+    ens.add_argument("--top", type=at_least_one, default=3, help="members: the k best trials by validation accuracy")
+    ens.add_argument("--epochs", type=at_least_one, default=None, help="retrain each member this long (default: its trial's epochs)")
     ens.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
     ens.set_defaults(handler=ensemble)
     ui_cmd = commands.add_parser("ui", help="open the MLflow UI on the local store (127.0.0.1)")

@@ -392,10 +392,10 @@ class SearchConfig(Section):
     sanity_check: bool = False  # overfit a tiny subset before the first stage; stop if it cannot
     resume: bool = True  # reuse the finished trials of the latest run of this same search
 
-    @field_validator("top_k")
+    @field_validator("top_k", mode="before")  # before: pydantic would read `true` as the count 1
     @classmethod
-    def _count_or_share(cls, value: int | float) -> int | float:
-        if isinstance(value, float) and not 0 < value < 1 or isinstance(value, int) and value < 1:
+    def _count_or_share(cls, value: Any) -> Any:
+        if isinstance(value, bool) or isinstance(value, float) and not 0 < value < 1 or isinstance(value, int) and value < 1:
             raise ValueError(f"expected a count of trials (an integer ≥ 1) or a share of them (a number between 0 and 1), got {value}")
         return value
 
@@ -426,7 +426,7 @@ class SearchExperiment(Config):
         base = self.model_dump(exclude={"search"})
         for field, spec in self.search.space.items():
             dist = parse_dist(field, spec)
-            values = dist.options if not dist.numeric else (dist.low, dist.high)
+            values = dist.options if not dist.numeric else (int(dist.low), int(dist.high)) if dist.kind == "int" else (dist.low, dist.high)
             if dist.kind in ("uniform", "loguniform"):  # they sample fractions: an integer field needs int(low, high)
                 values = (*values, dist.low + (dist.high - dist.low) / 3)
             for value in values:

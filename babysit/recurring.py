@@ -72,6 +72,12 @@ def stage_order(params: dict[str, str], fallback: list[str]) -> list[str]:
         return fallback
 
 
+def latest_before(past: list[Any], run: Any) -> Any | None:
+    """The newest of `past` (finished runs, newest first) that started before `run`: a resumed
+    search compares itself with what came before it, never with a later run of the same name."""
+    return next((r for r in past if r.info.run_id != run.info.run_id and r.info.start_time < run.info.start_time), None)
+
+
 def past_search(run: Any, fields: list[str], fallback_order: list[str]) -> PastSearch:
     """A search parent run (as fetched from MLflow) to a PastSearch over the searched `fields`."""
     tags, params, metrics = dict(run.data.tags), dict(run.data.params), dict(run.data.metrics)

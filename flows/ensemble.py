@@ -70,15 +70,18 @@ def member_task(cfg: Config, prepared: Prepared) -> tuple[float, np.ndarray]:
 @flow(name="ensemble", flow_run_name="ensemble-{search_run_id}")
 def ensemble_flow(search_run_id: str, top: int = 3, epochs: int | None = None, tracking_uri: str | None = None) -> EnsembleSummary:
     """Retrain the top `top` trials of a search (for `epochs`, default each trial's own) and average them."""
+    if top < 1 or epochs is not None and epochs < 1:
+        raise BabysitError(f"ensemble of search {search_run_id}: `top` and `epochs` are counts of at least 1 (got top={top}, epochs={epochs}).")
     uri = tracking.resolve_uri(tracking_uri)
     trials = top_trials(uri, search_run_id, top)
     configs = [config_from_params(r.data.params) for r in trials]
-    if epochs:
+    if epochs is not None:
         configs = [c.model_copy(update={"train": c.train.model_copy(update={"epochs": epochs})}) for c in configs]
     base = configs[0]  # members share data and preprocessing: a search varies the model, not the split
     prepared = preprocess_task(load_data_task(base.data, base.seed), base.preprocess)
-    futures = [member_task.submit(cfg, prepared) for cfg in configs]
-    members = [f.result() for f in futures]
+    # one after another: in threads, members would share torch's global generator (dropout's
+    # masks) and differ from run to run, and small models hold the GIL anyway
+    members = [member_task(cfg, prepared) for cfg in configs]
     y_test = prepared.splits.y_test
     ensemble_acc = float((ensemble_probabilities([p for _, p in members]).argmax(1) == y_test).mean())
 

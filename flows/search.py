@@ -172,7 +172,8 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     runner = scaleout.task_runner(exp.search.runner, exp.search.workers, exp.search.dask_address, prefect_api_for_dask(exp) if dask else None)
     past, recurrence, parent_name = recurrence_of(exp, uri)
     parent, finished = open_parent(exp, uri, recurrence, parent_name)  # the store and experiment exist before any fan-out
-    previous = next((recurring.past_search(r, list(exp.search.space), [s.name for s in exp.search.stages]) for r in past if r.info.run_id != parent.run_id), None)
+    before = recurring.latest_before(past, tracking.get_run(uri, parent.run_id))
+    previous = recurring.past_search(before, list(exp.search.space), [s.name for s in exp.search.stages]) if before is not None else None
     # processes too: each worker process sets its trial's train.threads (torch's default is all cores)
     on_this_machine = exp.search.runner in ("threads", "processes") or dask and not exp.search.dask_address
     threads = threads_per_trial(exp.search.workers) if on_this_machine else None

@@ -16,31 +16,35 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 # torch.nn.init.calculate_gain knows no ELU/GELU; they behave like ReLU for positive inputs.
 GAIN_NAME = {"sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu", "leaky_relu": "leaky_relu", "elu": "relu", "gelu": "relu"}
 
 
-def init_layer(module: nn.Module, scheme: str, activation: str = "relu", distribution: str = "normal", leaky_slope: float = 0.01) -> None:
-    """Initialise one Linear/Conv layer in place; other modules keep torch's defaults."""
+def init_layer(module: nn.Module, scheme: str, activation: str = "relu", distribution: str = "normal", leaky_slope: float = 0.01,
+               generator: torch.Generator | None = None) -> None:
+    """Initialise one Linear/Conv layer in place; other modules keep torch's defaults. With
+    `generator`, the weights come from it alone, not from torch's global generator, which trials
+    training in other threads draw from too."""
     if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
         return
     w = module.weight
     uniform = distribution == "uniform"
     if scheme == "small":
-        nn.init.normal_(w, 0.0, 0.01)
+        nn.init.normal_(w, 0.0, 0.01, generator=generator)
     elif scheme == "xavier":
-        (nn.init.xavier_uniform_ if uniform else nn.init.xavier_normal_)(w)
+        (nn.init.xavier_uniform_ if uniform else nn.init.xavier_normal_)(w, generator=generator)
     elif scheme == "he":
         slope = leaky_slope if activation == "leaky_relu" else 0.0
-        (nn.init.kaiming_uniform_ if uniform else nn.init.kaiming_normal_)(w, a=slope, mode="fan_in", nonlinearity="leaky_relu")
+        (nn.init.kaiming_uniform_ if uniform else nn.init.kaiming_normal_)(w, a=slope, mode="fan_in", nonlinearity="leaky_relu", generator=generator)
     elif scheme == "lecun":
-        (nn.init.kaiming_uniform_ if uniform else nn.init.kaiming_normal_)(w, mode="fan_in", nonlinearity="linear")
+        (nn.init.kaiming_uniform_ if uniform else nn.init.kaiming_normal_)(w, mode="fan_in", nonlinearity="linear", generator=generator)
     elif scheme == "orthogonal":
         gain_name = GAIN_NAME[activation]
         gain = nn.init.calculate_gain(gain_name, leaky_slope if gain_name == "leaky_relu" else None)
-        nn.init.orthogonal_(w, gain=gain)
+        nn.init.orthogonal_(w, gain=gain, generator=generator)
     else:
         raise ValueError(f"unknown init scheme '{scheme}'")
     if module.bias is not None:

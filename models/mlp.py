@@ -68,12 +68,13 @@ def build_model(cfg: ModelConfig, inputs: int | tuple[int, ...], n_classes: int,
     from models.cnn import ConvNet, ResNet  # the MLP module stays importable on its own
 
     shape = (inputs,) if isinstance(inputs, int) else tuple(inputs)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # dropout's masks come from torch's global generator
     if cfg.kind == "mlp":
         model = MLP(math.prod(shape), n_classes, cfg)
     else:
         model = (ConvNet if cfg.kind == "cnn" else ResNet)(shape[0], n_classes, cfg)
-    model.apply(partial(init_layer, scheme=cfg.init, activation=cfg.activation, distribution=cfg.init_distribution, leaky_slope=cfg.leaky_slope))
+    weights = torch.Generator().manual_seed(seed)  # its own: trials in other threads draw from the global one meanwhile
+    model.apply(partial(init_layer, scheme=cfg.init, activation=cfg.activation, distribution=cfg.init_distribution, leaky_slope=cfg.leaky_slope, generator=weights))
     with torch.no_grad():
         model.head.weight.mul_(cfg.head_init_scale)
     return model

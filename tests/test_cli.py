@@ -154,3 +154,10 @@ def test_errors_print_brackets_as_written(tmp_path, capsys):
     path = bad_yaml(tmp_path, {"search": {"space": {"optim.lr": "normal(0, 1)"}, "stages": [{"name": "a", "trials": 1, "epochs": 1}]}})
     assert main(["search", path]) == 2
     assert "choice([a, b, ...])" in one_paragraph(capsys.readouterr().out)  # not eaten as console markup
+
+
+@pytest.mark.parametrize("argv", [["ensemble", "abc", "--top", "0"], ["ensemble", "abc", "--epochs", "-1"], ["check", "conf/digits_mlp.yaml", "--subset", "x"]])
+def test_counts_on_the_command_line_are_at_least_one(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and "expected a whole number of at least 1" in capsys.readouterr().err

@@ -169,3 +169,11 @@ def test_fields_read_only_with_one_setting_of_another():
         section, name = field.split(".")
         assert field_problem(images, field, images[section][name]) is None, field
         assert all(field_problem(images, switch, value) is None for value in readers), switch
+
+
+@pytest.mark.parametrize("value", ["true", "0", "1.5"])
+def test_top_k_is_a_count_or_a_share_never_a_boolean(value):
+    from babysit.config import SearchExperiment
+
+    with pytest.raises(BabysitError, match="search.top_k"):
+        load_config(CONF / "search_digits.yaml", [f"search.top_k={value}"], model=SearchExperiment)

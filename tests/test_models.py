@@ -154,3 +154,25 @@ def test_inspect_init_reports_relu_activation_stats():
     small = inspect_init(ModelConfig(hidden=[400, 400, 400], init="small", activation="tanh"), 20, 4, 0, X)
     stds = small.layer_stats["act_std"]
     assert stds[0] > stds[1] > stds[2]
+
+
+def test_weights_at_init_ignore_other_threads_drawing_random_numbers():
+    import threading
+
+    cfg = ModelConfig(hidden=[128, 128])
+    reference = build_model(cfg, 64, 10, seed=3).state_dict()
+    stop = threading.Event()
+
+    def draw() -> None:  # another trial's thread, sampling dropout masks meanwhile
+        while not stop.is_set():
+            torch.rand(10_000)
+
+    other = threading.Thread(target=draw)
+    other.start()
+    try:
+        for _ in range(20):
+            rebuilt = build_model(cfg, 64, 10, seed=3).state_dict()
+            assert all(torch.equal(rebuilt[name], weights) for name, weights in reference.items())
+    finally:
+        stop.set()
+        other.join()

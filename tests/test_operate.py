@@ -84,6 +84,18 @@ def test_changes_since_the_last_run_name_accuracy_and_moved_ranges():
     assert recurring.changes_since(None, 0.97, {}) == []
 
 
+def test_a_resumed_search_compares_itself_with_an_earlier_run_only():
+    from types import SimpleNamespace
+
+    def run(run_id, started):
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id, start_time=started))
+
+    newest_first = [run("later", 300), run("resumed", 200), run("earlier", 100)]
+    assert recurring.latest_before(newest_first, newest_first[1]).info.run_id == "earlier"
+    assert recurring.latest_before(newest_first, run("fresh", 400)).info.run_id == "later"
+    assert recurring.latest_before(newest_first, newest_first[2]) is None
+
+
 # ---- pure: scale-out rules, schedules, config -------------------------------------------------
 
 def test_dask_workers_elsewhere_cannot_share_a_local_sqlite_store(tmp_path, monkeypatch):

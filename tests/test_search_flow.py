@@ -154,6 +154,15 @@ def test_worker_processes_run_the_trials_and_share_pruning(prefect_harness, fres
     assert {"search.png", "trials.csv", "report.md"} <= artifacts
 
 
+def test_babysit_report_on_a_search_prints_the_searchs_own_report(finished_search, tracking_uri, capsys):
+    from babysit.cli import main
+
+    assert main(["report", finished_search.parent_run_id, "--uri", tracking_uri]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# Search search_digits") and "- coarse: 4 trials" in out and "- fine: 3 trials" in out
+    assert "No flags" not in out  # not a training run's report
+
+
 def one_trial(uri: str, index: int = 0):
     """A tiny digits trial (16 hidden units, 1 epoch), its data and a parent run to log it under."""
     from tasks.data import load_dataset, split_dataset
