@@ -139,11 +139,16 @@ _WORKER: dict[str, Any] = {}  # in a worker process: the search's data, pruning 
 
 
 def _start_worker(prepared: Prepared, reports: SharedReports, stop: Any) -> None:
+    import signal
+
+    # Ctrl-C reaches the whole process group. A worker interrupted at a random point can die
+    # holding the pool's result-queue lock, and the pool then waits for it forever; the flow
+    # stops its workers instead, through `stop`, which they read between epochs
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform == "linux":
         # die with the flow's process, kill -9 included: an orphan that went on to finish its
         # trial would add a second finished run to a key the resumed search runs again
         import ctypes
-        import signal
 
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
