@@ -7,8 +7,10 @@ exits with status 2 and one paragraph that names the field.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -343,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     # The first ephemeral server on a new machine migrates its database; 20 s is not always enough.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = parser().parse_args(argv)
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints where every thread of a stuck command is
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return args.handler(args)
     except BabysitError as err:

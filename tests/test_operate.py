@@ -210,13 +210,22 @@ def test_ctrl_c_stops_a_search_at_once_leaving_no_run_running(prefect_harness, t
     command = [str(Path(sys.executable).parent / "babysit"), "search", str(ROOT / "conf/search_digits.yaml"), "--set", "search.final=null",
                "--set", "search.stages=[{name: coarse, trials: 6, epochs: 3000}]"]
     # a session of its own, whose process group stands for the terminal's: Ctrl-C signals all of it
-    search = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # SIGINT's default action, as in a terminal: a shell's background job (`cmd &`) starts with it ignored, and so would babysit
+    search = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and search.poll() is None and trial_runs(tmp_path / "mlflow.db") < 2:  # both workers are training
             time.sleep(0.5)
         os.killpg(search.pid, signal.SIGINT)
-        out, _ = search.communicate(timeout=60)  # before: minutes, retrying a server the signal had stopped
+        try:
+            out, _ = search.communicate(timeout=90)  # before: minutes, retrying a server the signal had stopped
+        except subprocess.TimeoutExpired:  # show where it is stuck: babysit prints its threads' stacks on SIGUSR1
+            os.kill(search.pid, signal.SIGUSR1)
+            time.sleep(3)
+            os.killpg(search.pid, signal.SIGKILL)
+            out, _ = search.communicate(timeout=30)
+            pytest.fail(f"babysit search did not stop within 90 s of Ctrl-C; its output ends:\n{out[-6000:]}")
     finally:
         if search.poll() is None:
             os.killpg(search.pid, signal.SIGKILL)
