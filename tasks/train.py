@@ -141,10 +141,10 @@ def fit(
         if val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        elif train_cfg.early_stopping_patience and epoch - best_epoch >= train_cfg.early_stopping_patience:
+        elif train_cfg.early_stopping_patience and epoch - best_epoch >= train_cfg.early_stopping_patience and epoch < epochs:
             stop_reason = f"early stopping in epoch {epoch}: no better validation accuracy since epoch {best_epoch}"
             break
-        if verdict:
+        if verdict and epoch < epochs:  # after the last epoch there is nothing to stop: a trial pruned there trained in full
             stop_reason = verdict
             break
     if best_state is not None:

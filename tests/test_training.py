@@ -142,6 +142,14 @@ def test_on_epoch_sees_each_epoch_and_may_stop(digits):
         assert [m[key] for _, m in seen] == result.history[key]
 
 
+def test_a_stop_asked_for_after_the_last_epoch_is_no_early_stop(digits):
+    # a trial "pruned" in its last epoch, or early-stopped there, trained every epoch: it finished
+    result, _ = train_and_test(config("model.hidden=[16]", "train.epochs=2"), digits, lambda epoch, metrics: "pruned by test" if epoch == 2 else None)
+    assert result.epochs_run == 2 and result.stop_reason is None
+    result, _ = train_and_test(config("optim.lr=1e-7", "train.epochs=3", "train.early_stopping_patience=2", "model.hidden=[64]"), digits)  # a plateau, as above
+    assert result.epochs_run == 3 and result.stop_reason is None
+
+
 def test_recorded_lr_follows_the_schedule(digits):
     # step decay every epoch by 0.5: epoch e trains at lr · 0.5^(e-1) throughout
     result, _ = train_and_test(config("model.hidden=[16]", "train.epochs=4", "optim.schedule=step", "optim.step_epochs=1", "optim.gamma=0.5", "optim.lr=0.01"), digits)
