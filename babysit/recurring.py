@@ -133,14 +133,19 @@ def _candidate(field: str, dist: Dist, text: str | None, is_valid: Any) -> tuple
 
 
 def changes_since(past: PastSearch | None, best_val_acc: float | None, ranges: dict[str, dict[str, str]]) -> list[str]:
-    """What changed since `past`: best validation accuracy, then each stage's ranges that moved."""
+    """What changed since `past`: best validation accuracy, then each stage's ranges that moved
+    (compared stage by stage and field by field; pairs that `past` did not search are listed as such)."""
     if past is None:
         return []
     when = f" ({past.started:%Y-%m-%d %H:%M}Z)" if past.started else ""
     lines = [f"since {past.run_name}{when}, run {past.run_id}:"]
     if best_val_acc is not None and past.best_val_acc is not None:
         lines.append(f"best val acc {past.best_val_acc:.4f} -> {best_val_acc:.4f} ({best_val_acc - past.best_val_acc:+.4f})")
-    moved = [f"{stage} {field}: {past.ranges[stage][field]} -> {text}"
-             for stage, space in ranges.items() for field, text in space.items()
-             if field in past.ranges.get(stage, {}) and past.ranges[stage][field] != text]
-    return lines + (moved or ["ranges: unchanged"])
+    now = [(stage, field, text) for stage, space in ranges.items() for field, text in space.items()]
+    compared = [(stage, field, text) for stage, field, text in now if field in past.ranges.get(stage, {})]
+    moved = [f"{stage} {field}: {past.ranges[stage][field]} -> {text}" for stage, field, text in compared if past.ranges[stage][field] != text]
+    lines += moved or (["ranges: unchanged"] if compared else [])
+    new = [f"{stage} {field}" for stage, field, _ in now if field not in past.ranges.get(stage, {})]
+    if new:  # a renamed or added stage, a newly searched field: nothing to compare them with
+        lines.append("not searched then: " + ", ".join(new))
+    return lines

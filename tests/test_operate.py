@@ -84,6 +84,15 @@ def test_changes_since_the_last_run_name_accuracy_and_moved_ranges():
     assert recurring.changes_since(None, 0.97, {}) == []
 
 
+def test_changes_since_a_run_with_other_stages_says_what_was_not_compared():
+    past = recurring.past_search(past_run(tags={"range.wide.optim.lr": "loguniform(1e-05, 0.1)"}, best=0.95), ["optim.lr"], [])
+    lines = recurring.changes_since(past, 0.97, {"coarse": {"optim.lr": "loguniform(1e-05, 0.1)"}})
+    assert "ranges: unchanged" not in lines  # nothing was compared
+    assert lines[-1] == "not searched then: coarse optim.lr"
+    both = {"wide": {"optim.lr": "loguniform(1e-05, 0.1)", "model.dropout": "uniform(0.0, 0.5)"}}
+    assert recurring.changes_since(past, 0.97, both)[-2:] == ["ranges: unchanged", "not searched then: wide model.dropout"]
+
+
 def test_a_resumed_search_compares_itself_with_an_earlier_run_only():
     from types import SimpleNamespace
 
