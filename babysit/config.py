@@ -268,7 +268,7 @@ def _flow_hint(err: yaml.YAMLError) -> str:
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
     """Return a copy of `tree` with each 'a.b.c=value' applied; values are parsed as YAML."""
-    tree = yaml.safe_load(yaml.safe_dump(tree))  # deep copy of plain data
+    tree = copy.deepcopy(tree)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():

@@ -62,19 +62,35 @@ def close(fig: Figure) -> None:
     plt.close(fig)
 
 
-def search_overview(trials, fields: list[str]) -> Figure:
+def overview_rows(fields: list[str]) -> int:
+    """Rows of the search figure: a panel per field and one for the best so far, 3 to a row."""
+    return -(-(len(fields) + 1) // 3)
+
+
+def search_overview(trials, fields: list[str], row: int | None = None) -> Figure:
     """One panel per searched field (validation accuracy against the field's value, coloured by
     stage, log x-axis for ranges over more than 20×: the lecture's coarse/fine scatter), and a last
-    panel with the best validation accuracy found after each trial. One figure, saved once: drawing
-    one costs ~0.3-0.4 s here, paid by every search. `trials` has columns stage, val_acc and
-    param.<field>, rows in the order the trials ran."""
-    n = len(fields) + 1
-    cols = min(n, 3)
-    rows = -(-n // cols)
+    panel with the best validation accuracy found after each trial. `trials` has columns stage,
+    val_acc and param.<field>, rows in the order the trials ran.
+
+    Drawing the figure costs ~0.3-0.4 s here, paid by every search, so `row` draws one row of
+    panels only, as a figure of its own: rows drawn at once in worker processes and stacked
+    (`pixels`, np.vstack) make the same picture sooner."""
+    panels = [*fields, None]  # None: the best-so-far panel
+    cols = min(len(panels), 3)
+    if row is not None:
+        panels = panels[row * cols : (row + 1) * cols]
+    rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.5 * rows), squeeze=False)
-    for ax in axes.flat[n:]:
+    for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    for ax, field in zip(axes.flat, fields):
+    for ax, field in zip(axes.flat, panels):
+        if field is None:
+            best = trials["val_acc"].astype(float).fillna(0.0).cummax()
+            ax.plot(range(1, len(best) + 1), best, drawstyle="steps-post")
+            ax.set(xlabel="trials", ylabel="best val acc so far")
+            ax.grid(alpha=0.3)
+            continue
         values = trials[f"param.{field}"]
         numeric = values.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all()
         for colour, (stage, group) in enumerate(trials.groupby("stage", sort=False)):
@@ -86,12 +102,17 @@ def search_overview(trials, fields: list[str]) -> Figure:
             ax.xaxis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=True))  # "1e-03": 10^-3 goes through mathtext, ~0.1 s a figure
         ax.set(xlabel=field, ylabel="best val acc")
         ax.grid(alpha=0.3)
-    if fields:
-        axes.flat[0].legend(fontsize=8)  # one for all: every panel colours the stages alike
-    progress = axes.flat[n - 1]
-    best = trials["val_acc"].astype(float).fillna(0.0).cummax()
-    progress.plot(range(1, len(best) + 1), best, drawstyle="steps-post")
-    progress.set(xlabel="trials", ylabel="best val acc so far")
-    progress.grid(alpha=0.3)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.1, top=0.94, wspace=0.3, hspace=0.35)  # tight_layout would draw the figure once more
+        if field == fields[0]:
+            ax.legend(fontsize=8)  # one for all: every panel colours the stages alike
+    # margins in inches, alike for a whole figure and for a row (tight_layout would draw the figure once more)
+    height = 3.5 * rows
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.7 / height, top=1 - 0.35 / height, wspace=0.3, hspace=0.35)
     return fig
+
+
+def pixels(fig: Figure):
+    """The figure drawn, as an RGBA array (height × width × 4)."""
+    import numpy as np
+
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba()).copy()

@@ -70,9 +70,10 @@ def parse_dist(field: str, spec: Any) -> Dist:
     """Parse 'loguniform(1e-5, 1e-1)' & co. Raises ValueError with what was expected."""
     match = _SPEC.match(spec) if isinstance(spec, str) else None
     if not match:
-        # YAML split an unquoted distribution at its comma inside {...}: the value ends mid-call
-        split = isinstance(spec, str) and spec.count("(") > spec.count(")")
-        hint = f"; {QUOTE_DISTRIBUTIONS}" if split else ""
+        unclosed = isinstance(spec, str) and spec.count("(") > spec.count(")")
+        # YAML split an unquoted distribution at its first comma inside {...}: the value ends there
+        split = unclosed and "," not in spec.partition("(")[2]
+        hint = f"; {QUOTE_DISTRIBUTIONS}" if split else "; a ')' is missing" if unclosed else ""
         raise ValueError(f"`{field}`: expected loguniform(low, high), uniform(low, high), int(low, high) or choice([a, b, ...]), got {spec!r}{hint}")
     kind, raw_args = match.groups()
     try:
@@ -248,6 +249,13 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
         if field in edges and not moved:  # at a hard limit of the field (e.g. dropout 0): nothing moved
             del edges[field]
     return new_space, edges
+
+
+def edge_side(dist: Dist, value: Any, edge: float) -> str | None:
+    """'low' or 'high' when `value` lies within `edge` (a fraction of the range's width, on its
+    scale) of that bound of numeric `dist`; else None."""
+    position = dist.to_unit(value)
+    return "low" if position <= edge else "high" if position >= 1 - edge else None
 
 
 def _edge_shift(dist: Dist, widen: float) -> float:

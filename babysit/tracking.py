@@ -201,6 +201,11 @@ def log_figure(run: RunRef, figure: Any, artifact_file: str) -> None:
     _client(run.uri).log_figure(run.run_id, figure, artifact_file)
 
 
+def log_image(run: RunRef, pixels: Any, artifact_file: str) -> None:
+    """An image (numpy array, height × width × 3 or 4) as a PNG artifact."""
+    _client(run.uri).log_image(run.run_id, pixels, artifact_file=artifact_file)
+
+
 def log_file(run: RunRef, path: str | Path, artifact_dir: str | None = None) -> None:
     _client(run.uri).log_artifact(run.run_id, str(path), artifact_dir)
 

@@ -235,7 +235,7 @@ def main() -> None:
     started = time.perf_counter()
     wall, _, _ = timed_search(args.config, Case("warm-up", 1, "threads", 1).overrides(epochs=1))
     print(f"  warm-up search (1 trial; starts Prefect's temporary server, creates the MLflow store, first flow in this process): {wall:.1f} s (excluded)", flush=True)
-    shipped = shipped_search(args.config, args.shipped_repeats, args.settle, prepared) if args.shipped_repeats else None
+    shipped, phases = shipped_search(args.config, args.shipped_repeats, args.settle, prepared) if args.shipped_repeats else (None, None)
     for repeat in range(args.repeats):
         for case in cases:
             time.sleep(args.settle)
@@ -274,6 +274,10 @@ def main() -> None:
         paired = [min(a, b) / c for a, b, c in zip(searches["workers=1 threads"][0], searches["workers=1 processes"][0], searches["workers=2 processes"][0])]
         print(f"  repeat by repeat (that repeat's faster single worker / its 2 processes): median x{statistics.median(paired):.2f}, "
               f"range x{min(paired):.2f}-x{max(paired):.2f}")
+        phase_one = statistics.median(phases[baseline])
+        print(f"  trial phase only (first trial's start to last trial's end, from MLflow; per-search work before and after left out): "
+              + ", ".join(f"{label} {statistics.median(values):.1f} s" for label, values in phases.items())
+              + f"; 2 processes x{phase_one / statistics.median(phases['workers=2 processes']):.2f} over {baseline}")
         ceiling = [a / b for a, b in zip(shipped[BARE_ONE][0], shipped[BARE_TWO][0])]
         print(f"  ceiling: bare PyTorch, {shipped[BARE_ONE][1]} trainings, 2 forked processes vs 1 (1 torch thread each): median x{statistics.median(ceiling):.2f}, "
               f"range x{min(ceiling):.2f}-x{max(ceiling):.2f}; the search's speed-up is {speedup / statistics.median(ceiling):.0%} of it "
@@ -316,11 +320,12 @@ def ceiling_configs(config: str) -> list[dict]:
     return configs
 
 
-def shipped_search(config: str, repeats: int, settle: float, prepared: Prepared) -> dict[str, tuple[list[float], int]]:
+def shipped_search(config: str, repeats: int, settle: float, prepared: Prepared) -> tuple[dict[str, tuple[list[float], int]], dict[str, list[float]]]:
     """Wall times of the YAML's own search (every stage as written) with 1 and 2 workers, cases alternating."""
     cases = {"workers=1 threads": (1, "threads"), "workers=1 processes": (1, "processes"), "workers=2 processes": (2, "processes"), "workers=2 threads": (2, "threads")}
     walls: dict[str, list[float]] = {label: [] for label in cases}
     walls.update({BARE_ONE: [], BARE_TWO: []})
+    phases: dict[str, list[float]] = {label: [] for label in cases}
     bare_configs = ceiling_configs(config)
     trials = 0
     for repeat in range(repeats):
@@ -334,9 +339,19 @@ def shipped_search(config: str, repeats: int, settle: float, prepared: Prepared)
             overrides = [f"search.workers={workers}", f"search.runner={runner}", "search.final=null", "search.resume=false", "tracking.experiment=bench-shipped"]
             wall, _, summary = timed_search(config, overrides)
             walls[label].append(wall)
+            phases[label].append(trial_phase(summary))
             trials = summary.trials_run
-            print(f"  shipped search, repeat {repeat}: {label:22s} wall {wall:6.1f} s, {trials} trials", flush=True)
-    return {label: (values, trials if label in cases else len(bare_configs)) for label, values in walls.items()}
+            print(f"  shipped search, repeat {repeat}: {label:22s} wall {wall:6.1f} s, {trials} trials; trial phase {phases[label][-1]:.1f} s", flush=True)
+    return {label: (values, trials if label in cases else len(bare_configs)) for label, values in walls.items()}, phases
+
+
+def trial_phase(summary) -> float:
+    """Seconds from the first trial's start to the last trial's end, from the trials' MLflow runs
+    (start and end times in ms): the search's stages, the narrowing between them included; the
+    per-search work before (Prefect flow run, data, parent run, worker start) and after (figure,
+    trials.csv, report, artifacts) left out."""
+    children = tracking.find_runs(summary.tracking_uri, summary.experiment_id, {"mlflow.parentRunId": summary.parent_run_id})
+    return (max(r.info.end_time for r in children) - min(r.info.start_time for r in children)) / 1000
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 from prefect import flow, get_run_logger, runtime
@@ -28,7 +30,7 @@ from babysit.advice import search_advice
 from babysit.errors import BabysitError
 from babysit.config import Config, SearchExperiment, field_problem, load_config, reads_field, with_values
 from babysit.pruning import Pruner
-from babysit.space import Narrowing, describe, grid_shortfall, narrow, parse_dist, sample
+from babysit.space import Narrowing, describe, edge_side, grid_shortfall, narrow, parse_dist, sample
 from flows.train import provenance_tags
 from tasks.check import overfit_tiny_subset
 from tasks.data import load_data_task
@@ -136,6 +138,43 @@ def log_stage(parent: tracking.RunRef, stage: str, space_text: dict[str, str], r
     tracking.set_tags(parent, {f"range.{stage}.{field}": text for field, text in space_text.items()})
 
 
+def stage_specs(exp: SearchExperiment, stage, number: int, space: dict, base_tree: dict, threads: int | None, device: str) -> list[TrialSpec]:
+    """The stage's trials sampled from `space`; a config sampled twice runs once (same config,
+    same seed: same result)."""
+    logger = get_run_logger()
+    points = sample(space, stage.trials, exp.search.sampler, seed=exp.seed * 1000 + number)
+    if exp.search.sampler == "grid" and (shortfall := grid_shortfall(space, stage.trials)):
+        logger.warning("stage %s, grid sampler: %s", stage.name, shortfall)
+    sampled = [make_spec(base_tree, stage.name, i, p, stage.epochs, threads, trial_device(device, i)) for i, p in enumerate(points)]
+    first_of_each: dict[str, TrialSpec] = {}
+    for spec in sampled:
+        first_of_each.setdefault(spec.key, spec)
+    specs = list(first_of_each.values())
+    if len(specs) < len(sampled):
+        logger.info("stage %s: %d of %d sampled configs repeat another (a small discrete space); each config runs once", stage.name, len(sampled) - len(specs), len(sampled))
+    return specs
+
+
+def warn_edge(stage: str, last: bool, field: str, side: str, cause: str) -> None:
+    if last:
+        get_run_logger().warning("stage %s, the last: %s's range should move past its %s edge (%s): widen it in the file and search again", stage, field, side, cause)
+    else:
+        get_run_logger().warning("stage %s: %s's range moves past its %s edge (%s)", stage, field, side, cause)
+
+
+def edge_cause(field: str, side: str, dist, results: list[TrialResult], edge: float, base_tree: dict) -> str:
+    """Why narrow() moved `field`'s range past its `side` edge, for the log: the best trial that
+    trained with the field had its value there; or, for the learning rate, every trial diverged
+    (down) or most of the best trials barely learned (up)."""
+    scored = [r for r in results if r.val_acc is not None and reads_field(field, r.params, base_tree)]
+    if not scored:
+        return "every trial diverged: the learning rate is too high"
+    best = max(scored, key=lambda r: r.val_acc).params[field]
+    if edge_side(dist, best, edge) == side:
+        return f"the best value, {best:.4g}, sat at that edge"
+    return f"most of the best trials barely learned (lr_too_low), the best at {best:.4g}: the learning rate is too low"
+
+
 def trial_base(exp: SearchExperiment) -> dict:
     """The config tree that each trial's sampled values are set on. An lr left unset in the file
     stays unset here, so that a trial with a searched optim.name trains at that optimizer's
@@ -211,16 +250,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             check_before_searching(exp.name, base_tree, space, prepared, parent)
         for number, stage in enumerate(stages):
             ranges[stage.name] = describe(space)
-            points = sample(space, stage.trials, exp.search.sampler, seed=exp.seed * 1000 + number)
-            if exp.search.sampler == "grid" and (shortfall := grid_shortfall(space, stage.trials)):
-                logger.warning("stage %s, grid sampler: %s", stage.name, shortfall)
-            sampled = [make_spec(base_tree, stage.name, i, p, stage.epochs, threads, trial_device(base.train.device, i)) for i, p in enumerate(points)]
-            first_of_each: dict[str, TrialSpec] = {}  # same config, same seed, same result: train it once
-            for spec in sampled:
-                first_of_each.setdefault(spec.key, spec)
-            specs = list(first_of_each.values())
-            if len(specs) < len(sampled):
-                logger.info("stage %s: %d of %d sampled configs repeat another (a small discrete space); each config runs once", stage.name, len(sampled) - len(specs), len(sampled))
+            specs = stage_specs(exp, stage, number, space, base_tree, threads, base.train.device)
             pruner = Pruner(stage.prune, stage.prune_warmup_epochs, stage.asha_eta)
             if reports is not None and pruner.rule != "none":  # worker processes see each other's epochs in shared memory
                 pruner = pruner.shared(reports)
@@ -237,9 +267,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
                     edges.append(f"edge:{field}={side}")
                 if last:  # no stage left to move it: the file's range has to
                     unmoved[field] = side
-                    logger.warning("stage %s, the last: %s at the %s edge of its range; the optimum may lie beyond it: widen the range and search again", stage.name, field, side)
-                else:
-                    logger.warning("stage %s: %s at the %s edge of its range; the next stage's range moves past it", stage.name, field, side)
+                warn_edge(stage.name, last, field, side, edge_cause(field, side, space[field], stage_results, exp.search.edge, base_tree))
             space = space if last else narrowed
 
         scored = [r for r in results if r.val_acc is not None]
@@ -258,13 +286,12 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
                 retraining = submit_trial(runner, spec, prepared, parent, None, pool, final=True, raw_example=splits.X_train[:5], stop=stop)
         if retraining is not None and exp.search.runner == "threads":  # it trains in a thread here: matplotlib is not thread-safe
             final, retraining = retraining.result(), None
-        searched = trials_frame(results)  # search.png shows the searched stages only
-        # drawing and saving it (~0.3-0.5 s) is the longest step left: a worker process with nothing to train
-        # draws it while this process writes the rest; the only worker, retraining, does not
-        figure = (parent, searched, list(exp.search.space))
-        drawing = pool.submit(log_search_figure, *figure) if pool is not None and (retraining is None or exp.search.workers > 1) else None
-        if drawing is None:
-            log_search_figure(*figure)
+        searched, fields = trials_frame(results), list(exp.search.space)  # search.png shows the searched stages only
+        # drawing it (~0.3-0.4 s) is the longest step left: worker processes with nothing to train draw a row
+        # of its panels each, at once, while this process draws the other rows and writes the rest
+        idle = exp.search.workers - (retraining is not None) if pool is not None else 0
+        drawing = [pool.submit(figure_row, searched, fields, row) if row < idle else figure_row(searched, fields, row)
+                   for row in range(plots.overview_rows(fields))]
         moved = {e.split(":", 1)[1].split("=")[0]: e.rsplit("=", 1)[1] for e in edges}
         advice = search_advice(searched, {f: side for f, side in moved.items() if unmoved.get(f) != side}, unmoved)
         if retraining is not None:
@@ -278,17 +305,13 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         if changes:
             tracking.set_tags(parent, {"babysit.previous_search": previous.run_id})
             tracking.log_text(parent, "\n".join(changes) + "\n", "changes.txt")
-        if drawing is not None:
-            try:
-                drawing.result()
-            except BrokenProcessPool:  # its worker died (killed, out of memory): draw it here
-                log_search_figure(*figure)
+        url = tracking.run_url(parent)
+        if runtime.flow_run.id is not None:  # while the figure is drawn
+            create_link_artifact(link=url, link_text=f"MLflow search {parent.run_id}", description=f"Parent MLflow run of search {exp.name}")
+            markdown = summary_markdown(exp.name, frame, best, final, edges, ranges) + "".join(f"\n- {line}" if i else f"\n\nChanges {line}" for i, line in enumerate(changes))
+            create_markdown_artifact(markdown=markdown + "\n\n" + advice, key="search-summary", description=f"Search {exp.name}")
+        tracking.log_image(parent, stacked_rows(drawing, searched, fields), "search.png")
 
-    url = tracking.run_url(parent)
-    if runtime.flow_run.id is not None:
-        create_link_artifact(link=url, link_text=f"MLflow search {parent.run_id}", description=f"Parent MLflow run of search {exp.name}")
-        markdown = summary_markdown(exp.name, frame, best, final, edges, ranges) + "".join(f"\n- {line}" if i else f"\n\nChanges {line}" for i, line in enumerate(changes))
-        create_markdown_artifact(markdown=markdown + "\n\n" + advice, key="search-summary", description=f"Search {exp.name}")
     return SearchSummary(
         parent.run_id, parent.experiment_id, uri, best.params, best.val_acc,
         final.val_acc if final else None, final.test_acc if final else None, edges, ranges,
@@ -333,10 +356,24 @@ def recurrence_of(exp: SearchExperiment, uri: str) -> tuple[list, dict[str, str]
     return past, recurrence, recurring.run_name(exp.tracking.run_name or exp.name, recurrence)
 
 
-def log_search_figure(parent: tracking.RunRef, searched: pd.DataFrame, fields: list[str]) -> None:
-    figure = plots.search_overview(searched, fields)
-    tracking.log_figure(parent, figure, "search.png")
-    plots.close(figure)
+def figure_row(searched: pd.DataFrame, fields: list[str], row: int) -> np.ndarray:
+    """One row of search.png's panels, drawn (in a worker process, or here)."""
+    figure = plots.search_overview(searched, fields, row)
+    try:
+        return plots.pixels(figure)
+    finally:
+        plots.close(figure)
+
+
+def stacked_rows(drawing: list, searched: pd.DataFrame, fields: list[str]) -> np.ndarray:
+    """search.png: its rows, drawn here or by worker processes (futures), one above the other."""
+    rows = []
+    for row, drawn in enumerate(drawing):
+        try:
+            rows.append(drawn.result() if isinstance(drawn, Future) else drawn)
+        except BrokenProcessPool:  # its worker died (killed, out of memory): draw it here
+            rows.append(figure_row(searched, fields, row))
+    return np.vstack(rows)
 
 
 def log_search_outcome(parent: tracking.RunRef, frame: pd.DataFrame, best: TrialResult, final: TrialResult | None, edges: list[str]) -> None:

@@ -330,6 +330,24 @@ def test_a_learning_rate_range_too_low_to_learn_moves_up(prefect_harness, fresh_
     assert "optim.lr at the upper edge of the last stage's range: the optimum may lie beyond it; raise its upper bound in the file" in advice
 
 
+def test_the_log_says_why_a_range_moves_past_an_edge():
+    from babysit.space import parse_dist
+    from flows.search import edge_cause
+    from tasks.trial import TrialResult
+
+    lr = parse_dist("optim.lr", "loguniform(1e-5, 1e-1)")
+    tree = load_config("conf/search_digits.yaml", model=SearchExperiment).base_config().model_dump(mode="json")
+
+    def trial(value: float, acc: float | None) -> TrialResult:
+        return TrialResult("key", "coarse", 0, {"optim.lr": value}, "finished" if acc is not None else "diverged", acc)
+
+    assert edge_cause("optim.lr", "high", lr, [trial(0.09, 0.9), trial(1e-3, 0.5)], 0.1, tree) == "the best value, 0.09, sat at that edge"
+    # moved up because the top trials barely learned: the best lr (a quarter of the way up) is named as such, not as an edge
+    slow = edge_cause("optim.lr", "high", lr, [trial(1e-4, 0.2), trial(1e-3, 0.1)], 0.1, tree)
+    assert slow.startswith("most of the best trials barely learned (lr_too_low), the best at 0.0001")
+    assert edge_cause("optim.lr", "low", lr, [trial(0.05, None)], 0.1, tree).startswith("every trial diverged")
+
+
 def test_ensemble_of_the_top_trials_averages_their_probabilities(finished_search, tracking_uri):
     from flows.ensemble import config_from_params, ensemble_flow, ensemble_probabilities, top_trials
 
@@ -406,3 +424,22 @@ def test_the_search_figure_plots_each_field_by_stage_with_one_legend():
         assert list(progress.get_lines()[0].get_ydata()) == [0.2, 0.5, 0.9, 0.9, 0.95, 0.95]  # best so far; a failed trial counts as 0
     finally:
         plots.close(figure)
+
+
+def test_the_search_figure_drawn_row_by_row_stacks_into_one_picture():
+    from babysit import plots
+    from flows.search import figure_row
+
+    trials = pd.DataFrame({"stage": ["coarse"] * 3, "val_acc": [0.2, 0.5, 0.9], "param.optim.lr": [1e-4, 1e-3, 1e-2],
+                           "param.model.dropout": [0.1, 0.2, 0.3], "param.model.batchnorm": [True, False, True], "param.model.init": ["he", "he", "xavier"]})
+    fields = ["optim.lr", "model.dropout", "model.batchnorm", "model.init"]
+    assert plots.overview_rows(fields) == 2 and plots.overview_rows(fields[:2]) == 1
+    first, second = (plots.search_overview(trials, fields, row) for row in (0, 1))
+    try:
+        assert [ax.get_xlabel() for ax in first.axes if ax.get_visible()] == ["optim.lr", "model.dropout", "model.batchnorm"]
+        assert [ax.get_xlabel() for ax in second.axes if ax.get_visible()] == ["model.init", "trials"]
+        assert first.axes[0].get_legend() is not None and second.axes[0].get_legend() is None
+    finally:
+        plots.close(first), plots.close(second)
+    rows = [figure_row(trials, fields, row) for row in (0, 1)]
+    assert rows[0].shape == rows[1].shape == (350, 1350, 4)  # same width: they stack into search.png

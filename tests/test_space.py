@@ -62,6 +62,7 @@ def write_search(tmp_path, space: str):
         ("    train.batch_size: uniform(8, 64)", "train.batch_size takes whole numbers: use int(8, 64)"),
         ("    train.batch_size: loguniform(8, 256)", "use int(8, 256)"),
         ("    optim.lr: loguniform(1e-4, .inf)", "bounds must be finite"),
+        ("    optim.lr: loguniform(1e-4, 1e-1", "a ')' is missing"),
     ],
 )
 def test_invalid_search_files_fail_at_load_naming_the_field(tmp_path, space, named):
