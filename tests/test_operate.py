@@ -168,7 +168,7 @@ def test_a_temporary_server_batches_task_run_states_and_events_and_writes_them_a
     with temporary_settings(restore_defaults={PREFECT_API_URL}), servers.temporary_server_settings():
         services = get_current_settings().server.services
         for batched in (services.task_run_recorder, services.event_persister):  # Prefect's defaults: batches of 1 and 20
-            assert (batched.batch_size, batched.flush_interval) == (100, 60)
+            assert (batched.batch_size, batched.flush_interval) == (1000, 60)
     # a fresh process whose temporary server stops with it, short of a batch of states and of events
     done = subprocess.run([sys.executable, "-c", FAN_OUT], cwd=ROOT, env=fresh_prefect_home(tmp_path), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "[0, 1, 4, 9, 16, 25]" in done.stdout, done.stderr[-2000:]
