@@ -42,7 +42,8 @@ of the code, and the median as what a busy machine gave.
 Part 2 (--shipped-repeats): the search exactly as the YAML ships it (coarse 20 x 2 epochs, fine
 10 x 8 epochs with median pruning), final retrain and resume
 off, with workers=1 (threads, and processes), workers=2 processes (the default runner) and workers=2
-threads: wall time and trials per minute, and the speed-up of 2 workers over the faster single worker.
+threads: wall time and trials per minute, and the speed-up of 2 workers over the faster single worker;
+also the same for the trial phase alone (first trial's start to last trial's end, see trial_phase).
 Beside each repeat, the hardware's own ceiling for that speed-up: bare PyTorch trainings of the
 same size (the coarse stage's trial configs at its epochs, then the first half of them at the fine
 stage's epochs), one after another in 1 forked process and shared out to 2 forked processes
