@@ -71,9 +71,9 @@ def train(args: argparse.Namespace) -> int:
     table.add_row("best validation accuracy", f"{summary.best_val_acc:.4f} (epoch {summary.best_epoch} of {summary.epochs_run})")
     table.add_row("test accuracy", f"{summary.test_acc:.4f}")
     table.add_row("initial loss", f"{summary.initial_loss:.3f}")
-    table.add_row("flags", "\n".join(f"[yellow]{name}[/]: {why}" for name, why in summary.flags.items()) or "none")
+    table.add_row("flags", "\n".join(f"[yellow]{name}[/]: {escape(why)}" for name, why in summary.flags.items()) or "none")
     if summary.stop_reason:
-        table.add_row("stopped", summary.stop_reason)
+        table.add_row("stopped", escape(summary.stop_reason))
     table.add_row("MLflow run", f"{summary.run_id} ({summary.tracking_uri})")
     table.add_row("see it", f"babysit ui  →  {summary.url}")
     table.add_row("what next", f"babysit report {summary.run_id}")
@@ -93,8 +93,9 @@ def search(args: argparse.Namespace) -> int:
 
     table = Table(title=f"babysit search: {exp.name}", show_header=False)
     for stage, space in summary.ranges.items():
-        table.add_row(f"stage {stage}", "\n".join(f"{field} ~ {dist}" for field, dist in space.items()))
-    table.add_row("best trial", f"val acc {summary.best_val_acc:.4f}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.best_params.items()))
+        # escaped: rich takes "[false, true]" for a markup tag and prints "choice()"
+        table.add_row(f"stage {stage}", escape("\n".join(f"{field} ~ {dist}" for field, dist in space.items())))
+    table.add_row("best trial", f"val acc {summary.best_val_acc:.4f}: " + escape(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.best_params.items())))
     if summary.final_val_acc is not None:
         table.add_row("final retrain", f"val acc {summary.final_val_acc:.4f}, test acc {summary.test_acc:.4f}")
     elif summary.test_acc is not None:  # it ran, and diverged or failed: no accuracy to show
@@ -102,7 +103,7 @@ def search(args: argparse.Namespace) -> int:
     table.add_row("edges", "\n".join(summary.edges) or "none: every best value sat inside its range")
     table.add_row("trials", f"{summary.trials_run} run, {summary.trials_reused} reused from an earlier run of this search")
     if summary.changes:
-        table.add_row("since last run", "\n".join(summary.changes))
+        table.add_row("since last run", escape("\n".join(summary.changes)))
     if summary.advice:
         table.add_row("report", escape(summary.advice.strip()))
     table.add_row("MLflow parent run", f"{summary.parent_run_id} ({summary.tracking_uri})")

@@ -141,12 +141,13 @@ def test_search_prints_a_final_retrain_that_diverged(prefect_harness, tracking_u
     # SGD with momentum at lr 6 on spirals: the one trial scores chance before it blows up, the retrain diverges
     code = main(["search", str(ROOT / "conf" / "search_digits.yaml"), "--set", "data={source: spiral, n_samples: 300}", "--set", "preprocess.method=none",
                  "--set", "model.hidden=[16]", "--set", "model.head_init_scale=1.0", "--set", "optim={name: momentum, lr: 1.0, momentum: 0.9}",
-                 "--set", "train.diagnostics=false", "--set", "search.workers=1", "--set", "search.space={optim.lr: 'choice([6.0])'}",
+                 "--set", "train.diagnostics=false", "--set", "search.workers=1", "--set", "search.space={optim.lr: 'choice([6.0])', model.activation: 'choice([relu])'}",
                  "--set", "search.stages=[{name: a, trials: 1, epochs: 1}]", "--set", "search.final.epochs=5"])
     torch.set_num_threads(threads)
     out = " ".join(capsys.readouterr().out.split())
     assert code == 0, out
     assert "final retrain │ diverged or failed" in out
+    assert "model.activation ~ choice([relu])" in out  # not eaten as console markup (it printed "choice()")
     assert "report │ - a: 1 trials (1 finished); best validation accuracy" in out  # report.md's advice, in the terminal too
 
 
