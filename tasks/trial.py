@@ -211,7 +211,7 @@ def stop_flag() -> Iterator[threading.Event]:
         raise
 
 
-@task(name="trial", cache_policy=NO_CACHE)
+@task(name="trial", task_run_name="{spec.stage}-{spec.index:03d}", cache_policy=NO_CACHE)  # as its MLflow run
 def trial_task(
     spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner | None = None, final: bool = False,
     raw_example: Any = None, pool: ProcessPoolExecutor | None = None, stop: threading.Event | None = None,
