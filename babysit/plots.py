@@ -89,6 +89,7 @@ def search_overview(trials, fields: list[str], row: int | None = None) -> Figure
             best = trials["val_acc"].astype(float).fillna(0.0).cummax()
             ax.plot(range(1, len(best) + 1), best, drawstyle="steps-post")
             ax.set(xlabel="trials", ylabel="best val acc so far")
+            ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # no "2.5 trials"
             ax.grid(alpha=0.3)
             continue
         values = trials[f"param.{field}"]
