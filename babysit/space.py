@@ -226,15 +226,14 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
             new_space[field] = replace(dist, options=tuple(kept) or dist.options)
             continue
         positions = [dist.to_unit(t["params"][field]) for t in field_top]
-        best_pos = dist.to_unit(field_top[0]["params"][field])
         lo, hi = min(positions) - cfg.pad, max(positions) + cfg.pad
-        shift = _edge_shift(dist, cfg.widen)
-        if best_pos <= cfg.edge:
-            edges[field] = "low"
-            lo = -shift
-        if best_pos >= 1 - cfg.edge:
-            edges[field] = "high"
-            hi = 1 + shift
+        side = edge_side(dist, field_top[0]["params"][field], cfg.edge)
+        if side is not None:
+            edges[field] = side
+        if side == "low":
+            lo = -_edge_shift(dist, cfg.widen)
+        if side == "high":
+            hi = 1 + _edge_shift(dist, cfg.widen)
         if field == cfg.learning_rate:  # trials too slow to learn, below the top ones, raise the floor
             slow_below = [u for t in trials if t.get("too_slow") and (u := dist.to_unit(t["params"][field])) < min(positions)]
             lo = max([lo, *slow_below])
