@@ -72,9 +72,12 @@ def stage_order(params: dict[str, str], fallback: list[str]) -> list[str]:
         return fallback
 
 
-def latest_before(past: list[Any], run: Any) -> Any | None:
-    """The newest of `past` (finished runs, newest first) that started before `run`: a resumed
-    search compares itself with what came before it, never with a later run of the same name."""
+def latest_before(past: list[Any], run: Any | None) -> Any | None:
+    """The newest of `past` (finished runs, newest first) that started before `run`, a run that a
+    resumed search reopened: it compares itself with what came before it, never with a later run
+    of the same name. With no run (a new one, started after all of them), the newest."""
+    if run is None:
+        return past[0] if past else None
     return next((r for r in past if r.info.run_id != run.info.run_id and r.info.start_time < run.info.start_time), None)
 
 

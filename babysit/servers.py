@@ -131,16 +131,30 @@ def temporary_server_settings() -> Iterator[None]:
       server cancels a timed task-run flush in flight, and Prefect then prints an error with a
       traceback (the batch is kept and written by the final flush); at 5 s that hit about one
       command in fifteen here."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.context import SettingsContext, get_settings_context
+    from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
         yield
         return
-    batched = {f"server.services.{service}.{setting}": value for service in ("task_run_recorder", "event_persister")
-               for setting, value in (("batch_size", 1000), ("flush_interval", 60))}
-    with temporary_settings(updates={"flows.heartbeat_frequency": None, **batched}):
+    context = get_settings_context()
+    with SettingsContext(profile=context.profile, settings=for_temporary_server(context.settings)):
         start_temporary_server_apart()
         yield
+
+
+_LAST_COPY: list = [None, None]  # [settings, their copy for the temporary server]
+
+
+def for_temporary_server(settings):
+    """`settings` with temporary_server_settings' changes. The last copy is kept: a copy rebuilds
+    all of Prefect's settings models (~0.05 s), and tests, benchmarks and notebooks run many
+    flows in one process."""
+    if _LAST_COPY[0] is not settings:
+        batched = {f"server.services.{service}.{setting}": value for service in ("task_run_recorder", "event_persister")
+                   for setting, value in (("batch_size", 1000), ("flush_interval", 60))}
+        _LAST_COPY[:] = [settings, settings.copy_with_update(updates={"flows.heartbeat_frequency": None, **batched})]
+    return _LAST_COPY[1]
 
 
 def start_temporary_server_apart() -> None:

@@ -202,12 +202,24 @@ def log_figure(run: RunRef, figure: Any, artifact_file: str) -> None:
 
 
 def log_image(run: RunRef, pixels: Any, artifact_file: str) -> None:
-    """An image (numpy array, height × width × 3 or 4) as a PNG artifact."""
-    _client(run.uri).log_image(run.run_id, pixels, artifact_file=artifact_file)
+    """An opaque image (numpy array of uint8, height × width × 3 or 4) as a PNG artifact."""
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        # RGB at zlib level 1: as small as MLflow's RGBA at level 6, in half the time (search.png: 0.03 s saved, every search)
+        Image.fromarray(pixels[..., :3]).save(path, compress_level=1)
+        log_file(run, path, artifact_folder(artifact_file))
 
 
 def log_file(run: RunRef, path: str | Path, artifact_dir: str | None = None) -> None:
     _client(run.uri).log_artifact(run.run_id, str(path), artifact_dir)
+
+
+def artifact_folder(artifact_file: str) -> str | None:
+    """The folder of a run's artifact path ('plots/a.png' -> 'plots'); None at the top."""
+    parent = Path(artifact_file).parent
+    return None if parent == Path(".") else parent.as_posix()
 
 
 def log_pickle(run: RunRef, obj: Any, artifact_file: str) -> None:
@@ -217,7 +229,7 @@ def log_pickle(run: RunRef, obj: Any, artifact_file: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(artifact_file).name
         joblib.dump(obj, path)
-        log_file(run, path, str(Path(artifact_file).parent) if Path(artifact_file).parent != Path(".") else None)
+        log_file(run, path, artifact_folder(artifact_file))
 
 
 def log_torch_model(run: RunRef, model: Any, input_example: Any) -> str:

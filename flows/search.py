@@ -75,24 +75,25 @@ def search_hash(exp: SearchExperiment) -> str:
     return hashlib.sha1(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def open_parent(exp: SearchExperiment, uri: str, recurrence: dict[str, str] | None = None, run_name: str | None = None) -> tuple[tracking.RunRef, dict[str, object]]:
+def open_parent(exp: SearchExperiment, uri: str, recurrence: dict[str, str] | None = None, run_name: str | None = None) -> tuple[tracking.RunRef, dict[str, object], object | None]:
     """Create the parent run, or reopen the latest one of the same search; return it with its
-    finished child runs by trial key. Children left RUNNING by a killed process become FAILED.
-    `recurrence` (babysit.recurring) tells a scheduled or warm-started run from earlier ones."""
+    finished child runs by trial key, and the earlier run it reopened (None: a new run). Children
+    left RUNNING by a killed process become FAILED. `recurrence` (babysit.recurring) tells a
+    scheduled or warm-started run from earlier ones."""
     experiment_id = tracking.open_store(uri, exp.tracking.experiment)
     identity = {"babysit.kind": "search", "babysit.search_name": exp.name, "babysit.search_hash": search_hash(exp), **(recurrence or {})}
     previous = tracking.find_runs(uri, experiment_id, identity) if exp.search.resume else []
-    if previous:
-        parent = tracking.reopen_run(uri, previous[0].info.run_id, experiment_id)
-    else:
+    if not previous:  # a new run has no children yet
         parent = tracking.start_run(uri, exp.tracking.experiment, run_name or exp.tracking.run_name or exp.name, exp.flat(), {**identity, **provenance_tags(exp)})
+        return parent, {}, None
+    parent = tracking.reopen_run(uri, previous[0].info.run_id, experiment_id)
     finished: dict[str, object] = {}
     for child in tracking.find_runs(uri, experiment_id, {"mlflow.parentRunId": parent.run_id}, newest_first=False):
         if child.info.status == "RUNNING":
             tracking.mark_failed(uri, child.info.run_id, "interrupted: found RUNNING when the search was resumed")
         elif child.info.status == "FINISHED":
             finished[child.data.tags.get("babysit.trial_key", "")] = child
-    return parent, finished
+    return parent, finished, previous[0]
 
 
 def submit_trial(runner, spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner | None, pool, final: bool = False, raw_example=None, stop=None):
@@ -210,8 +211,8 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     # one task runner for all stages and the final retrain
     runner = scaleout.task_runner(exp.search.runner, exp.search.workers, exp.search.dask_address, prefect_api_for_dask(exp) if dask else None)
     past, recurrence, parent_name = recurrence_of(exp, uri)
-    parent, finished = open_parent(exp, uri, recurrence, parent_name)  # the store and experiment exist before any fan-out
-    before = recurring.latest_before(past, tracking.get_run(uri, parent.run_id))
+    parent, finished, reopened = open_parent(exp, uri, recurrence, parent_name)  # the store and experiment exist before any fan-out
+    before = recurring.latest_before(past, reopened)
     previous = recurring.past_search(before, list(exp.search.space), [s.name for s in exp.search.stages]) if before is not None else None
     # processes too: each worker process sets its trial's train.threads (torch's default is all cores)
     on_this_machine = exp.search.runner in ("threads", "processes") or dask and not exp.search.dask_address

@@ -103,6 +103,8 @@ def test_a_resumed_search_compares_itself_with_an_earlier_run_only():
     assert recurring.latest_before(newest_first, newest_first[1]).info.run_id == "earlier"
     assert recurring.latest_before(newest_first, run("fresh", 400)).info.run_id == "later"
     assert recurring.latest_before(newest_first, newest_first[2]) is None
+    assert recurring.latest_before(newest_first, None).info.run_id == "later"  # a new run
+    assert recurring.latest_before([], None) is None
 
 
 # ---- pure: scale-out rules, schedules, config -------------------------------------------------
