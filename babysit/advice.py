@@ -152,13 +152,14 @@ def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, p
     return f"{found}, all with {field} {symbol} {threshold}: {fix} of {field}."
 
 
-def search_advice(trials: pd.DataFrame, edges: dict[str, str], unmoved: dict[str, str] | None = None) -> str:
+def search_advice(trials: pd.DataFrame, edges: dict[str, str], unmoved: dict[str, str] | None = None, causes: dict[str, str] | None = None) -> str:
     """Markdown advice on a search from its trials and the fields whose best value sat at an edge.
 
     `trials` has columns stage, status (finished|failed|diverged|pruned), val_acc, flags
     (comma-separated flag names) and param.<field> per searched field; `edges` maps a field
     (e.g. 'optim.lr') to 'low' or 'high' (the next stage's range moved past it); `unmoved`, the
-    same for the last stage, whose range nothing moved. Per stage, in order of appearance: what happened to
+    same for the last stage, whose range nothing moved; `causes`, why a field's range moved (the
+    search log's words; default: its best value sat at that edge). Per stage, in order of appearance: what happened to
     the trials; which range holds the exploded (status diverged or flag diverged) and the
     lr_too_low trials (see `blame`); the most common flag among finished trials. Then the edges
     and the best trial.
@@ -198,12 +199,14 @@ def search_advice(trials: pd.DataFrame, edges: dict[str, str], unmoved: dict[str
                     "plateau": "add a learning-rate decay (`optim.schedule`).",
                     "dead_relu": "lower the learning rate or try leaky ReLU.",
                 }[flag])
+    causes = causes or {}
     for field, side in edges.items():
         where = "upper" if side == "high" else "lower"
-        lines.append(f"{field} at the {where} edge of its range: the next range moved past it (the optimum may lie beyond it).")
+        lines.append(f"{field}: the next stage's range moved past its {where} edge ({causes.get(field, 'the best value sat at that edge')}): the optimum may lie beyond it.")
     for field, side in (unmoved or {}).items():
         where, bound = ("upper", "raise its upper bound") if side == "high" else ("lower", "lower its lower bound")
-        lines.append(f"{field} at the {where} edge of the last stage's range: the optimum may lie beyond it; {bound} in the file and search again.")
+        lines.append(f"{field}: the last stage's range should move past its {where} edge ({causes.get(field, 'the best value sat at that edge')}): "
+                     f"{bound} in the file and search again.")
     finished = trials[(status == "finished") & trials["val_acc"].notna()] if "val_acc" in trials else trials.iloc[0:0]
     if not finished.empty:
         top = finished.loc[finished["val_acc"].idxmax()]

@@ -164,7 +164,7 @@ def warn_edge(stage: str, last: bool, field: str, side: str, cause: str) -> None
 
 
 def edge_cause(field: str, side: str, dist, results: list[TrialResult], edge: float, base_tree: dict) -> str:
-    """Why narrow() moved `field`'s range past its `side` edge, for the log: the best trial that
+    """Why narrow() moved `field`'s range past its `side` edge, for the log and report.md: the best trial that
     trained with the field had its value there; or, for the learning rate, every trial diverged
     (down) or most of the best trials barely learned (up)."""
     scored = [r for r in results if r.val_acc is not None and reads_field(field, r.params, base_tree)]
@@ -238,6 +238,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     ranges: dict[str, dict[str, str]] = {}
     edges: list[str] = []
     unmoved: dict[str, str] = {}  # field -> side: the last stage's best value at an edge
+    causes: dict[str, str] = {}  # field -> why its range moved past an edge, the last time it did
     stages = exp.search.stages
     processes = nullcontext((None, None))
     if exp.search.runner == "processes":  # room in shared memory for any stage's pruning reports
@@ -268,7 +269,8 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
                     edges.append(f"edge:{field}={side}")
                 if last:  # no stage left to move it: the file's range has to
                     unmoved[field] = side
-                warn_edge(stage.name, last, field, side, edge_cause(field, side, space[field], stage_results, exp.search.edge, base_tree))
+                causes[field] = edge_cause(field, side, space[field], stage_results, exp.search.edge, base_tree)
+                warn_edge(stage.name, last, field, side, causes[field])
             space = space if last else narrowed
 
         scored = [r for r in results if r.val_acc is not None]
@@ -294,7 +296,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         drawing = [pool.submit(figure_row, searched, fields, row) if row < idle else figure_row(searched, fields, row)
                    for row in range(plots.overview_rows(fields))]
         moved = {e.split(":", 1)[1].split("=")[0]: e.rsplit("=", 1)[1] for e in edges}
-        advice = search_advice(searched, {f: side for f, side in moved.items() if unmoved.get(f) != side}, unmoved)
+        advice = search_advice(searched, {f: side for f, side in moved.items() if unmoved.get(f) != side}, unmoved, causes)
         if retraining is not None:
             final = retraining.result()
         if final is not None:

@@ -230,7 +230,11 @@ def test_search_advice_blames_the_range_and_reports_edges():
     text = search_advice(trials, {"optim.lr": "high"})
     # the 5 trials above 3e-2 exploded; the smallest of them has lr = 1e-4 · 1.5^15 ≈ 0.044
     assert "loss exploded in 5 of 20 coarse trials, all with optim.lr >= 0.044: lower the upper bound of optim.lr" in text
-    assert "optim.lr at the upper edge of its range: the next range moved past it" in text
+    assert "optim.lr: the next stage's range moved past its upper edge (the best value sat at that edge)" in text
+    slow_cause = "most of the best trials barely learned (lr_too_low), the best at 0.0001: the learning rate is too low"
+    moved_for_slowness = search_advice(trials, {}, {"optim.lr": "high"}, {"optim.lr": slow_cause})
+    assert f"optim.lr: the last stage's range should move past its upper edge ({slow_cause}): raise its upper bound in the file" in moved_for_slowness
+    assert "at the upper edge" not in moved_for_slowness  # the best lr was not at the edge
     assert "best trial: validation accuracy" in text
     mixed = trials.assign(status=["diverged" if i < 2 or lr > 3e-2 else "finished" for i, lr in enumerate(lrs)])  # both ends
     assert "no single parameter range to blame" in search_advice(mixed, {})
