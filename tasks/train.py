@@ -80,14 +80,16 @@ def fit(
     X_train: torch.Tensor, y_train: torch.Tensor, X_val: torch.Tensor, y_val: torch.Tensor,
     optim_cfg: OptimConfig, train_cfg: TrainConfig, diverge_factor: float, seed: int,
     on_epoch: Callable[[int, dict[str, float]], str | None] | None = None, diagnose: bool = False,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None, last_phase: bool = True,
 ) -> TrainResult:
     """Mini-batch training with per-epoch validation; keeps the best-validation weights.
 
     Batches are index slices of a per-epoch permutation of tensors already on the device.
     Stops early when the loss diverges (NaN/Inf or > diverge_factor × initial loss) or when
     validation accuracy has not improved for `early_stopping_patience` epochs. `on_epoch` gets
-    each epoch's metrics and may return a reason to stop (a search pruning a poor trial).
+    each epoch's metrics and may return a reason to stop (a search pruning a poor trial), heeded
+    in the last epoch too when another phase follows (`last_phase` False: transfer learning's
+    frozen phase, before fine-tuning).
     `augment` transforms each training batch on the device. `diagnose` adds per-layer gradient
     norms, update ratios and dead units, measured on each epoch's last step, to the metrics and
     to `TrainResult.diagnostics`.
@@ -144,7 +146,7 @@ def fit(
         elif train_cfg.early_stopping_patience and epoch - best_epoch >= train_cfg.early_stopping_patience and epoch < epochs:
             stop_reason = f"early stopping in epoch {epoch}: no better validation accuracy since epoch {best_epoch}"
             break
-        if verdict and epoch < epochs:  # after the last epoch there is nothing to stop: a trial pruned there trained in full
+        if verdict and (epoch < epochs or not last_phase):  # after the last epoch of all nothing is left to stop: a trial pruned there trained in full
             stop_reason = verdict
             break
     if best_state is not None:
@@ -182,8 +184,10 @@ def train_and_test(
         if cfg.train.flip or cfg.train.translate:
             generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
             augment = partial(augment_batch, flip=cfg.train.flip, translate=cfg.train.translate, generator=generator)
-    result = fit(model, X_train, y_train, X_val, y_val, cfg.optim, cfg.train, cfg.flags.diverge_factor, cfg.seed, on_epoch, cfg.train.diagnostics, augment)
-    if cfg.model.init_from and cfg.train.unfreeze_epochs and not result.stop_reason:
+    fine_tuning = bool(cfg.model.init_from and cfg.train.unfreeze_epochs)
+    result = fit(model, X_train, y_train, X_val, y_val, cfg.optim, cfg.train, cfg.flags.diverge_factor, cfg.seed, on_epoch, cfg.train.diagnostics, augment,
+                 last_phase=not fine_tuning)
+    if fine_tuning and not result.stop_reason:
         result = fine_tune(model, result, cfg, (X_train, y_train, X_val, y_val), on_epoch, augment)
     if test:
         result.test_loss, result.test_acc = evaluate(model, X_test, y_test)

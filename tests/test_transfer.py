@@ -65,3 +65,23 @@ def test_init_from_a_logged_mlflow_model_through_the_train_flow(prefect_harness,
     assert len(tracking.metric_history(tracking_uri, target.run_id, "val_acc")) == 4  # 2 frozen + 2 unfrozen epochs
     with pytest.raises(BabysitError, match="init_from"):
         load_source("runs:/0123456789abcdef0123456789abcdef/model")
+
+
+def test_a_trial_pruned_in_the_last_frozen_epoch_stops_before_fine_tuning(tmp_path):
+    # the frozen phase's last epoch is not the training's last: the pruner's verdict there stands
+    cfg = load_config("conf/digits_mlp.yaml", ["model.hidden=[32]", "train.diagnostics=false", "train.threads=1"])
+    checkpoint = tmp_path / "source.pt"
+    torch.save(build_model(cfg.model, 64, 10, seed=1).state_dict(), checkpoint)
+    cfg = load_config("conf/digits_mlp.yaml", ["model.hidden=[32]", "train.diagnostics=false", "train.threads=1", f"model.init_from={checkpoint}",
+                                               "model.freeze=1", "train.epochs=2", "train.unfreeze_epochs=2"])
+    prepared = fit_preprocess(load_data_task.fn(cfg.data, cfg.seed), cfg.preprocess)
+    epochs = []
+
+    def prune_at_two(epoch, metrics):
+        epochs.append(epoch)
+        return "pruned by test" if epoch == 2 else None
+
+    result, _ = train_and_test(cfg, prepared, prune_at_two)
+    assert epochs == [1, 2] and result.epochs_run == 2 and result.stop_reason == "pruned by test"
+    result, _ = train_and_test(cfg, prepared, lambda epoch, metrics: "pruned by test" if epoch == 4 else None)
+    assert result.epochs_run == 4 and result.stop_reason is None  # the last epoch of all: trained in full
