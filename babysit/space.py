@@ -203,7 +203,8 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
     moves (up or down, past the edge); see _above_what_barely_learned and _below_what_diverged.
     `is_valid(field, value)` says whether a moved bound is still a legal config value; a bound
     that cannot move stays put and is not reported as an edge.
-    Choices keep the options that appear among the top-k.
+    Choices keep the options that appear among the top-k. Trials tied with the k-th best count
+    among the top too, so scores that do not tell trials apart (all at chance) narrow nothing.
     `reads(field, params)` says whether a trial trained with `field` at all (momentum only with
     SGD momentum, see babysit.config.READ_ONLY_WHEN): a field narrows on the top-k trials that
     read it, and stays as it was when none did.
@@ -211,7 +212,8 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
     scored = sorted((t for t in trials if t["score"] is not None and not t.get("diverged")), key=lambda t: -t["score"])
     if not scored:
         return _below_what_diverged(space, trials, cfg, is_valid)
-    top = scored[: top_count(cfg.top_k, len(scored))]
+    cut = scored[min(top_count(cfg.top_k, len(scored)), len(scored)) - 1]["score"]
+    top = [t for t in scored if t["score"] >= cut]  # every trial tied at the cut: which of them ran first is no evidence
     learning_rate = space.get(cfg.learning_rate)
     if learning_rate is not None and learning_rate.numeric and 2 * sum(bool(t.get("too_slow")) for t in top) > len(top):
         return _above_what_barely_learned(space, trials, cfg, is_valid)
@@ -227,7 +229,8 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
             continue
         positions = [dist.to_unit(t["params"][field]) for t in field_top]
         lo, hi = min(positions) - cfg.pad, max(positions) + cfg.pad
-        side = edge_side(dist, field_top[0]["params"][field], cfg.edge)
+        sides = {edge_side(dist, t["params"][field], cfg.edge) for t in field_top if t["score"] == field_top[0]["score"]}
+        side = sides.pop() if len(sides) == 1 else None  # the best trials (tied or one) agree on an edge
         if side is not None:
             edges[field] = side
         if side == "low":

@@ -253,6 +253,20 @@ def test_choices_keep_only_what_the_top_trials_used():
     assert new["init"].options == ("he",) and new["hidden"].options == ((64,),)
 
 
+def test_tied_scores_are_no_evidence_to_narrow_on():
+    space = space_of(init="choice([small, he, xavier])", dropout="uniform(0.0, 0.5)")
+    points = [{"init": i, "dropout": d} for i, d in (("small", 0.01), ("he", 0.2), ("xavier", 0.45), ("he", 0.3))]
+    new, edges = narrow(space, trials_for(points, lambda p: 0.5), Narrowing(top_k=2))  # every trial at chance
+    assert new["init"].options == ("small", "he", "xavier") and not edges  # the first two sampled are not the best two
+    assert (new["dropout"].low, new["dropout"].high) == (0.0, 0.5)
+    # a tie at the cut keeps both; a best trial at the edge tied with one inside is no edge
+    scores = {"small": 1.0, "he": 0.5, "xavier": 0.5}
+    new, edges = narrow(space, trials_for(points, lambda p: scores[p["init"]]), Narrowing(top_k=2))
+    assert set(new["init"].options) == {"small", "he", "xavier"} and edges == {"dropout": "low"}
+    new, edges = narrow(space, trials_for(points, lambda p: 1.0 if p["init"] != "xavier" else 0.0), Narrowing(top_k=1))
+    assert set(new["init"].options) == {"small", "he"} and edges == {}
+
+
 def test_coarse_to_fine_reaches_an_optimum_outside_the_initial_range():
     # The objective peaks at lr = 1 and dropout = 0.2; the coarse lr range ends at 1e-2.
     def objective(p):
