@@ -204,7 +204,8 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
     `is_valid(field, value)` says whether a moved bound is still a legal config value; a bound
     that cannot move stays put and is not reported as an edge.
     Choices keep the options that appear among the top-k. Trials tied with the k-th best count
-    among the top too, so scores that do not tell trials apart (all at chance) narrow nothing.
+    among the top too; when every trial scored the same (all at chance), only diverged and
+    barely-learning trials narrow anything.
     `reads(field, params)` says whether a trial trained with `field` at all (momentum only with
     SGD momentum, see babysit.config.READ_ONLY_WHEN): a field narrows on the top-k trials that
     read it, and stays as it was when none did.
@@ -217,10 +218,11 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
     learning_rate = space.get(cfg.learning_rate)
     if learning_rate is not None and learning_rate.numeric and 2 * sum(bool(t.get("too_slow")) for t in top) > len(top):
         return _above_what_barely_learned(space, trials, cfg, is_valid)
+    tied = scored[0]["score"] == scored[-1]["score"] and len(scored) > 1  # no score tells the trials apart
     new_space, edges = {}, {}
     for field, dist in space.items():
         field_top = [t for t in top if reads is None or reads(field, t["params"])]
-        if not field_top:  # no top trial trained with it: no evidence either way
+        if not field_top or tied and not dist.numeric:  # no evidence either way
             new_space[field] = dist
             continue
         if not dist.numeric:
@@ -228,9 +230,9 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
             new_space[field] = replace(dist, options=tuple(kept) or dist.options)
             continue
         positions = [dist.to_unit(t["params"][field]) for t in field_top]
-        lo, hi = min(positions) - cfg.pad, max(positions) + cfg.pad
+        lo, hi = (0.0, 1.0) if tied else (min(positions) - cfg.pad, max(positions) + cfg.pad)  # tied: only what diverged or barely learned cuts
         sides = {edge_side(dist, t["params"][field], cfg.edge) for t in field_top if t["score"] == field_top[0]["score"]}
-        side = sides.pop() if len(sides) == 1 else None  # the best trials (tied or one) agree on an edge
+        side = sides.pop() if len(sides) == 1 and not tied else None  # the best trials (tied or one) agree on an edge
         if side is not None:
             edges[field] = side
         if side == "low":

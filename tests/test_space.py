@@ -256,9 +256,12 @@ def test_choices_keep_only_what_the_top_trials_used():
 def test_tied_scores_are_no_evidence_to_narrow_on():
     space = space_of(init="choice([small, he, xavier])", dropout="uniform(0.0, 0.5)")
     points = [{"init": i, "dropout": d} for i, d in (("small", 0.01), ("he", 0.2), ("xavier", 0.45), ("he", 0.3))]
-    new, edges = narrow(space, trials_for(points, lambda p: 0.5), Narrowing(top_k=2))  # every trial at chance
-    assert new["init"].options == ("small", "he", "xavier") and not edges  # the first two sampled are not the best two
-    assert (new["dropout"].low, new["dropout"].high) == (0.0, 0.5)
+    new, edges = narrow(space, trials_for(points[:2], lambda p: 0.5), Narrowing(top_k=1))  # every trial at chance
+    assert new == space and not edges  # the first one sampled is not the best one; xavier, never tried, stays
+    lr = space_of(lr="loguniform(1e-4, 1e0)")
+    lrs = [{"lr": v} for v in (1e-4, 1e-3, 1e-2, 0.3, 0.9)]
+    new, _ = narrow(lr, trials_for(lrs, lambda p: 0.1, diverged=lambda p: p["lr"] > 0.1), Narrowing(top_k=1))
+    assert (new["lr"].low, new["lr"].high) == pytest.approx((1e-4, 0.3))  # what diverged still caps the range
     # a tie at the cut keeps both; a best trial at the edge tied with one inside is no edge
     scores = {"small": 1.0, "he": 0.5, "xavier": 0.5}
     new, edges = narrow(space, trials_for(points, lambda p: scores[p["init"]]), Narrowing(top_k=2))
