@@ -35,7 +35,7 @@ from flows.train import provenance_tags
 from tasks.check import overfit_tiny_subset
 from tasks.data import load_data_task
 from tasks.preprocess import Prepared, preprocess_task
-from tasks.trial import TrialResult, TrialSpec, forks_workers, make_spec, result_from_run, stop_flag, trial_task, worker_processes
+from tasks.trial import TrialResult, TrialSpec, forks_workers, gpu_for, make_spec, result_from_run, stop_flag, trial_task, worker_processes
 
 
 @dataclass(frozen=True)
@@ -123,14 +123,6 @@ def threads_per_trial(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def trial_device(base_device: str, index: int) -> str | None:
-    """Round-robin trials over the GPUs when training would go to CUDA; None keeps the config's."""
-    count = torch.cuda.device_count()
-    if base_device in ("auto", "cuda") and count > 1:
-        return f"cuda:{index % count}"
-    return None
-
-
 def log_stage(parent: tracking.RunRef, stage: str, space_text: dict[str, str], results: list[TrialResult]) -> None:
     frame = trials_frame(results)
     table = frame.drop(columns=["trial_key", "run_id", "reason"]).sort_values("val_acc", ascending=False, na_position="last")
@@ -146,7 +138,8 @@ def stage_specs(exp: SearchExperiment, stage, number: int, space: dict, base_tre
     points = sample(space, stage.trials, exp.search.sampler, seed=exp.seed * 1000 + number)
     if exp.search.sampler == "grid" and (shortfall := grid_shortfall(space, stage.trials)):
         logger.warning("stage %s, grid sampler: %s", stage.name, shortfall)
-    sampled = [make_spec(base_tree, stage.name, i, p, stage.epochs, threads, trial_device(device, i)) for i, p in enumerate(points)]
+    by_index = exp.search.runner != "processes"  # worker processes keep to a GPU each (tasks.trial.on_slot)
+    sampled = [make_spec(base_tree, stage.name, i, p, stage.epochs, threads, gpu_for(device, i) if by_index else None) for i, p in enumerate(points)]
     first_of_each: dict[str, TrialSpec] = {}
     for spec in sampled:
         first_of_each.setdefault(spec.key, spec)

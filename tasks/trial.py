@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import CancelledError, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -135,10 +135,27 @@ def result_from_run(run: Any, spec: TrialSpec) -> TrialResult:
     )
 
 
-_WORKER: dict[str, Any] = {}  # in a worker process: the search's data, pruning reports and stop flag, set once by _start_worker
+def gpu_for(device: str, slot: int) -> str | None:
+    """Round-robin over the GPUs: the one for `slot` (a trial's index, or a worker process's
+    number) when training would go to CUDA (`auto` or `cuda`) and there are several; None keeps
+    `device` (one GPU, the CPU, or a GPU the config names)."""
+    count = torch.cuda.device_count()
+    return f"cuda:{slot % count}" if device in ("auto", "cuda") and count > 1 else None
 
 
-def _start_worker(prepared: Prepared, reports: SharedReports, stop: Any) -> None:
+def on_slot(spec: TrialSpec, slot: int) -> TrialSpec:
+    """`spec` trained on worker process `slot`'s GPU: each worker keeps to one, so `workers` trials
+    share G GPUs evenly however their trials finish (workers / G at a time on each)."""
+    device = gpu_for(spec.config["train"]["device"], slot)
+    if device is None:
+        return spec
+    return replace(spec, config={**spec.config, "train": {**spec.config["train"], "device": device}})
+
+
+_WORKER: dict[str, Any] = {}  # in a worker process: the search's data, pruning reports, stop flag and slot number, set once by _start_worker
+
+
+def _start_worker(prepared: Prepared, reports: SharedReports, stop: Any, slots: Any) -> None:
     import signal
 
     # Ctrl-C reaches the whole process group. A worker interrupted at a random point can die
@@ -153,7 +170,9 @@ def _start_worker(prepared: Prepared, reports: SharedReports, stop: Any) -> None
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     tracking.forget_connections_after_fork()
-    _WORKER.update(prepared=prepared, reports=reports, stop=stop)
+    with slots.get_lock():  # this worker's number: 0, 1, ... in the order they start
+        slot, slots.value = slots.value, slots.value + 1
+    _WORKER.update(prepared=prepared, reports=reports, stop=stop, slot=slot)
 
 
 def _trial_in_worker(spec: TrialSpec, parent: tracking.RunRef, pruner: Pruner | None, final: bool = False, raw_example: Any = None) -> TrialResult:
@@ -161,7 +180,7 @@ def _trial_in_worker(spec: TrialSpec, parent: tracking.RunRef, pruner: Pruner | 
         raise KeyboardInterrupt("the search was interrupted")
     if pruner is not None and pruner.detached:
         pruner.attached(_WORKER["reports"])
-    return run_trial(spec, _WORKER["prepared"], parent, pruner, final, raw_example, stopped=_WORKER["stop"].is_set)
+    return run_trial(on_slot(spec, _WORKER["slot"]), _WORKER["prepared"], parent, pruner, final, raw_example, stopped=_WORKER["stop"].is_set)
 
 
 def forks_workers() -> bool:
@@ -188,7 +207,7 @@ def worker_processes(workers: int, prepared: Prepared, start_method: str | None 
     context = multiprocessing.get_context(start_method or ("fork" if fork else "spawn"))
     reports = SharedReports(context, epochs, trials)
     stop = context.Event()
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(prepared, reports, stop))
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(prepared, reports, stop, context.Value("i", 0)))
     try:
         list(pool.map(abs, range(workers)))  # start every worker now
         yield pool, reports

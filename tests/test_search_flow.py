@@ -455,3 +455,30 @@ def test_the_search_figure_drawn_row_by_row_stacks_into_one_picture():
         plots.close(first), plots.close(second)
     rows = [figure_row(trials, fields, row) for row in (0, 1)]
     assert rows[0].shape == rows[1].shape == (350, 1350, 4)  # same width: they stack into search.png
+
+
+def test_trials_share_the_gpus_round_robin_and_each_worker_process_keeps_to_one(monkeypatch, tmp_path):
+    import dataclasses
+
+    import torch
+
+    from tasks.trial import gpu_for, on_slot, worker_processes
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)  # no GPU here: only the assignment is checked
+    assert [gpu_for("auto", slot) for slot in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:0"]
+    assert gpu_for("cuda", 4) == "cuda:1" and gpu_for("cpu", 1) is None and gpu_for("cuda:2", 0) is None  # a GPU the config names stays
+    spec, _, _ = one_trial(f"sqlite:///{tmp_path}/mlflow.db")
+    auto = dataclasses.replace(spec, config={**spec.config, "train": {**spec.config["train"], "device": "auto"}})
+    assert on_slot(auto, 5).config["train"]["device"] == "cuda:2" and on_slot(auto, 5).key == auto.key  # same trial, other hardware
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert on_slot(auto, 5) is auto
+    with worker_processes(2, None) as (pool, _):  # each worker process has a number of its own
+        slots = set(pool.map(worker_slot, [0.05] * 20))
+    assert slots == {0, 1}
+
+
+def worker_slot(pause: float) -> int:
+    from tasks.trial import _WORKER
+
+    time.sleep(pause)  # long enough that both workers take some
+    return _WORKER["slot"]
