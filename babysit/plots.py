@@ -62,9 +62,12 @@ def close(fig: Figure) -> None:
     plt.close(fig)
 
 
+PANELS_PER_ROW = 3  # the search figure's
+
+
 def overview_rows(fields: list[str]) -> int:
-    """Rows of the search figure: a panel per field and one for the best so far, 3 to a row."""
-    return -(-(len(fields) + 1) // 3)
+    """Rows of the search figure: a panel per field and one for the best so far."""
+    return -(-(len(fields) + 1) // PANELS_PER_ROW)
 
 
 def search_overview(trials, fields: list[str], row: int | None = None) -> Figure:
@@ -77,7 +80,7 @@ def search_overview(trials, fields: list[str], row: int | None = None) -> Figure
     panels only, as a figure of its own: rows drawn at once in worker processes and stacked
     (`pixels`, np.vstack) make the same picture sooner."""
     panels = [*fields, None]  # None: the best-so-far panel
-    cols = min(len(panels), 3)
+    cols = min(len(panels), PANELS_PER_ROW)
     if row is not None:
         panels = panels[row * cols : (row + 1) * cols]
     rows = -(-len(panels) // cols)
