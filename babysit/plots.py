@@ -62,7 +62,7 @@ def close(fig: Figure) -> None:
     plt.close(fig)
 
 
-PANELS_PER_ROW = 3  # the search figure's
+PANELS_PER_ROW = 2  # the search figure's: rows of two, drawn at once by worker processes (flows.search)
 
 
 def overview_rows(fields: list[str]) -> int:
@@ -76,7 +76,7 @@ def search_overview(trials, fields: list[str], row: int | None = None) -> Figure
     panel with the best validation accuracy found after each trial. `trials` has columns stage,
     val_acc and param.<field>, rows in the order the trials ran.
 
-    Drawing the figure costs ~0.3-0.4 s here, paid by every search, so `row` draws one row of
+    Drawing the figure costs ~0.3 s here, paid by every search, so `row` draws one row of
     panels only, as a figure of its own: rows drawn at once in worker processes and stacked
     (`pixels`, np.vstack) make the same picture sooner."""
     panels = [*fields, None]  # None: the best-so-far panel

@@ -131,6 +131,17 @@ def log_stage(parent: tracking.RunRef, stage: str, space_text: dict[str, str], r
     tracking.set_tags(parent, {f"range.{stage}.{field}": text for field, text in space_text.items()})
 
 
+def review_stage(parent: tracking.RunRef, stage: str, space_text: dict[str, str], space: dict, results: list[TrialResult], narrowing: Narrowing,
+                 is_valid, base_tree: dict) -> tuple[dict, dict[str, str]]:
+    """A stage's table and ranges logged; the space narrowed around its top trials, or moved past
+    the edges where its best values sat (field -> low | high)."""
+    log_stage(parent, stage, space_text, results)
+    best = max((r.val_acc for r in results if r.val_acc is not None), default=None)
+    get_run_logger().info("stage %s: %d trials (%d reused), best val acc %s", stage, len(results), sum(r.reused for r in results), f"{best:.4f}" if best is not None else "n/a")
+    trials = [{"params": r.params, "score": r.val_acc, "diverged": r.status == "diverged", "too_slow": "lr_too_low" in r.flags} for r in results]
+    return narrow(space, trials, narrowing, is_valid, lambda field, params: reads_field(field, params, base_tree))
+
+
 def stage_specs(exp: SearchExperiment, stage, number: int, space: dict, base_tree: dict, threads: int | None, device: str) -> list[TrialSpec]:
     """The stage's trials sampled from `space`; a config sampled twice runs once (same config,
     same seed: same result)."""
@@ -238,6 +249,20 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         processes = worker_processes(exp.search.workers, prepared, epochs=max(s.epochs for s in stages), trials=max(s.trials for s in stages))
     # threads: Ctrl-C sets the flag before the task runner waits for its running trials
     stopping = stop_flag() if exp.search.runner == "threads" else nullcontext()
+
+    def review(number: int, stage_results: list[TrialResult]) -> dict:
+        """After stage `number`: its table and ranges logged, its edges noted; the space the next stage samples from."""
+        stage, last = stages[number], number + 1 == len(stages)
+        narrowed, stage_edges = review_stage(parent, stage.name, ranges[stage.name], space, stage_results, narrowing, is_valid, base_tree)
+        for field, side in stage_edges.items():
+            if f"edge:{field}={side}" not in edges:  # one flag, however many stages moved the range
+                edges.append(f"edge:{field}={side}")
+            if last:  # no stage left to move it: the file's range has to
+                unmoved[field] = side
+            causes[field] = edge_cause(field, side, space[field], stage_results, exp.search.edge, base_tree)
+            warn_edge(stage.name, last, field, side, causes[field])
+        return narrowed
+
     with tracking.finished_or_failed(parent), runner, processes as (pool, reports), stopping as stop:
         if dask and scaleout.is_local_file_store(uri):  # workers that joined a loopback scheduler from elsewhere
             scaleout.dask_tracking_uri(uri, exp.search.dask_address, scaleout.dask_workers(runner))
@@ -251,23 +276,12 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
                 pruner = pruner.shared(reports)
             stage_results = run_stage(specs, finished, prepared, parent, pruner, runner, pool, stop)
             results += stage_results
-            log_stage(parent, stage.name, ranges[stage.name], stage_results)
-            best = max((r.val_acc for r in stage_results if r.val_acc is not None), default=None)
-            logger.info("stage %s: %d trials (%d reused), best val acc %s", stage.name, len(specs), sum(r.reused for r in stage_results), f"{best:.4f}" if best is not None else "n/a")
-            trials = [{"params": r.params, "score": r.val_acc, "diverged": r.status == "diverged", "too_slow": "lr_too_low" in r.flags} for r in stage_results]
-            narrowed, stage_edges = narrow(space, trials, narrowing, is_valid, lambda field, params: reads_field(field, params, base_tree))
-            last = number + 1 == len(stages)
-            for field, side in stage_edges.items():
-                if f"edge:{field}={side}" not in edges:  # one flag, however many stages moved the range
-                    edges.append(f"edge:{field}={side}")
-                if last:  # no stage left to move it: the file's range has to
-                    unmoved[field] = side
-                causes[field] = edge_cause(field, side, space[field], stage_results, exp.search.edge, base_tree)
-                warn_edge(stage.name, last, field, side, causes[field])
-            space = space if last else narrowed
-
+            if number + 1 < len(stages):
+                space = review(number, stage_results)
+        # the last stage's review waits until the final retrain and the figure, the longest steps left, have started
         scored = [r for r in results if r.val_acc is not None]
         if not scored:  # the ranges are wrong, not the code: the trials and the advice still go to MLflow
+            review(len(stages) - 1, stage_results)
             searched = trials_frame(results)
             tracking.log_csv(parent, searched, "trials.csv")
             tracking.log_text(parent, search_advice(searched, {}), "report.md")
@@ -283,11 +297,13 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         if retraining is not None and exp.search.runner == "threads":  # it trains in a thread here: matplotlib is not thread-safe
             final, retraining = retraining.result(), None
         searched, fields = trials_frame(results), list(exp.search.space)  # search.png shows the searched stages only
-        # drawing it (~0.3-0.4 s) is the longest step left: worker processes with nothing to train draw a row
-        # of its panels each, at once, while this process draws the other rows and writes the rest
+        # drawing it (~0.3 s) is the longest step left: worker processes with nothing to train draw its rows,
+        # at once, while this process writes the rest and draws the rows they leave it
         idle = exp.search.workers - (retraining is not None) if pool is not None else 0
-        drawing = [pool.submit(figure_row, searched, fields, row) if row < idle else figure_row(searched, fields, row)
-                   for row in range(plots.overview_rows(fields))]
+        rows = plots.overview_rows(fields)
+        drawing = [pool.submit(figure_row, searched, fields, row) if row < rows_for_workers(rows, idle) else None for row in range(rows)]
+        review(len(stages) - 1, stage_results)
+        drawing = [drawn or figure_row(searched, fields, row) for row, drawn in enumerate(drawing)]
         moved = {e.split(":", 1)[1].split("=")[0]: e.rsplit("=", 1)[1] for e in edges}
         advice = search_advice(searched, {f: side for f, side in moved.items() if unmoved.get(f) != side}, unmoved, causes)
         if retraining is not None:
@@ -359,6 +375,16 @@ def figure_row(searched: pd.DataFrame, fields: list[str], row: int) -> np.ndarra
         return plots.pixels(figure)
     finally:
         plots.close(figure)
+
+
+def rows_for_workers(rows: int, idle: int) -> int:
+    """How many of search.png's rows (the first ones) `idle` worker processes draw. The flow's
+    process has its other writes to do, about a row's drawing: it keeps the rows, if any, that
+    leave every process about as much to do."""
+    if idle == 0:
+        return 0
+    kept = max(0, round((rows + 1) / (idle + 1) - 1))
+    return rows - kept
 
 
 def stacked_rows(drawing: list, searched: pd.DataFrame, fields: list[str]) -> np.ndarray:

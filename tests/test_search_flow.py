@@ -440,21 +440,23 @@ def test_the_search_figure_plots_each_field_by_stage_with_one_legend():
 
 def test_the_search_figure_drawn_row_by_row_stacks_into_one_picture():
     from babysit import plots
-    from flows.search import figure_row
+    from flows.search import figure_row, rows_for_workers
 
     trials = pd.DataFrame({"stage": ["coarse"] * 3, "val_acc": [0.2, 0.5, 0.9], "param.optim.lr": [1e-4, 1e-3, 1e-2],
                            "param.model.dropout": [0.1, 0.2, 0.3], "param.model.batchnorm": [True, False, True], "param.model.init": ["he", "he", "xavier"]})
     fields = ["optim.lr", "model.dropout", "model.batchnorm", "model.init"]
-    assert plots.overview_rows(fields) == 2 and plots.overview_rows(fields[:2]) == 1
-    first, second = (plots.search_overview(trials, fields, row) for row in (0, 1))
+    assert plots.PANELS_PER_ROW == 2 and plots.overview_rows(fields) == 3 and plots.overview_rows(fields[:1]) == 1
+    first, last = (plots.search_overview(trials, fields, row) for row in (0, 2))
     try:
-        assert [ax.get_xlabel() for ax in first.axes if ax.get_visible()] == ["optim.lr", "model.dropout", "model.batchnorm"]
-        assert [ax.get_xlabel() for ax in second.axes if ax.get_visible()] == ["model.init", "trials"]
-        assert first.axes[0].get_legend() is not None and second.axes[0].get_legend() is None
+        assert [ax.get_xlabel() for ax in first.axes if ax.get_visible()] == ["optim.lr", "model.dropout"]
+        assert [ax.get_xlabel() for ax in last.axes if ax.get_visible()] == ["trials"]
+        assert first.axes[0].get_legend() is not None and last.axes[0].get_legend() is None
     finally:
-        plots.close(first), plots.close(second)
-    rows = [figure_row(trials, fields, row) for row in (0, 1)]
-    assert rows[0].shape == rows[1].shape == (350, 1350, 4)  # same width: they stack into search.png
+        plots.close(first), plots.close(last)
+    rows = [figure_row(trials, fields, row) for row in range(3)]
+    assert rows[0].shape == rows[1].shape == rows[2].shape == (350, 900, 4)  # same width: they stack into search.png
+    # idle worker processes share the rows with the flow's process, which has its other writes to do (about a row's worth)
+    assert [rows_for_workers(3, 2), rows_for_workers(3, 1), rows_for_workers(5, 1), rows_for_workers(1, 1), rows_for_workers(3, 0)] == [3, 2, 3, 1, 0]
 
 
 def test_trials_share_the_gpus_round_robin_and_each_worker_process_keeps_to_one(monkeypatch, tmp_path):
