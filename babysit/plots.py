@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only: flows run headless, in threads
@@ -70,11 +72,12 @@ def overview_rows(fields: list[str]) -> int:
     return -(-(len(fields) + 1) // PANELS_PER_ROW)
 
 
-def search_overview(trials, fields: list[str], row: int | None = None) -> Figure:
+def search_overview(trials, fields: list[str], row: int | None = None, linear: Collection[str] = ()) -> Figure:
     """One panel per searched field (validation accuracy against the field's value, coloured by
-    stage, log x-axis for ranges over more than 20×: the lecture's coarse/fine scatter), and a last
+    stage, log x-axis for values over more than 20×: the lecture's coarse/fine scatter), and a last
     panel with the best validation accuracy found after each trial. `trials` has columns stage,
-    val_acc and param.<field>, rows in the order the trials ran.
+    val_acc and param.<field>, rows in the order the trials ran. Fields in `linear` were sampled on
+    a linear scale (uniform, int): their axes stay linear, e.g. a dropout of 0.01 beside 0.5.
 
     Drawing the figure costs ~0.3 s here, paid by every search, so `row` draws one row of
     panels only, as a figure of its own: rows drawn at once in worker processes and stacked
@@ -100,7 +103,7 @@ def search_overview(trials, fields: list[str], row: int | None = None) -> Figure
         for colour, (stage, group) in enumerate(trials.groupby("stage", sort=False)):
             x = group[f"param.{field}"] if numeric else group[f"param.{field}"].astype(str)
             ax.scatter(x, group["val_acc"], label=stage, color=f"C{colour}", alpha=0.7, s=18)
-        if numeric and (values > 0).all() and values.max() / values.min() > 20:
+        if numeric and field not in linear and (values > 0).all() and values.max() / values.min() > 20:
             ax.set_xscale("log")
             ax.minorticks_off()  # their tick objects were a fifth of the figure's drawing time
             ax.xaxis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=True))  # "1e-03": 10^-3 goes through mathtext, ~0.1 s a figure

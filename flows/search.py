@@ -297,13 +297,14 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         if retraining is not None and exp.search.runner == "threads":  # it trains in a thread here: matplotlib is not thread-safe
             final, retraining = retraining.result(), None
         searched, fields = trials_frame(results), list(exp.search.space)  # search.png shows the searched stages only
+        linear = [field for field, dist in space.items() if dist.kind in ("uniform", "int")]
         # drawing it (~0.3 s) is the longest step left: worker processes with nothing to train draw its rows,
         # at once, while this process writes the rest and draws the rows they leave it
         idle = exp.search.workers - (retraining is not None) if pool is not None else 0
         rows = plots.overview_rows(fields)
-        drawing = [pool.submit(figure_row, searched, fields, row) if row < rows_for_workers(rows, idle) else None for row in range(rows)]
+        drawing = [pool.submit(figure_row, searched, fields, row, linear) if row < rows_for_workers(rows, idle) else None for row in range(rows)]
         review(len(stages) - 1, stage_results)
-        drawing = [drawn or figure_row(searched, fields, row) for row, drawn in enumerate(drawing)]
+        drawing = [drawn or figure_row(searched, fields, row, linear) for row, drawn in enumerate(drawing)]
         moved = {e.split(":", 1)[1].split("=")[0]: e.rsplit("=", 1)[1] for e in edges}
         advice = search_advice(searched, {f: side for f, side in moved.items() if unmoved.get(f) != side}, unmoved, causes)
         if retraining is not None:
@@ -322,7 +323,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             create_link_artifact(link=url, link_text=f"MLflow search {parent.run_id}", description=f"Parent MLflow run of search {exp.name}")
             markdown = summary_markdown(exp.name, frame, best, final, edges, ranges) + "".join(f"\n- {line}" if i else f"\n\nChanges {line}" for i, line in enumerate(changes))
             create_markdown_artifact(markdown=markdown + "\n\n" + advice, key="search-summary", description=f"Search {exp.name}")
-        tracking.log_image(parent, stacked_rows(drawing, searched, fields), "search.png")
+        tracking.log_image(parent, stacked_rows(drawing, searched, fields, linear), "search.png")
 
     return SearchSummary(
         parent.run_id, parent.experiment_id, uri, best.params, best.val_acc,
@@ -368,9 +369,9 @@ def recurrence_of(exp: SearchExperiment, uri: str) -> tuple[list, dict[str, str]
     return past, recurrence, recurring.run_name(exp.tracking.run_name or exp.name, recurrence)
 
 
-def figure_row(searched: pd.DataFrame, fields: list[str], row: int) -> np.ndarray:
+def figure_row(searched: pd.DataFrame, fields: list[str], row: int, linear: list[str]) -> np.ndarray:
     """One row of search.png's panels, drawn (in a worker process, or here)."""
-    figure = plots.search_overview(searched, fields, row)
+    figure = plots.search_overview(searched, fields, row, linear)
     try:
         return plots.pixels(figure)
     finally:
@@ -387,14 +388,14 @@ def rows_for_workers(rows: int, idle: int) -> int:
     return rows - kept
 
 
-def stacked_rows(drawing: list, searched: pd.DataFrame, fields: list[str]) -> np.ndarray:
+def stacked_rows(drawing: list, searched: pd.DataFrame, fields: list[str], linear: list[str]) -> np.ndarray:
     """search.png: its rows, drawn here or by worker processes (futures), one above the other."""
     rows = []
     for row, drawn in enumerate(drawing):
         try:
             rows.append(drawn.result() if isinstance(drawn, Future) else drawn)
         except BrokenProcessPool:  # its worker died (killed, out of memory): draw it here
-            rows.append(figure_row(searched, fields, row))
+            rows.append(figure_row(searched, fields, row, linear))
     return np.vstack(rows)
 
 

@@ -436,6 +436,13 @@ def test_the_search_figure_plots_each_field_by_stage_with_one_legend():
         assert list(progress.get_lines()[0].get_ydata()) == [0.2, 0.5, 0.9, 0.9, 0.95, 0.95]  # best so far; a failed trial counts as 0
     finally:
         plots.close(figure)
+    trials["param.model.dropout"] = [0.01, 0.2, 0.3, 0.4, 0.25, 0.3]  # a uniform range sampled near 0: 40x
+    for linear, scale in (([], "log"), (["model.dropout"], "linear")):
+        figure = plots.search_overview(trials, ["optim.lr", "model.dropout"], linear=linear)
+        try:
+            assert [axis.get_xscale() for axis in figure.axes[:2]] == ["log", scale]  # a field sampled on a linear scale keeps a linear axis
+        finally:
+            plots.close(figure)
 
 
 def test_the_search_figure_drawn_row_by_row_stacks_into_one_picture():
@@ -453,7 +460,7 @@ def test_the_search_figure_drawn_row_by_row_stacks_into_one_picture():
         assert first.axes[0].get_legend() is not None and last.axes[0].get_legend() is None
     finally:
         plots.close(first), plots.close(last)
-    rows = [figure_row(trials, fields, row) for row in range(3)]
+    rows = [figure_row(trials, fields, row, []) for row in range(3)]
     assert rows[0].shape == rows[1].shape == rows[2].shape == (350, 900, 4)  # same width: they stack into search.png
     # idle worker processes share the rows with the flow's process, which has its other writes to do (about a row's worth)
     assert [rows_for_workers(3, 2), rows_for_workers(3, 1), rows_for_workers(5, 1), rows_for_workers(1, 1), rows_for_workers(3, 0)] == [3, 2, 3, 1, 0]
