@@ -294,8 +294,6 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
                 final = result_from_run(finished[spec.key], spec)
             else:
                 retraining = submit_trial(runner, spec, prepared, parent, None, pool, final=True, raw_example=splits.X_train[:5], stop=stop)
-        if retraining is not None and exp.search.runner == "threads":  # it trains in a thread here: matplotlib is not thread-safe
-            final, retraining = retraining.result(), None
         searched, fields = trials_frame(results), list(exp.search.space)  # search.png shows the searched stages only
         linear = [field for field, dist in space.items() if dist.kind in ("uniform", "int")]
         # drawing it (~0.3 s) is the longest step left: worker processes with nothing to train draw its rows,
@@ -304,6 +302,8 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         rows = plots.overview_rows(fields)
         drawing = [pool.submit(figure_row, searched, fields, row, linear) if row < rows_for_workers(rows, idle) else None for row in range(rows)]
         review(len(stages) - 1, stage_results)
+        if retraining is not None and exp.search.runner == "threads":  # it trains in a thread here: matplotlib is not thread-safe
+            final, retraining = retraining.result(), None
         drawing = [drawn or figure_row(searched, fields, row, linear) for row, drawn in enumerate(drawing)]
         moved = {e.split(":", 1)[1].split("=")[0]: e.rsplit("=", 1)[1] for e in edges}
         advice = search_advice(searched, {f: side for f, side in moved.items() if unmoved.get(f) != side}, unmoved, causes)
