@@ -144,6 +144,7 @@ def temporary_server_settings() -> Iterator[None]:
 
 
 _LAST_COPY: list = [None, None]  # [settings, their copy for the temporary server]
+BATCHED_SERVICES = ("task_run_recorder", "event_persister")  # the temporary server's services that write in batches
 
 
 def for_temporary_server(settings):
@@ -151,7 +152,7 @@ def for_temporary_server(settings):
     all of Prefect's settings models (~0.05 s), and tests, benchmarks and notebooks run many
     flows in one process."""
     if _LAST_COPY[0] is not settings:
-        batched = {f"server.services.{service}.{setting}": value for service in ("task_run_recorder", "event_persister")
+        batched = {f"server.services.{service}.{setting}": value for service in BATCHED_SERVICES
                    for setting, value in (("batch_size", 1000), ("flush_interval", 60))}
         _LAST_COPY[:] = [settings, settings.copy_with_update(updates={"flows.heartbeat_frequency": None, **batched})]
     return _LAST_COPY[1]

@@ -148,7 +148,7 @@ def start_server_holding_writes() -> None:
     from prefect.context import SettingsContext, get_settings_context
 
     context = get_settings_context()
-    held = {f"server.services.{service}.{setting}": 10**6 for service in ("task_run_recorder", "event_persister") for setting in ("batch_size", "flush_interval")}
+    held = {f"server.services.{service}.{setting}": 10**6 for service in servers.BATCHED_SERVICES for setting in ("batch_size", "flush_interval")}
     settings = servers.for_temporary_server(context.settings).copy_with_update(updates=held)
     with SettingsContext(profile=context.profile, settings=settings):
         servers.start_temporary_server_apart()
