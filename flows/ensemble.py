@@ -79,8 +79,7 @@ def ensemble_flow(search_run_id: str, top: int = 3, epochs: int | None = None, t
         configs = [c.model_copy(update={"train": c.train.model_copy(update={"epochs": epochs})}) for c in configs]
     base = configs[0]  # members share data and preprocessing: a search varies the model, not the split
     prepared = preprocess_task(load_data_task(base.data, base.seed), base.preprocess)
-    # one after another: in threads, members would share torch's global generator (dropout's
-    # masks) and differ from run to run, and small models hold the GIL anyway
+    # one after another: small models hold the GIL for most of each step, so threads would not overlap them
     members = [member_task(cfg, prepared) for cfg in configs]
     y_test = prepared.splits.y_test
     ensemble_acc = float((ensemble_probabilities([p for _, p in members]).argmax(1) == y_test).mean())

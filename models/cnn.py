@@ -14,6 +14,7 @@ from torch import nn
 
 from babysit.config import ModelConfig
 from models.activations import make_activation
+from models.dropout import Dropout, Dropout2d
 
 
 def conv_block(c_in: int, c_out: int, cfg: ModelConfig, stride: int = 1) -> list[nn.Module]:
@@ -32,7 +33,7 @@ class ConvNet(nn.Module):
         for width in cfg.channels:
             layers = conv_block(c_in, width, cfg)
             if cfg.dropout > 0:
-                layers.append(nn.Dropout2d(cfg.dropout))
+                layers.append(Dropout2d(cfg.dropout))
             layers.append(nn.MaxPool2d(2, ceil_mode=True))  # ceil: 8x8 digits survive 3 pools
             blocks.append(nn.Sequential(*layers))
             c_in = width
@@ -73,7 +74,7 @@ class ResNet(nn.Module):
             blocks.append(BasicBlock(c_in, width, 1 if i == 0 else 2, cfg))
             c_in = width
         self.blocks = nn.ModuleList(blocks)
-        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.dropout = Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.head = nn.Linear(c_in, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 
 from babysit.config import ModelConfig
 from models.activations import make_activation
+from models.dropout import Dropout, seed_masks
 from models.init import init_layer
 
 
@@ -24,7 +25,7 @@ class MLP(nn.Module):
                 layers.append(nn.BatchNorm1d(width))
             layers.append(make_activation(cfg.activation, cfg.leaky_slope))
             if cfg.dropout > 0:
-                layers.append(nn.Dropout(cfg.dropout))
+                layers.append(Dropout(cfg.dropout))
             blocks.append(nn.Sequential(*layers))
             width_in = width
         self.blocks = nn.ModuleList(blocks)
@@ -68,13 +69,13 @@ def build_model(cfg: ModelConfig, inputs: int | tuple[int, ...], n_classes: int,
     from models.cnn import ConvNet, ResNet  # the MLP module stays importable on its own
 
     shape = (inputs,) if isinstance(inputs, int) else tuple(inputs)
-    torch.manual_seed(seed)  # dropout's masks come from torch's global generator
     if cfg.kind == "mlp":
         model = MLP(math.prod(shape), n_classes, cfg)
     else:
         model = (ConvNet if cfg.kind == "cnn" else ResNet)(shape[0], n_classes, cfg)
     weights = torch.Generator().manual_seed(seed)  # its own: trials in other threads draw from the global one meanwhile
     model.apply(partial(init_layer, scheme=cfg.init, activation=cfg.activation, distribution=cfg.init_distribution, leaky_slope=cfg.leaky_slope, generator=weights))
+    seed_masks(model, seed)
     with torch.no_grad():
         model.head.weight.mul_(cfg.head_init_scale)
     return model

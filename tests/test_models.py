@@ -176,3 +176,51 @@ def test_weights_at_init_ignore_other_threads_drawing_random_numbers():
     finally:
         stop.set()
         other.join()
+
+
+def dropout_masks(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Whether each dropout layer zeroed each unit it got non-zero (ReLU zeroes some before it), in one training-mode forward pass."""
+    masks = []
+    hooks = [m.register_forward_hook(lambda m, inputs, out: masks.append((out == 0)[inputs[0] != 0]))
+             for m in model.modules() if isinstance(m, nn.Dropout)]
+    model.train()(x)
+    for hook in hooks:
+        hook.remove()
+    return masks
+
+
+def test_dropout_masks_come_from_the_model_seed_not_the_global_generator():
+    cfg, x = ModelConfig(hidden=[256, 256], dropout=0.3), torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    first = dropout_masks(build_model(cfg, 64, 10, seed=5), x)
+    torch.manual_seed(2)  # another trial's draws in between: nn.Dropout's masks would change
+    torch.rand(1000)
+    again = dropout_masks(build_model(cfg, 64, 10, seed=5), x)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    other_seed = dropout_masks(build_model(cfg, 64, 10, seed=6), x)
+    assert not torch.equal(first[0], other_seed[0])
+    assert not torch.equal(first[0], first[1])  # each layer draws its own masks
+    dropped = torch.cat([m.flatten() for m in first]).float().mean().item()
+    assert 0.27 < dropped < 0.33  # p = 0.3 of the units
+
+
+def test_dropout_scales_kept_units_and_is_off_in_eval():
+    from models.dropout import Dropout, Dropout2d
+
+    x = torch.ones(32, 8, 5, 5)
+    out = Dropout2d(0.5).train()(x)
+    assert set(out.unique().tolist()) <= {0.0, 2.0}
+    per_channel = out.flatten(2)
+    assert torch.equal(per_channel.amin(dim=2), per_channel.amax(dim=2))  # whole channels, as nn.Dropout2d
+    assert torch.equal(Dropout(0.5).eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+
+
+def test_dropout_masks_survive_pickling_as_their_seed():
+    import pickle
+
+    model = build_model(ModelConfig(hidden=[32], dropout=0.5), 8, 3, seed=0)
+    x = torch.randn(16, 8)
+    first = dropout_masks(model, x)
+    copy = pickle.loads(pickle.dumps(model))  # a logged model: its generator restarts from the seed
+    assert torch.equal(dropout_masks(copy, x)[0], first[0])

@@ -184,3 +184,15 @@ def test_batchnorm_trains_when_the_last_batch_would_hold_one_row(digits):
     batch = next(b for b in range(8, n) if n % b == 1)  # the training rows leave one over
     result, _ = train_and_test(config("model.hidden=[32]", "model.batchnorm=true", f"train.batch_size={batch}", "train.epochs=2"), digits)
     assert result.epochs_run == 2 and result.best_val_acc > 0.5  # BatchNorm cannot normalise one row: it joined the batch before
+
+
+def test_dropout_trials_in_threads_match_trials_alone(digits):
+    """Trials training at once in threads (search.runner: threads) each give what they give alone:
+    dropout's masks do not come from torch's global generator, which the threads would share."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    configs = [config("train.epochs=2", "model.dropout=0.5", "model.hidden=[64]", f"seed={seed}") for seed in (1, 2)]
+    alone = [train_and_test(cfg, digits, test=False)[0].history for cfg in configs]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda cfg: train_and_test(cfg, digits, test=False)[0].history, configs))
+    assert together == alone
