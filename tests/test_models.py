@@ -199,7 +199,9 @@ def test_dropout_masks_come_from_the_model_seed_not_the_global_generator():
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     other_seed = dropout_masks(build_model(cfg, 64, 10, seed=6), x)
     assert not torch.equal(first[0], other_seed[0])
-    assert not torch.equal(first[0], first[1])  # each layer draws its own masks
+    layers = [m for m in build_model(cfg, 64, 10, seed=5).modules() if isinstance(m, nn.Dropout)]
+    ones = torch.ones(64, 256)
+    assert not torch.equal(layers[0].train()(ones), layers[1].train()(ones))  # each layer draws masks of its own
     dropped = torch.cat([m.flatten() for m in first]).float().mean().item()
     assert 0.27 < dropped < 0.33  # p = 0.3 of the units
 
