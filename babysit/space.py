@@ -262,6 +262,13 @@ def edge_side(dist: Dist, value: Any, edge: float) -> str | None:
     return "low" if position <= edge else "high" if position >= 1 - edge else None
 
 
+def inside_declared(dist: Dist, declared: Dist, side: str) -> bool:
+    """Whether numeric `dist`'s `side` bound (low | high) lies inside the `declared` range: a bound
+    that narrowing set, with more of the file's range beyond it."""
+    position = declared.to_unit(dist.low if side == "low" else dist.high)
+    return position > 1e-9 if side == "low" else position < 1 - 1e-9
+
+
 def _edge_shift(dist: Dist, widen: float) -> float:
     """How far, in units of the current range, an edge moves: ×widen (log) or widen/10 of the width."""
     if dist.kind != "loguniform":

@@ -30,7 +30,7 @@ from babysit.advice import search_advice
 from babysit.errors import BabysitError
 from babysit.config import Config, SearchExperiment, field_problem, load_config, reads_field, with_values
 from babysit.pruning import Pruner
-from babysit.space import Narrowing, describe, edge_side, grid_shortfall, narrow, parse_dist, sample
+from babysit.space import Narrowing, describe, edge_side, grid_shortfall, inside_declared, narrow, parse_dist, sample
 from flows.train import provenance_tags
 from tasks.check import overfit_tiny_subset
 from tasks.data import load_data_task
@@ -160,8 +160,11 @@ def stage_specs(exp: SearchExperiment, stage, number: int, space: dict, base_tre
     return specs
 
 
-def warn_edge(stage: str, last: bool, field: str, side: str, cause: str) -> None:
-    if last:
+def warn_edge(stage: str, last: bool, field: str, side: str, cause: str, narrowed: tuple[str, str] | None = None) -> None:
+    if last and narrowed:
+        get_run_logger().warning("stage %s, the last: %s's range should move past its %s edge (%s), which narrowing set inside the file's range "
+                                 "(%s of %s): add a stage or narrow less (search.pad)", stage, field, side, cause, *narrowed)
+    elif last:
         get_run_logger().warning("stage %s, the last: %s's range should move past its %s edge (%s): widen it in the file and search again", stage, field, side, cause)
     else:
         get_run_logger().warning("stage %s: %s's range moves past its %s edge (%s)", stage, field, side, cause)
@@ -234,7 +237,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     def is_valid(field: str, value: object) -> bool:
         return field_problem(base_tree, field, value) is None
 
-    space = {field: parse_dist(field, spec) for field, spec in exp.search.space.items()}
+    space = declared = {field: parse_dist(field, spec) for field, spec in exp.search.space.items()}
     if "babysit.warm_from" in recurrence and previous is not None:
         space, notes = recurring.warm_space(space, previous, is_valid)
         logger.info("warm start from %s: %s", previous.run_name, "; ".join(f"{k} ~ {v}" for k, v in notes.items()))
@@ -242,6 +245,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     ranges: dict[str, dict[str, str]] = {}
     edges: list[str] = []
     unmoved: dict[str, str] = {}  # field -> side: the last stage's best value at an edge
+    cut_short: dict[str, tuple[str, str]] = {}  # of those, the edges inside the file's range: field -> (last range, file's range)
     causes: dict[str, str] = {}  # field -> why its range moved past an edge, the last time it did
     stages = exp.search.stages
     processes = nullcontext((None, None))
@@ -257,10 +261,12 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         for field, side in stage_edges.items():
             if f"edge:{field}={side}" not in edges:  # one flag, however many stages moved the range
                 edges.append(f"edge:{field}={side}")
-            if last:  # no stage left to move it: the file's range has to
+            if last:  # no stage left to move it: the file's range has to, unless narrowing set that edge
                 unmoved[field] = side
+                if inside_declared(space[field], declared[field], side):
+                    cut_short[field] = (space[field].describe(), declared[field].describe())
             causes[field] = edge_cause(field, side, space[field], stage_results, exp.search.edge, base_tree)
-            warn_edge(stage.name, last, field, side, causes[field])
+            warn_edge(stage.name, last, field, side, causes[field], cut_short.get(field))
         return narrowed
 
     with tracking.finished_or_failed(parent), runner, processes as (pool, reports), stopping as stop:
@@ -306,7 +312,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             final, retraining = retraining.result(), None
         drawing = [drawn or figure_row(searched, fields, row, linear) for row, drawn in enumerate(drawing)]
         moved = {e.split(":", 1)[1].split("=")[0]: e.rsplit("=", 1)[1] for e in edges}
-        advice = search_advice(searched, {f: side for f, side in moved.items() if unmoved.get(f) != side}, unmoved, causes)
+        advice = search_advice(searched, {f: side for f, side in moved.items() if unmoved.get(f) != side}, unmoved, causes, cut_short)
         if retraining is not None:
             final = retraining.result()
         if final is not None:

@@ -235,6 +235,11 @@ def test_search_advice_blames_the_range_and_reports_edges():
     moved_for_slowness = search_advice(trials, {}, {"optim.lr": "high"}, {"optim.lr": slow_cause})
     assert f"optim.lr: the last stage's range should move past its upper edge ({slow_cause}): raise its upper bound in the file" in moved_for_slowness
     assert "at the upper edge" not in moved_for_slowness  # the best lr was not at the edge
+    # an edge that narrowing set inside the file's range: the file's range is not what to change
+    cut_short = search_advice(trials, {}, {"optim.weight_decay": "high"}, {}, {"optim.weight_decay": ("loguniform(0.0002, 0.0026)", "loguniform(1e-06, 0.01)")})
+    assert ("optim.weight_decay: the last stage's range should move past its upper edge (the best value sat at that edge), which narrowing set inside "
+            "the file's range (loguniform(0.0002, 0.0026) of loguniform(1e-06, 0.01)): add a stage") in cut_short
+    assert "in the file and search again" not in cut_short
     assert "best trial: validation accuracy" in text
     mixed = trials.assign(status=["diverged" if i < 2 or lr > 3e-2 else "finished" for i, lr in enumerate(lrs)])  # both ends
     assert "no single parameter range to blame" in search_advice(mixed, {})

@@ -12,7 +12,7 @@ import pytest
 from babysit.config import SearchExperiment, load_config
 from babysit.errors import BabysitError
 from babysit.pruning import Pruner, SharedReports
-from babysit.space import Narrowing, grid_shortfall, narrow, parse_dist, sample, top_count
+from babysit.space import Narrowing, grid_shortfall, inside_declared, narrow, parse_dist, sample, top_count
 
 
 def space_of(**specs):
@@ -224,6 +224,23 @@ def test_best_at_the_high_edge_moves_the_range_one_decade_past_it():
     new, edges = narrow(space, trials_for(points, lambda p: p["lr"]), Narrowing(top_k=2, widen=10))
     assert edges == {"lr": "high"}
     assert new["lr"].high == pytest.approx(1e-1) and new["lr"].low > 1e-5
+
+
+def test_an_edge_that_narrowing_set_lies_inside_the_files_range():
+    declared = space_of(lr="loguniform(1e-6, 1e-0)")
+    points = [{"lr": 10.0**e} for e in np.linspace(-5.5, -0.5, 11)]
+    fine, _ = narrow(declared, trials_for(points, lambda p: -abs(math.log10(p["lr"]) + 3)), Narrowing(top_k=3, pad=0.0))  # 10^-3.5 .. 10^-2.5
+    # the fine stage's best sits at its high edge: a bound that narrowing set, with the file's range going on past it
+    _, edges = narrow(fine, trials_for([{"lr": 10.0**e} for e in (-3.4, -3.0, -2.5)], lambda p: p["lr"]), Narrowing(top_k=1))
+    assert edges == {"lr": "high"} and inside_declared(fine["lr"], declared["lr"], "high")
+    assert inside_declared(fine["lr"], declared["lr"], "low")
+    # the file's own bounds, and bounds moved past them, are not inside
+    moved, edges = narrow(declared, trials_for([{"lr": v} for v in (1e-5, 1e-2, 0.9)], lambda p: p["lr"]), Narrowing(top_k=1, widen=10))
+    assert edges == {"lr": "high"} and moved["lr"].high == pytest.approx(10.0)
+    assert not inside_declared(declared["lr"], declared["lr"], "high") and not inside_declared(declared["lr"], declared["lr"], "low")
+    assert not inside_declared(moved["lr"], declared["lr"], "high")
+    dropout = parse_dist("model.dropout", "uniform(0.0, 0.5)")  # a linear range, its low bound at 0
+    assert not inside_declared(dropout, dropout, "low") and inside_declared(parse_dist("model.dropout", "uniform(0.1, 0.3)"), dropout, "low")
 
 
 def test_diverged_trials_cap_the_upper_bound():
