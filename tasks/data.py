@@ -77,7 +77,12 @@ def read_table(path: Path, target: str, kind: str) -> tuple[np.ndarray, np.ndarr
     non_numeric = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
     if non_numeric:
         raise BabysitError(f"{path}: feature columns must be numeric, but {', '.join(non_numeric)} hold text or mixed values; encode them as numbers or drop them.")
-    return features.to_numpy(dtype=np.float32), frame[target].to_numpy()
+    X = features.to_numpy(dtype=np.float32)
+    bad = ~np.isfinite(X)
+    if bad.any():  # a table's columns have names: say which (validate_dataset can only number them)
+        named = [str(features.columns[i]) for i in np.flatnonzero(bad.any(axis=0))]
+        raise BabysitError(f"{path}: {int(bad.sum())} feature values are NaN (missing) or infinite, in column(s) {', '.join(named[:10])}; impute or drop them before training.")
+    return X, frame[target].to_numpy()
 
 
 def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
