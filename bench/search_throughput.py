@@ -207,7 +207,7 @@ def report(title: str, cases: list[Case], wall: dict[str, float], in_flow: dict[
     per_search = overhead[few.label] * few.trials - few.trials * per_trial
     speedup, speedup_procs = per_min[two.label] / per_min[one.label], per_min[procs.label] / per_min[one.label]
     print(f"  overhead split, workers=1 threads ({few.trials} vs {one.trials} trials): {per_search:.2f} s per search + {per_trial:.2f} s per trial")
-    print(f"  speed-up 2 vs 1 worker on this one stage: threads x{speedup:.2f}, processes x{speedup_procs:.2f}   [goal >= x{GOAL_SPEEDUP}: "
+    print(f"  speed-up 2 vs 1 worker on this one stage: threads x{speedup:.3f}, processes x{speedup_procs:.3f}   [goal >= x{GOAL_SPEEDUP}: "
           f"threads {'MET' if speedup >= GOAL_SPEEDUP else 'NOT MET'}, processes {'MET' if speedup_procs >= GOAL_SPEEDUP else 'NOT MET'}]")
     print(f"  overhead per trial, workers=1 threads: {overhead[one.label]:.2f} s all-in, {per_trial:.2f} s marginal   [goal <= {GOAL_OVERHEAD_S} s: "
           f"all-in {'MET' if overhead[one.label] <= GOAL_OVERHEAD_S else 'NOT MET'}, marginal {'MET' if per_trial <= GOAL_OVERHEAD_S else 'NOT MET'}]")
@@ -288,7 +288,7 @@ def main() -> None:
             wall = statistics.median(walls)
             print(f"  {label:24s} wall {wall:6.1f} s  {trials} trials  {60 * trials / wall:6.1f} trials/min  x{one / wall:.2f}")
         speedup = one / statistics.median(searches["workers=2 processes"][0])
-        print(f"  speed-up 2 workers (processes, the default runner) vs the faster single worker ({baseline}): x{speedup:.2f}   "
+        print(f"  speed-up 2 workers (processes, the default runner) vs the faster single worker ({baseline}): x{speedup:.3f}   "
               f"[goal >= x{GOAL_SPEEDUP}: {'MET' if speedup >= GOAL_SPEEDUP else 'NOT MET'}]")
         # the same ratio within each repeat (the cases of a repeat ran back to back, so a slow spell of the machine hits them alike),
         # against the same single worker: the faster of two noisy times per repeat would be biased low where both runners are alike
