@@ -67,7 +67,7 @@ def make_spiral(n_samples: int, n_classes: int, noise: float, seed: int) -> tupl
     return np.concatenate(X), np.concatenate(y)
 
 
-def read_table(path: Path, target: str, kind: str) -> tuple[np.ndarray, np.ndarray]:
+def read_table(path: Path, target: str, kind: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
     if target not in frame.columns:
         raise BabysitError(f"{path}: no target column '{target}' (columns: {', '.join(map(str, frame.columns))}); set `data.target` to the label column.")
@@ -77,12 +77,7 @@ def read_table(path: Path, target: str, kind: str) -> tuple[np.ndarray, np.ndarr
     non_numeric = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
     if non_numeric:
         raise BabysitError(f"{path}: feature columns must be numeric, but {', '.join(non_numeric)} hold text or mixed values; encode them as numbers or drop them.")
-    X = features.to_numpy(dtype=np.float32)
-    bad = ~np.isfinite(X)
-    if bad.any():  # a table's columns have names: say which (validate_dataset can only number them)
-        named = [str(features.columns[i]) for i in np.flatnonzero(bad.any(axis=0))]
-        raise BabysitError(f"{path}: {int(bad.sum())} feature values are NaN (missing) or infinite, in column(s) {', '.join(named[:10])}; impute or drop them before training.")
-    return X, frame[target].to_numpy()
+    return features.to_numpy(dtype=np.float32), frame[target].to_numpy(), [str(c) for c in features.columns]
 
 
 def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -100,6 +95,7 @@ def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     """Load the configured source into a validated `Dataset`. Raises BabysitError on bad data."""
+    columns = None  # the features' names: a table's header
     if cfg.source == "digits":
         digits = load_digits()
         X, labels, origin = digits.data, digits.target, "sklearn digits"
@@ -122,7 +118,10 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         if not path.is_file():
             raise BabysitError(f"{path}: data file not found (`data.path`, source '{cfg.source}').")
         try:
-            X, labels = read_npz(path) if cfg.source == "npz" else read_table(path, cfg.target, cfg.source)
+            if cfg.source == "npz":
+                X, labels = read_npz(path)
+            else:
+                X, labels, columns = read_table(path, cfg.target, cfg.source)
         except BabysitError:
             raise
         except Exception as err:  # a parser's own complaint, e.g. a truncated Parquet file
@@ -134,7 +133,7 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         if not keep.any():
             raise BabysitError(f"{origin}: no rows with a label in `data.keep_classes` {cfg.keep_classes} (labels: {sorted(set(labels.astype(str).tolist()))[:20]}).")
         X, labels, origin = X[keep], labels[keep], f"{origin} (classes {', '.join(cfg.keep_classes)})"
-    data = validate_dataset(X, labels, origin)
+    data = validate_dataset(X, labels, origin, columns)
     return subsample(data, cfg.max_rows, seed) if cfg.max_rows and cfg.max_rows < len(data.y) else data
 
 
@@ -144,14 +143,16 @@ def subsample(data: Dataset, rows: int, seed: int) -> Dataset:
     return Dataset(data.X[np.sort(keep)], data.y[np.sort(keep)], data.classes, f"{data.origin} ({rows} rows)")
 
 
-def validate_dataset(X: np.ndarray, labels: np.ndarray, origin: str) -> Dataset:
-    """Check what training needs of any dataset and encode labels as 0..C-1."""
+def validate_dataset(X: np.ndarray, labels: np.ndarray, origin: str, columns: list[str] | None = None) -> Dataset:
+    """Check what training needs of any dataset and encode labels as 0..C-1. `columns`: the
+    features' names, where the file has them (a table's header), for the messages."""
     if len(labels) == 0:
         raise BabysitError(f"{origin}: no rows.")
     bad = ~np.isfinite(X)
     if bad.any():
-        columns = sorted(set(np.nonzero(bad)[1].tolist()))
-        raise BabysitError(f"{origin}: {int(bad.sum())} feature values are NaN or infinite (feature columns {columns[:10]}); impute or drop them before training.")
+        where = sorted(set(np.nonzero(bad)[1].tolist()))[:10]
+        named = ", ".join(columns[i] for i in where) if columns is not None else str(where)
+        raise BabysitError(f"{origin}: {int(bad.sum())} feature values are NaN (missing) or infinite (feature columns {named}); impute or drop them before training.")
     if len(labels) and pd.isna(labels).any():
         raise BabysitError(f"{origin}: {int(pd.isna(labels).sum())} labels are missing; every row needs a class.")
     classes, y = np.unique(labels, return_inverse=True)

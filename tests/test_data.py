@@ -120,7 +120,7 @@ def test_nan_features(tmp_path):
     frame.loc[5, "a"] = np.nan
     path = tmp_path / "nan.csv"
     frame.to_csv(path, index=False)
-    raises_naming(DataConfig(source="csv", path=path, target="species"), str(path), "NaN", "column(s) a;")
+    raises_naming(DataConfig(source="csv", path=path, target="species"), str(path), "NaN", "feature columns a)")
 
 
 def test_infinite_features_in_npz(tmp_path):
