@@ -53,6 +53,15 @@ class Pruner:
         self.__dict__.update(state)
         self.__dict__.setdefault("_lock", threading.Lock())
 
+    def replay(self, val_accs: list[float]) -> None:
+        """Record a finished trial's validation accuracy after epochs 1, 2, ... (its MLflow
+        history) without judging it: a resumed stage prunes against the trials it reuses."""
+        if self.rule == "none":
+            return
+        with self._lock:
+            for epoch, val_acc in enumerate(val_accs, start=1):
+                self._seen[epoch] = list(self._seen.get(epoch, [])) + [val_acc]
+
     def report(self, epoch: int, val_acc: float) -> str | None:
         """Record a trial's val accuracy after `epoch`; returns why it should stop, or None."""
         if self.rule == "none":

@@ -113,6 +113,9 @@ def run_stage(specs: list[TrialSpec], finished: dict, prepared: Prepared, parent
     """Reuse finished trials; run the others `workers` at a time through the search's task runner."""
     reused = {s.key: result_from_run(finished[s.key], s) for s in specs if s.key in finished}
     todo = [s for s in specs if s.key not in reused]
+    if todo and pruner.rule != "none" and isinstance(runner, ThreadPoolTaskRunner):  # Dask's workers never prune
+        for result in reused.values():  # the trials they ran beside the first time
+            pruner.replay(tracking.metric_history(parent.uri, result.run_id, "val_acc"))
     futures = [submit_trial(runner, s, prepared, parent, pruner, pool, stop=stop) for s in todo]
     fresh = {s.key: f.result() for s, f in zip(todo, futures)}
     return [reused.get(s.key) or fresh[s.key] for s in specs]

@@ -116,6 +116,19 @@ def test_rerunning_a_search_reuses_finished_trials_and_redoes_interrupted_ones(f
     assert again.best_val_acc == pytest.approx(finished_search.best_val_acc)
 
 
+def test_a_resumed_stage_prunes_against_the_trials_it_reuses(prefect_harness, fresh_uri):
+    overrides = ["model.hidden=[32]", "search.workers=1", "search.sampler=lhs", "search.space={optim.lr: 'loguniform(1e-6, 1e-1)'}",
+                 "search.stages=[{name: coarse, trials: 6, epochs: 3, prune: median}]", "search.final=null"]
+    first = search_flow(config="conf/search_digits.yaml", overrides=overrides)
+    slowest = min(children(fresh_uri, first.parent_run_id), key=lambda k: float(k.data.params["optim.lr"]))  # lr ~1e-6: near chance
+    tracking._client(fresh_uri).delete_run(slowest.info.run_id)  # as if the search was killed before it ran
+    again = search_flow(config="conf/search_digits.yaml", overrides=overrides)
+    assert again.parent_run_id == first.parent_run_id and (again.trials_run, again.trials_reused) == (1, 5)
+    (rerun,) = [k for k in children(fresh_uri, again.parent_run_id) if k.data.tags["babysit.trial_key"] == slowest.data.tags["babysit.trial_key"]]
+    # alone in its stage it would have no peers to be judged against; the 5 reused trials' epochs are its peers
+    assert rerun.data.tags["babysit.status"] == "pruned" and rerun.data.metrics["epochs_run"] < 3
+
+
 def test_failed_trials_are_recorded_and_do_not_stop_the_search(prefect_harness, fresh_uri):
     tracking_uri = fresh_uri
     # train.device=cuda cannot work on a machine without a GPU: those trials fail, the rest go on.

@@ -353,6 +353,17 @@ def test_median_pruner_stops_trials_below_their_stage_median():
     assert pruner.report(1, 0.95) is None
 
 
+def test_a_pruner_replays_reused_trials_without_judging_them():
+    pruner = Pruner("median", warmup=1)
+    pruner.replay([0.2, 0.1])  # a poor trial, as a resumed stage finds it in MLflow: recorded, never pruned
+    pruner.replay([0.9, 0.95])
+    assert pruner.report(1, 0.6) is None  # not below median(0.2, 0.9) = 0.55
+    assert pruner.report(2, 0.3) is not None  # below median(0.1, 0.95) = 0.525
+    none = Pruner("none")
+    none.replay([0.9, 0.9])
+    assert none.report(1, 0.0) is None
+
+
 def _report_in_child(pruner: Pruner, reports: SharedReports, epoch: int, val_acc: float, out) -> None:
     out.put(pruner.attached(reports).report(epoch, val_acc))  # as a search's worker process does
 
