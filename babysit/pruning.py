@@ -58,17 +58,21 @@ class Pruner:
         history) without judging it: a resumed stage prunes against the trials it reuses."""
         if self.rule == "none":
             return
-        with self._lock:
-            for epoch, val_acc in enumerate(val_accs, start=1):
-                self._seen[epoch] = list(self._seen.get(epoch, [])) + [val_acc]
+        for epoch, val_acc in enumerate(val_accs, start=1):
+            self._record(epoch, val_acc)
+
+    def _record(self, epoch: int, val_acc: float) -> list[float]:
+        """Add a report at `epoch`; returns the reports made there before it."""
+        with self._lock:  # read and write back whole lists: shared memory holds numbers, not lists
+            peers = list(self._seen.get(epoch, []))
+            self._seen[epoch] = peers + [val_acc]
+        return peers
 
     def report(self, epoch: int, val_acc: float) -> str | None:
         """Record a trial's val accuracy after `epoch`; returns why it should stop, or None."""
         if self.rule == "none":
             return None
-        with self._lock:  # read and write back whole lists: shared memory holds numbers, not lists
-            peers = list(self._seen.get(epoch, []))
-            self._seen[epoch] = peers + [val_acc]
+        peers = self._record(epoch, val_acc)
         if self.rule == "median":
             if epoch >= self.warmup and len(peers) >= 2 and val_acc < (median := statistics.median(peers)):
                 return f"pruned in epoch {epoch}: val acc {val_acc:.3f} below the stage median {median:.3f}"
