@@ -104,7 +104,7 @@ def _fmt(value: object) -> str:
     return "null" if value is None else str(value)
 
 
-def blame(trials: pd.DataFrame, bad: pd.Series, params: list[str], never: tuple[str, str] | None = None) -> tuple[str, str, str] | None:
+def blame(trials: pd.DataFrame, bad: pd.Series, params: list[str], never: tuple[str, str] | None = None, prefer: str | None = None) -> tuple[str, str, str] | None:
     """The parameter range that holds the `bad` trials: (field, 'above'|'below'|'is', threshold).
 
     For a numeric column: every bad trial has field ≥ t (t = the smallest bad value), and at
@@ -112,11 +112,12 @@ def blame(trials: pd.DataFrame, bad: pd.Series, params: list[str], never: tuple[
     categorical column: every bad trial has the same value. The purest range wins. A range needs
     good trials to stand against: when every trial is bad, or a column has one value, it blames nothing.
     `never` = (field, side) is a range the problem cannot come from (lr_too_low at the highest
-    learning rates: the cure, a higher rate, would point the wrong way).
+    learning rates: the cure, a higher rate, would point the wrong way). Between equally pure
+    ranges, `prefer`'s wins (the learning rate, for a learning-rate flag), then the first field's.
     """
     if bad.sum() < 2 or bad.all():
         return None
-    best: tuple[float, tuple[str, str, str]] | None = None
+    best: tuple[tuple[float, bool], tuple[str, str, str]] | None = None
     for column in params:
         values = trials[column]
         field = column.removeprefix("param.")
@@ -130,19 +131,20 @@ def blame(trials: pd.DataFrame, bad: pd.Series, params: list[str], never: tuple[
         for side, inside, threshold in candidates:
             if (field, side) == never:
                 continue
-            purity = bad[inside].mean()
-            if purity >= BLAME_PURITY and (best is None or purity > best[0]):
-                best = (purity, (field, side, _fmt(threshold)))
+            rank = (bad[inside].mean(), field == prefer)
+            if rank[0] >= BLAME_PURITY and (best is None or rank > best[0]):
+                best = (rank, (field, side, _fmt(threshold)))
     return best[1] if best else None
 
 
-def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, params: list[str], everywhere: str, never: tuple[str, str] | None = None) -> str:
+def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, params: list[str], everywhere: str, never: tuple[str, str] | None = None,
+                  prefer: str | None = None) -> str:
     """One line on the `bad` trials of a stage: the range that holds them, to be cut off, or, when
     every trial shares the problem, `everywhere` (what to do with the learning rate)."""
     found = f"{what} in {int(bad.sum())} of {len(trials)} {stage} trials"
     if bad.all() and len(trials) > 1:
         return f"{what} in all {len(trials)} {stage} trials: {everywhere}."
-    culprit = blame(trials, bad, params, never)
+    culprit = blame(trials, bad, params, never, prefer)
     if culprit is None:
         return f"{found}, with no single parameter range to blame."
     field, side, threshold = culprit
@@ -173,6 +175,8 @@ def search_advice(trials: pd.DataFrame, edges: dict[str, str], unmoved: dict[str
     params = [c for c in trials.columns if c.startswith("param.")]
     status = trials["status"].astype(str) if "status" in trials else pd.Series(["finished"] * len(trials))
     lines = []
+    # a learning rate that every trial shares is the file's, not a searched range
+    lr_is, both = ("the learning-rate range is", "both bounds, ") if "param.optim.lr" in params else ("the learning rate (`optim.lr`, not searched) is", "")
     for stage in trials["stage"].astype(str).unique() if "stage" in trials else ["all"]:
         in_stage = trials["stage"].astype(str) == stage if "stage" in trials else pd.Series(True, index=trials.index)
         group, group_flags, group_status = trials[in_stage], flag_sets[in_stage], status[in_stage]
@@ -182,12 +186,16 @@ def search_advice(trials: pd.DataFrame, edges: dict[str, str], unmoved: dict[str
         lines.append(f"{stage}: {len(group)} trials ({summary})" + (f"; best validation accuracy {best_acc:.1%}." if pd.notna(best_acc) else "."))
         exploded = (group_status == "diverged") | group_flags.map(lambda f: "diverged" in f)
         if exploded.any():
-            lines.append(_problem_line("loss exploded", stage, group, exploded, params, everywhere="the learning-rate range is too high: lower it (both bounds, 10×)",
-                                       never=("optim.lr", "below")))
+            lines.append(_problem_line("loss exploded", stage, group, exploded, params, everywhere=f"{lr_is} too high: lower it ({both}10×)",
+                                       never=("optim.lr", "below"), prefer="optim.lr"))
+        fast = group_flags.map(lambda f: "lr_too_high" in f)
+        if fast.any():  # with the exploded trials: together they can be every trial, the rate too high everywhere
+            lines.append(_problem_line("lr_too_high" + (" or loss exploded" if (exploded & ~fast).any() else ""), stage, group, fast | exploded, params,
+                                       everywhere=f"{lr_is} too high: lower it ({both}3–10×)", never=("optim.lr", "below"), prefer="optim.lr"))
         slow = group_flags.map(lambda f: "lr_too_low" in f)
         if slow.any():
-            lines.append(_problem_line("lr_too_low", stage, group, slow, params, everywhere="the loss barely moved anywhere, so the learning-rate range is too low: raise it (10×)",
-                                       never=("optim.lr", "above")))
+            lines.append(_problem_line("lr_too_low", stage, group, slow, params, everywhere=f"the loss barely moved anywhere, so {lr_is} too low: raise it (10×)",
+                                       never=("optim.lr", "above"), prefer="optim.lr"))
         if (failed := int((group_status == "failed").sum())):
             lines.append(f"{failed} {stage} trial(s) failed with an error: see the `babysit.failure` tag of their MLflow runs.")
         if (pruned := int((group_status == "pruned").sum())):
@@ -216,7 +224,7 @@ def search_advice(trials: pd.DataFrame, edges: dict[str, str], unmoved: dict[str
             lines.append(f"{said}: {bound} in the file and search again.")
     finished = trials[(status == "finished") & trials["val_acc"].notna()] if "val_acc" in trials else trials.iloc[0:0]
     if not finished.empty:
-        top = finished.loc[finished["val_acc"].idxmax()]
+        top = finished.loc[finished["val_acc"].iloc[::-1].idxmax()]  # a tie goes to the latest trial, as the search's best does
         setting = ", ".join(f"{c.removeprefix('param.')} = {_fmt(top[c])}" for c in params)
         lines.append(f"best trial: validation accuracy {top['val_acc']:.1%}" + (f" ({top['stage']} stage)" if "stage" in top else "") + (f" with {setting}." if setting else "."))
     return "\n".join(f"- {line}" for line in lines) + "\n"

@@ -99,9 +99,10 @@ def search_overview(trials, fields: list[str], row: int | None = None, linear: C
             ax.grid(alpha=0.3)
             continue
         values = trials[f"param.{field}"]
-        numeric = values.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all()
+        # a null option (a choice with None) became NaN in the table: such a field is categorical, with a "null" category
+        numeric = values.notna().all() and values.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all()
         for colour, (stage, group) in enumerate(trials.groupby("stage", sort=False)):
-            x = group[f"param.{field}"] if numeric else group[f"param.{field}"].astype(str)
+            x = group[f"param.{field}"] if numeric else group[f"param.{field}"].map(category)
             ax.scatter(x, group["val_acc"], label=stage, color=f"C{colour}", alpha=0.7, s=18)
         if numeric and field not in linear and (values > 0).all() and values.max() / values.min() > 20:
             ax.set_xscale("log")
@@ -115,6 +116,15 @@ def search_overview(trials, fields: list[str], row: int | None = None, linear: C
     height = 3.5 * rows
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.7 / height, top=1 - 0.35 / height, wspace=0.3, hspace=0.35)
     return fig
+
+
+def category(value: object) -> str:
+    """A choice's option as an axis label: null for None (NaN in a table), 1 for a whole float."""
+    if value is None or isinstance(value, float) and value != value:
+        return "null"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def pixels(fig: Figure):

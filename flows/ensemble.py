@@ -53,7 +53,8 @@ def top_trials(uri: str, search_run_id: str, k: int) -> list:
               if r.info.status == "FINISHED" and r.data.tags.get("babysit.stage") != "final" and r.data.tags.get("babysit.status") == "finished"]
     if len(trials) < k:
         raise BabysitError(f"search '{search_run_id}' has {len(trials)} finished trials; --top {k} needs at least {k}.")
-    return sorted(trials, key=lambda r: -r.data.metrics.get("best_val_acc", 0.0))[:k]
+    best = parent.tags.get("babysit.best_trial")  # first among the trials tied with it, as the search chose it
+    return sorted(trials, key=lambda r: (-r.data.metrics.get("best_val_acc", 0.0), r.data.tags.get("babysit.trial_key") != best))[:k]
 
 
 @task(name="ensemble-member", cache_policy=NO_CACHE)

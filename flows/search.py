@@ -15,6 +15,7 @@ from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import NoReturn
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,7 @@ from flows.train import provenance_tags
 from tasks.check import overfit_tiny_subset
 from tasks.data import load_data_task
 from tasks.preprocess import Prepared, preprocess_task
+from tasks.train import pick_device
 from tasks.trial import TrialResult, TrialSpec, forks_workers, gpu_for, make_spec, result_from_run, stop_flag, trial_task, worker_processes
 
 
@@ -147,7 +149,8 @@ def review_stage(parent: tracking.RunRef, stage: str, space_text: dict[str, str]
 
 def stage_specs(exp: SearchExperiment, stage, number: int, space: dict, base_tree: dict, threads: int | None, device: str) -> list[TrialSpec]:
     """The stage's trials sampled from `space`; a config sampled twice runs once (same config,
-    same seed: same result)."""
+    same seed: same result), and so do configs that differ only in fields they do not read
+    (optim.momentum beside optim.name adam: babysit.config.READ_ONLY_WHEN)."""
     logger = get_run_logger()
     points = sample(space, stage.trials, exp.search.sampler, seed=exp.seed * 1000 + number)
     if exp.search.sampler == "grid" and (shortfall := grid_shortfall(space, stage.trials)):
@@ -156,10 +159,12 @@ def stage_specs(exp: SearchExperiment, stage, number: int, space: dict, base_tre
     sampled = [make_spec(base_tree, stage.name, i, p, stage.epochs, threads, gpu_for(device, i) if by_index else None) for i, p in enumerate(points)]
     first_of_each: dict[str, TrialSpec] = {}
     for spec in sampled:
-        first_of_each.setdefault(spec.key, spec)
+        trained = {field: value for field, value in spec.params.items() if reads_field(field, spec.params, base_tree)}
+        first_of_each.setdefault(json.dumps(trained, sort_keys=True, default=str), spec)
     specs = list(first_of_each.values())
     if len(specs) < len(sampled):
-        logger.info("stage %s: %d of %d sampled configs repeat another (a small discrete space); each config runs once", stage.name, len(sampled) - len(specs), len(sampled))
+        logger.info("stage %s: %d of %d sampled configs would train as another does (a small discrete space, or values of fields "
+                    "that the trial's optimizer, schedule or model does not read); each distinct training runs once", stage.name, len(sampled) - len(specs), len(sampled))
     return specs
 
 
@@ -211,6 +216,8 @@ def check_before_searching(name: str, base_tree: dict, space: dict, prepared: Pr
 def run_search(exp: SearchExperiment) -> SearchSummary:
     logger = get_run_logger()
     base = exp.base_config()
+    if not exp.search.dask_address:  # trials train here: a device this machine lacks stops the search before it starts
+        pick_device(base.train.device)
     base_tree = trial_base(exp)
     splits = load_data_task(base.data, base.seed)
     prepared = preprocess_task(splits, base.preprocess)
@@ -272,6 +279,14 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             warn_edge(stage.name, last, field, side, causes[field], cut_short.get(field))
         return narrowed
 
+    def give_up(number: int, stage_results: list[TrialResult], failed_stage: str | None = None) -> NoReturn:
+        """No best trial to go on from: the trials and the advice go to MLflow, the reason to the user."""
+        review(number, stage_results)
+        searched = trials_frame(results)
+        tracking.log_csv(parent, searched, "trials.csv")
+        tracking.log_text(parent, search_advice(searched, {}), "report.md")
+        raise BabysitError(nothing_scored(exp.name, searched, parent.run_id, failed_stage))
+
     with tracking.finished_or_failed(parent), runner, processes as (pool, reports), stopping as stop:
         if dask and scaleout.is_local_file_store(uri):  # workers that joined a loopback scheduler from elsewhere
             scaleout.dask_tracking_uri(uri, exp.search.dask_address, scaleout.dask_workers(runner))
@@ -285,17 +300,15 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
                 pruner = pruner.shared(reports)
             stage_results = run_stage(specs, finished, prepared, parent, pruner, runner, pool, stop)
             results += stage_results
+            if all(r.status == "failed" for r in stage_results):  # an error, not a range: the next stage would fail alike
+                give_up(number, stage_results, stage.name)
             if number + 1 < len(stages):
                 space = review(number, stage_results)
         # the last stage's review waits until the final retrain and the figure, the longest steps left, have started
         scored = [r for r in results if r.val_acc is not None]
         if not scored:  # the ranges are wrong, not the code: the trials and the advice still go to MLflow
-            review(len(stages) - 1, stage_results)
-            searched = trials_frame(results)
-            tracking.log_csv(parent, searched, "trials.csv")
-            tracking.log_text(parent, search_advice(searched, {}), "report.md")
-            raise BabysitError(nothing_scored(exp.name, searched, parent.run_id))
-        best = max(scored, key=lambda r: r.val_acc)
+            give_up(len(stages) - 1, stage_results)
+        best = max(reversed(scored), key=lambda r: r.val_acc)  # a tie goes to the latest trial: a later stage searched where the ranges moved
         final, retraining = None, None
         if exp.search.final is not None:
             spec = make_spec(base_tree, "final", 0, best.params, exp.search.final.epochs, threads, None)
@@ -341,15 +354,20 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     )
 
 
-def nothing_scored(name: str, trials: pd.DataFrame, run_id: str) -> str:
-    """Why a search has no best trial, and what to change: one paragraph."""
+def nothing_scored(name: str, trials: pd.DataFrame, run_id: str, failed_stage: str | None = None) -> str:
+    """Why a search has no best trial (or, with `failed_stage`, stopped after a stage whose every
+    trial failed), and what to change: one paragraph."""
     counts = trials["status"].value_counts()
-    failed = trials.loc[trials["status"] == "failed", "reason"].dropna()
-    said = f"search {name}: none of its {len(trials)} trials finished with a score ({counts.get('diverged', 0)} diverged, {counts.get('failed', 0)} failed)"
+    in_scope = trials["stage"] == failed_stage if failed_stage is not None else trials["status"].notna()
+    failed = trials.loc[in_scope & (trials["status"] == "failed"), "reason"].dropna()
+    if failed_stage is not None:
+        said = f"search {name}: all {int((trials['stage'] == failed_stage).sum())} trials of stage {failed_stage} failed with an error, so the search stopped there"
+    else:
+        said = f"search {name}: none of its {len(trials)} trials finished with a score ({counts.get('diverged', 0)} diverged, {counts.get('failed', 0)} failed)"
     if not failed.empty:
         said += f"; the first failure: {failed.iloc[0]}"
     diverged_lr = trials.loc[trials["status"] == "diverged", "param.optim.lr"] if "param.optim.lr" in trials else pd.Series(dtype=float)
-    if not diverged_lr.empty:
+    if not diverged_lr.empty and failed_stage is None:
         said += f"; lower optim.lr's range below {diverged_lr.min():.3g}, the lowest that diverged"
     return said + f". The trials and report.md are in MLflow run {run_id}."
 

@@ -6,6 +6,7 @@ and user files (CSV / Parquet with a target column, NPZ with `X` and `y`).
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -77,10 +78,14 @@ def read_table(path: Path, target: str, kind: str) -> tuple[np.ndarray, np.ndarr
     non_numeric = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
     if non_numeric:
         raise BabysitError(f"{path}: feature columns must be numeric, but {', '.join(non_numeric)} hold text or mixed values; encode them as numbers or drop them.")
-    return features.to_numpy(dtype=np.float32), frame[target].to_numpy(), [str(c) for c in features.columns]
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, which validate_dataset names
+        X = features.to_numpy(dtype=np.float32)
+    return X, frame[target].to_numpy(), [str(c) for c in features.columns]
 
 
 def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if not zipfile.is_zipfile(path):  # numpy would take it for a pickle, and suggest loading it unsafely
+        raise BabysitError(f"{path}: not an NPZ archive (what numpy.savez writes: a zip of .npy arrays 'X' and 'y'); for a table use data.source: csv or parquet.")
     with np.load(path, allow_pickle=False) as archive:
         missing = [key for key in ("X", "y") if key not in archive.files]
         if missing:
@@ -88,8 +93,8 @@ def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         X, y = archive["X"], archive["y"]
     if X.ndim != 2 or y.ndim != 1 or len(X) != len(y):
         raise BabysitError(f"{path}: expected 'X' of shape (rows, features) and 'y' of shape (rows,), got {X.shape} and {y.shape}.")
-    if not np.issubdtype(X.dtype, np.number):
-        raise BabysitError(f"{path}: 'X' must be numeric, got dtype {X.dtype}.")
+    if X.dtype.kind not in "biuf":  # bool columns of a table are features too; complex ones would lose their imaginary part
+        raise BabysitError(f"{path}: 'X' must hold real numbers (bool, integer or float), got dtype {X.dtype}.")
     return X.astype(np.float32), y
 
 
@@ -152,7 +157,7 @@ def validate_dataset(X: np.ndarray, labels: np.ndarray, origin: str, columns: li
     if bad.any():
         where = sorted(set(np.nonzero(bad)[1].tolist()))[:10]
         named = ", ".join(columns[i] for i in where) if columns is not None else str(where)
-        raise BabysitError(f"{origin}: {int(bad.sum())} feature values are NaN (missing) or infinite (feature columns {named}); impute or drop them before training.")
+        raise BabysitError(f"{origin}: {int(bad.sum())} feature values are NaN (missing), infinite or beyond float32's ±3.4e38 (feature columns {named}); impute or drop them before training.")
     if len(labels) and pd.isna(labels).any():
         raise BabysitError(f"{origin}: {int(pd.isna(labels).sum())} labels are missing; every row needs a class.")
     classes, y = np.unique(labels, return_inverse=True)

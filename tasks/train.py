@@ -20,6 +20,7 @@ from torch import nn
 
 from babysit import tracking
 from babysit.config import Config, OptimConfig, TrainConfig
+from babysit.errors import BabysitError
 from babysit.diagnostics import dead_unit_metrics, dead_unit_probe, snapshot, step_diagnostics
 from babysit.optim import lr_at, make_optimizer
 from models.mlp import Affine, build_model
@@ -52,9 +53,19 @@ class TrainResult:
 
 
 def pick_device(name: str) -> torch.device:
+    """`train.device` as a torch device; one this machine lacks is a BabysitError, before anything trains."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        missing = "this PyTorch build has no CUDA support or sees no GPU"
+    elif device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        missing = f"this machine has {torch.cuda.device_count()} GPU(s), numbered from 0"
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        missing = "MPS needs Apple silicon and a PyTorch build with MPS support"
+    else:
+        return device
+    raise BabysitError(f"train.device '{name}' is not available here: {missing}. Use train.device: auto (the GPU when there is one, else the CPU) or cpu.")
 
 
 def mixed_precision(device: torch.device):

@@ -261,6 +261,28 @@ def test_search_advice_blames_no_range_when_every_trial_shares_the_problem():
     assert "optim.lr >=" not in search_advice(top, {}) and "lower the upper bound" not in search_advice(top, {})
 
 
+def test_search_advice_on_the_learning_rate_names_the_files_rate_when_it_is_not_searched():
+    slow = pd.DataFrame({"stage": "c", "status": "finished", "val_acc": [0.1, 0.12], "flags": "lr_too_low", "param.optim.warmup_epochs": [0, 1]})
+    text = search_advice(slow, {})
+    assert "lr_too_low in all 2 c trials: the loss barely moved anywhere, so the learning rate (`optim.lr`, not searched) is too low: raise it" in text
+    assert "range" not in text.split("best trial")[0]
+
+
+def test_search_advice_says_the_rate_is_too_high_when_every_trial_that_did_not_explode_has_lr_too_high():
+    trials = pd.DataFrame({"stage": "c", "status": ["finished"] * 3 + ["diverged"] * 2, "val_acc": [0.3, 0.25, 0.2, None, None],
+                           "flags": ["lr_too_high"] * 3 + ["diverged"] * 2, "param.optim.lr": [0.1, 0.2, 0.4, 1.0, 2.0]})
+    text = search_advice(trials, {})
+    assert "lr_too_high or loss exploded in all 5 c trials: the learning-rate range is too high: lower it (both bounds, 3–10×)" in text
+    some = trials.assign(flags=["", "lr_too_high", "lr_too_high", "diverged", "diverged"])
+    assert "lr_too_high or loss exploded in 4 of 5 c trials, all with optim.lr >= 0.2: lower the upper bound of optim.lr" in search_advice(some, {})
+
+
+def test_search_advice_blames_the_learning_rate_for_a_learning_rate_flag_over_an_equally_pure_field():
+    trials = pd.DataFrame({"stage": "c", "status": "finished", "val_acc": [0.1, 0.1, 0.1, 0.9], "flags": ["lr_too_low"] * 3 + [""],
+                           "param.train.translate": [1, 2, 1, 0], "param.optim.lr": [1e-4, 2e-3, 5e-3, 1e-2]})
+    assert "all with optim.lr <= 0.005: raise the lower bound of optim.lr" in search_advice(trials, {})
+
+
 def test_a_loss_that_rose_is_a_rate_too_high_never_too_low():
     assert F.lr_too_low([3.47], 2.31, [], 3, 0.1, 1e-5) is None  # after 1 epoch, 50% above the initial loss
     flags = F.run_flags(history([3.47], [0.1]), 2.31, CFG)

@@ -169,6 +169,28 @@ def test_npz_missing_y(tmp_path):
     raises_naming(DataConfig(source="npz", path=path), str(path), "'y'", "labels")
 
 
+def test_a_table_given_as_npz_is_named_not_an_npz_archive(tmp_path):
+    path = tmp_path / "table.npz"
+    table().to_csv(path, index=False)
+    raises_naming(DataConfig(source="npz", path=path), str(path), "not an NPZ archive", "data.source: csv")
+
+
+def test_npz_features_may_be_bool_but_not_complex(tmp_path):
+    path = tmp_path / "bool.npz"
+    np.savez(path, X=np.arange(40).reshape(20, 2) % 3 == 0, y=np.arange(20) % 2)
+    assert load_dataset(DataConfig(source="npz", path=path), seed=0).X.dtype == np.float32
+    np.savez(path, X=np.ones((20, 2)) * (1 + 2j), y=np.arange(20) % 2)
+    raises_naming(DataConfig(source="npz", path=path), str(path), "real numbers", "complex128")
+
+
+def test_a_value_beyond_float32_is_named_as_such(tmp_path):
+    frame = table().astype({"b": float})
+    frame.loc[2, "b"] = 1e39
+    path = tmp_path / "huge.csv"
+    frame.to_csv(path, index=False)
+    raises_naming(DataConfig(source="csv", path=path, target="species"), str(path), "beyond float32", "feature columns b)")
+
+
 def test_unreadable_parquet_names_file(tmp_path):
     path = tmp_path / "junk.parquet"
     path.write_bytes(b"this is not parquet")

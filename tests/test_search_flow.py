@@ -129,6 +129,39 @@ def test_a_resumed_stage_prunes_against_the_trials_it_reuses(prefect_harness, fr
     assert rerun.data.tags["babysit.status"] == "pruned" and rerun.data.metrics["epochs_run"] < 3
 
 
+def test_a_stage_whose_every_trial_failed_stops_the_search_with_the_first_failure(prefect_harness, fresh_uri):
+    import torch
+
+    from babysit.errors import BabysitError
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA, where device=cuda fails")
+    with pytest.raises(BabysitError, match=r"all 2 trials of stage coarse failed with an error, so the search stopped there; the first failure: "
+                                           r"BabysitError: train.device 'cuda' is not available here"):
+        small_search(fresh_uri, "search.space={optim.lr: 'loguniform(1e-3, 1e-2)', train.device: 'choice([cuda])'}",
+                     "search.stages=[{name: coarse, trials: 2, epochs: 1}, {name: fine, trials: 2, epochs: 1}]")
+    client = tracking._client(fresh_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert {r.data.tags.get("babysit.stage") for r in runs if r.data.tags.get("babysit.kind") != "search"} == {"coarse"}  # fine never ran
+    assert all(r.info.status == "FAILED" for r in runs)
+
+
+def test_a_device_this_machine_lacks_stops_a_run_before_mlflow_has_one(prefect_harness, fresh_uri):
+    import torch
+
+    from babysit.errors import BabysitError
+    from flows.train import train_flow
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with pytest.raises(BabysitError, match=r"train.device 'cuda:1' is not available here: this PyTorch build has no CUDA support"):
+        train_flow(config="conf/digits_mlp.yaml", overrides=["train.device=cuda:1", "train.epochs=1"])
+    with pytest.raises(BabysitError, match=r"train.device 'cuda' is not available here"):
+        search_flow(config="conf/search_digits.yaml", overrides=["train.device=cuda"])
+    client = tracking._client(fresh_uri)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
 def test_failed_trials_are_recorded_and_do_not_stop_the_search(prefect_harness, fresh_uri):
     tracking_uri = fresh_uri
     # train.device=cuda cannot work on a machine without a GPU: those trials fail, the rest go on.
@@ -328,11 +361,33 @@ def test_a_search_where_every_trial_diverges_is_a_clear_error_with_its_trials_lo
     assert "exploded" in tracking.read_text(fresh_uri, parent.info.run_id, "report.md")
 
 
+def test_a_tie_for_the_best_goes_to_the_latest_trial_in_the_search_its_report_and_its_ensemble(prefect_harness, fresh_uri):
+    from flows.ensemble import top_trials
+
+    # a rate far too low to learn in 1 epoch: every trial scores the same (chance)
+    summary, kids = small_search(fresh_uri, "optim.name=sgd", "search.space={optim.lr: 'loguniform(1e-8, 1e-7)'}", "search.sampler=lhs",
+                                 "search.stages=[{name: coarse, trials: 3, epochs: 1}, {name: fine, trials: 3, epochs: 1}]", "search.final=null")
+    assert len({k.data.metrics["best_val_acc"] for k in kids}) == 1
+    best = tracking.get_run(fresh_uri, summary.parent_run_id).data.tags["babysit.best_trial"]
+    (best_run,) = [k for k in kids if k.data.tags["babysit.trial_key"] == best]
+    assert (best_run.data.tags["babysit.stage"], best_run.data.tags["babysit.trial_index"]) == ("fine", "2")
+    assert "(fine stage)" in tracking.read_text(fresh_uri, summary.parent_run_id, "report.md").split("best trial:")[1]
+    assert top_trials(fresh_uri, summary.parent_run_id, 1)[0].data.tags["babysit.trial_key"] == best
+
+
 def test_a_config_sampled_twice_in_a_stage_trains_once(prefect_harness, fresh_uri):
     summary, kids = small_search(fresh_uri, "search.space={model.activation: 'choice([relu, tanh])'}", "search.sampler=random",
                                  "search.stages=[{name: coarse, trials: 6, epochs: 1}]", "search.final=null")
     keys = [k.data.tags["babysit.trial_key"] for k in kids]
     assert len(keys) == len(set(keys)) == 2 and summary.trials_run == 2
+
+
+def test_configs_that_differ_only_in_a_field_their_optimizer_does_not_read_train_once(prefect_harness, fresh_uri):
+    # adam never reads momentum: 4 samples, 2 distinct trainings (one per activation)
+    summary, kids = small_search(fresh_uri, "optim.name=adam", "search.space={optim.momentum: 'uniform(0.5, 0.99)', model.activation: 'choice([relu, tanh])'}",
+                                 "search.sampler=grid", "search.stages=[{name: coarse, trials: 4, epochs: 1}]", "search.final=null")
+    assert summary.trials_run == len(kids) == 2
+    assert {k.data.params["model.activation"] for k in kids} == {"relu", "tanh"}
 
 
 def test_a_learning_rate_range_too_low_to_learn_moves_up(prefect_harness, fresh_uri):
@@ -456,6 +511,23 @@ def test_the_search_figure_plots_each_field_by_stage_with_one_legend():
             assert [axis.get_xscale() for axis in figure.axes[:2]] == ["log", scale]  # a field sampled on a linear scale keeps a linear axis
         finally:
             plots.close(figure)
+
+
+def test_the_search_figure_plots_a_null_option_of_a_choice_as_its_own_category():
+    import numpy as np
+
+    from babysit import plots
+
+    # a choice of [null, 1]: the trials table holds NaN and 1.0
+    trials = pd.DataFrame({"stage": "coarse", "val_acc": [0.9, 0.95, 0.8], "param.train.early_stopping_patience": [float("nan"), float("nan"), 1.0]})
+    figure = plots.search_overview(trials, ["train.early_stopping_patience"])
+    try:
+        panel = figure.axes[0]
+        assert sum(int(np.isfinite(points.get_offsets()).all(axis=1).sum()) for points in panel.collections) == 3  # the null trials too
+        figure.canvas.draw()
+        assert {label.get_text() for label in panel.get_xticklabels()} == {"null", "1"}
+    finally:
+        plots.close(figure)
 
 
 def test_the_search_figure_drawn_row_by_row_stacks_into_one_picture():
