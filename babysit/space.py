@@ -231,8 +231,11 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
             continue
         positions = [dist.to_unit(t["params"][field]) for t in field_top]
         lo, hi = (0.0, 1.0) if tied else (min(positions) - cfg.pad, max(positions) + cfg.pad)  # tied: only what diverged or barely learned cuts
-        sides = {edge_side(dist, t["params"][field], cfg.edge) for t in field_top if t["score"] == field_top[0]["score"]}
+        best = [t for t in field_top if t["score"] == field_top[0]["score"]]
+        sides = {edge_side(dist, t["params"][field], cfg.edge) for t in best}
         side = sides.pop() if len(sides) == 1 and not tied else None  # the best trials (tied or one) agree on an edge
+        if field == cfg.learning_rate and side == "low" and any(t.get("too_slow") for t in best):
+            side = None  # a best trial that barely learned asks for a higher rate, not a lower one
         if side is not None:
             edges[field] = side
         if side == "low":

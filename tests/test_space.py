@@ -320,6 +320,17 @@ def test_trials_whose_loss_barely_moved_move_the_learning_rate_range_up():
     assert edges == {} and new["lr"].low == pytest.approx(3e-5) and new["lr"].high == pytest.approx(1e-1)
 
 
+def test_a_best_trial_that_barely_learned_never_moves_the_learning_rate_range_down():
+    # 2 trials at chance: the "best" by noise sits at the low edge, and its own flag says the rate is too low
+    space = space_of(lr="loguniform(8e-3, 0.3)")
+    trials = [{"params": {"lr": 8.5e-3}, "score": 0.107, "diverged": False, "too_slow": True},
+              {"params": {"lr": 0.17}, "score": 0.100, "diverged": False, "too_slow": False}]
+    new, edges = narrow(space, trials, Narrowing(learning_rate="lr"))
+    assert edges == {} and new["lr"].low == pytest.approx(space["lr"].low)
+    learned = [{**trials[0], "too_slow": False}, trials[1]]  # the same best trial, learning: the range does move down
+    assert narrow(space, learned, Narrowing(learning_rate="lr"))[1] == {"lr": "low"}
+
+
 def test_a_stage_where_every_trial_diverged_moves_the_learning_rate_range_down():
     space = space_of(lr="loguniform(1e-2, 10)", dropout="uniform(0, 0.5)")
     points = [{"lr": v, "dropout": 0.1} for v in (0.03, 0.2, 1.0, 5.0)]
