@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -250,12 +250,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise BabysitError(f"{path}: config file not found (expected a YAML experiment file such as conf/digits_mlp.yaml).")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = yaml.safe_load(_utf8_text(path)) or {}
     except yaml.YAMLError as err:
         raise BabysitError(f"{path}: not valid YAML ({' '.join(str(err).split())}){_flow_hint(err)}.") from None
     if not isinstance(tree, dict):
         raise BabysitError(f"{path}: expected a mapping of sections (data, model, optim, ...) at the top, got {type(tree).__name__}.")
     return tree
+
+
+def _utf8_text(path: Path) -> str:
+    """The file's text, read as UTF-8 whatever the locale says (YAML files are UTF-8)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise BabysitError(
+            f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}, byte offset {err.start}); "
+            "a config file must be UTF-8: save it again as UTF-8, or remove that byte."
+        ) from None
 
 
 # inside {..} or [..] a comma ends the value: loguniform(1e-4, 1e-1) splits in two (babysit.space says it too)
@@ -312,13 +325,16 @@ def validate(model: type[BaseModel], tree: dict[str, Any], source: str) -> Any:
     try:
         return model.model_validate(tree)
     except ValidationError as err:
-        raise BabysitError(f"{source}: invalid config: " + "; ".join(_describe(e, model) for e in err.errors()) + ".") from None
+        raise BabysitError(f"{source}: invalid config: " + "; ".join(_describe(e, model, source) for e in err.errors()) + ".") from None
 
 
-def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
+def _describe(error: dict[str, Any], model: type[BaseModel], source: str) -> str:
     if not error["loc"]:  # a check across sections, e.g. the search space: its message names the fields
         return error["msg"].removeprefix("Value error, ")
     field = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden" and error["loc"] == ("search",):  # a search file given to `babysit train` or `check`
+        return (f"unknown field `search`: this is a search file (a training config plus a `search` section); "
+                f"run it with `babysit search {source}`, or drop the `search` section to train or check this config once")
     if error["type"] == "extra_forbidden":
         known = _known_fields(model, error["loc"][:-1])
         return f"unknown field `{field}` (expected one of: {', '.join(known)})"
@@ -333,11 +349,21 @@ def _describe(error: dict[str, Any], model: type[BaseModel]) -> str:
 
 def _known_fields(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc:
-        annotation = model.model_fields[str(part)].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if isinstance(part, int):  # a position in a list (search.stages.0): the list's model is already in hand
+            continue
+        section = _section_model(model.model_fields[str(part)].annotation)
+        if section is None:
             return []
-        model = annotation
+        model = section
     return list(model.model_fields)
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The section model an annotation holds, looking inside list[...] and ... | None
+    (search.stages is list[StageConfig], search.final is FinalStageConfig | None)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((model for arg in get_args(annotation) if (model := _section_model(arg)) is not None), None)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, model: type[BaseModel] = Config) -> Any:

@@ -93,16 +93,50 @@ def open_store(uri: str, experiment: str) -> str:
     """Create the store (tables, folders) and the experiment once, before any fan-out.
 
     Concurrent first use of a fresh SQLite database races on schema creation and loses runs,
-    so callers do this in the flow, before trials start. Returns the experiment id.
+    so callers do this in the flow, before trials start. Returns the experiment id. Raises
+    BabysitError, before any run exists, when MLflow cannot use `uri` or `experiment` is deleted.
     """
-    db = sqlite_path(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    client = _client(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return found.experiment_id
-    return client.create_experiment(experiment, artifact_location=local_artifact_root(uri))
+    found = _find_experiment(uri, experiment)
+    if found is None:
+        return _client(uri).create_experiment(experiment, artifact_location=local_artifact_root(uri))
+    if found.lifecycle_stage == "deleted":  # MLflow keeps the name taken, and refuses runs in it
+        from babysit.errors import BabysitError
+
+        raise BabysitError(
+            f"`tracking.experiment` '{experiment}' is deleted in the MLflow store at {uri} (experiment id {found.experiment_id}), "
+            f"and MLflow creates no runs in a deleted experiment: restore it with `MLFLOW_TRACKING_URI={uri} mlflow experiments restore "
+            f"--experiment-id {found.experiment_id}`, or choose another name (--set tracking.experiment=NAME)."
+        )
+    return found.experiment_id
+
+
+def _find_experiment(uri: str, experiment: str) -> Any:
+    """The experiment named `experiment` (deleted ones too), or None; this is the first use of the
+    store, so MLflow's refusal of the URI itself (unknown scheme, file store) surfaces here."""
+    from mlflow.exceptions import MlflowException
+
+    from babysit.errors import BabysitError
+
+    try:
+        db = sqlite_path(uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        return _client(uri).get_experiment_by_name(experiment)
+    except (MlflowException, OSError) as err:
+        raise BabysitError(
+            f"`tracking.uri` '{uri}' (or $MLFLOW_TRACKING_URI when the config leaves it unset): MLflow cannot use it as a tracking store "
+            f"({_mlflow_reason(err, uri)}); expected sqlite:///path/to/mlflow.db (the default is {DEFAULT_URI}), "
+            "an MLflow tracking server such as http://127.0.0.1:5000 (`babysit server up`), or a database URL (postgresql://..., mysql://...)."
+        ) from None
+
+
+def _mlflow_reason(err: Exception, uri: str) -> str:
+    """MLflow's reason in one clause, without its paragraphs of migration advice."""
+    from mlflow.tracking.registry import UnsupportedModelRegistryStoreURIException
+
+    if isinstance(err, UnsupportedModelRegistryStoreURIException):  # its text speaks of the model registry, whichever store refused
+        return f"no MLflow store takes the scheme '{urlparse(uri).scheme}'"
+    return " ".join(str(err).split()).split(". ")[0].rstrip(".")[:300]
 
 
 def forget_connections_after_fork() -> None:

@@ -1,0 +1,153 @@
+"""Bad input found by QA: each stops with exit status 2 and one paragraph that names the file or
+field and what was expected; never a traceback, never an MLflow run left RUNNING."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
+
+# Prefect binds its console log handler to sys.stderr when it is first imported. Imported here, at
+# collection (as the flow tests do), that is pytest's session-long stream; first imported inside a
+# test, it would be that test's captured stream, closed after it, and every later log line would
+# print a "Logging error" traceback into the next test's output.
+import flows.train  # noqa: F401
+from babysit import tracking
+from babysit.cli import main
+from babysit.config import SearchExperiment, load_config
+from babysit.errors import BabysitError
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "conf" / "digits_mlp.yaml")
+SEARCH = str(ROOT / "conf" / "search_digits.yaml")
+
+
+def one_paragraph(text: str) -> str:
+    """The message as one line; fails if it is more than one paragraph."""
+    assert text.strip(), "nothing printed"
+    assert "\n\n" not in text.strip(), text
+    return " ".join(text.split())
+
+
+def running_runs(uri: str) -> list[str]:
+    """Ids of the store's RUNNING runs, in every experiment (deleted ones too); none without a store."""
+    db = tracking.sqlite_path(uri)
+    if db is not None and not db.exists():
+        return []
+    client = MlflowClient(tracking_uri=uri)
+    experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    return [r.info.run_id for r in client.search_runs(experiments, run_view_type=ViewType.ALL) if r.info.status == "RUNNING"]
+
+
+def deleted_experiment(uri: str, name: str) -> str:
+    """Create experiment `name` in the store at `uri` and delete it, as a user would in the UI; returns its id."""
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment(name)
+    client.delete_experiment(experiment_id)
+    return experiment_id
+
+
+# 1. Not UTF-8: PyYAML never sees the file; the error says which byte, where.
+
+
+@pytest.mark.parametrize(("command", "content", "byte"), [("train", b"name: caf\xe9\n", "0xe9"), ("search", b"\xff\xfe", "0xff")], ids=["latin-1", "utf-16-bom"])
+def test_a_config_that_is_not_utf8_names_the_file_and_the_byte(tmp_path, tracking_uri, capsys, command, content, byte):
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(content)
+    assert main([command, str(path)]) == 2
+    out, err = capsys.readouterr()
+    message = one_paragraph(out)
+    assert str(path) in message and "UTF-8" in message and byte in message and "line 1" in message
+    assert "Traceback" not in out + err
+    assert not tracking.sqlite_path(tracking_uri).exists()
+
+
+# 2. Unknown keys inside a list of sections or an optional section list that section's fields.
+
+
+@pytest.mark.parametrize(
+    ("overrides", "stage_key", "expected"),
+    [
+        (["search.final.epoch=1"], None, "`search.final.epoch` (expected one of: epochs)"),
+        (["search.stages.0.epoch=1"], None, "`search.stages.0.epoch` (expected one of: name, trials, epochs, prune"),
+        ([], "trial", "`search.stages.1.trial` (expected one of: name, trials, epochs, prune"),
+    ],
+    ids=["final-override", "stage-override", "stage-yaml"],
+)
+def test_unknown_field_in_a_stage_or_the_final_lists_that_sections_fields(tmp_path, overrides, stage_key, expected):
+    tree = yaml.safe_load(Path(SEARCH).read_text())
+    if stage_key:
+        tree["search"]["stages"][1][stage_key] = 3
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(BabysitError) as err:
+        load_config(path, overrides, model=SearchExperiment)
+    assert expected in " ".join(str(err.value).split())
+
+
+# 5. A search file given to `train` or `check`: say which command reads it.
+
+
+@pytest.mark.parametrize("command", ["train", "check"])
+def test_train_or_check_on_a_search_file_points_to_babysit_search(tracking_uri, capsys, command):
+    assert main([command, SEARCH]) == 2
+    out, err = capsys.readouterr()
+    message = one_paragraph(out)
+    assert "unknown field `search`" in message and "search file" in message
+    assert f"babysit search {SEARCH}" in message
+    assert "Traceback" not in out + err
+
+
+# 3. A deleted experiment keeps its name in MLflow and refuses runs.
+
+
+def test_a_deleted_experiment_says_how_to_restore_it_and_creates_no_run(tmp_path):
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    experiment_id = deleted_experiment(uri, "qa_deleted")
+    with pytest.raises(BabysitError) as err:
+        tracking.start_run(uri, "qa_deleted", None, {"lr": 0.1}, {})
+    message = str(err.value)
+    assert "`tracking.experiment` 'qa_deleted' is deleted" in message and uri in message
+    assert f"mlflow experiments restore --experiment-id {experiment_id}" in message
+    assert "another name" in message
+    assert running_runs(uri) == []
+    assert MlflowClient(tracking_uri=uri).search_runs([experiment_id], run_view_type=ViewType.ALL) == []
+
+
+# 4. A tracking URI MLflow refuses: its exception is translated where the store is first opened.
+
+
+@pytest.mark.parametrize(("uri", "reason"), [("foo://bar", "no MLflow store takes the scheme 'foo'"), ("file://{tmp}/filestore", "filesystem tracking backend")],
+                         ids=["unknown-scheme", "file-store"])
+def test_an_unusable_tracking_uri_names_the_field_and_what_is_accepted(tmp_path, uri, reason):
+    uri = uri.format(tmp=tmp_path)
+    with pytest.raises(BabysitError) as err:
+        tracking.start_run(uri, "babysit", None, {"lr": 0.1}, {})
+    message = str(err.value)
+    assert f"`tracking.uri` '{uri}'" in message and reason in message
+    assert "sqlite:///path/to/mlflow.db" in message and "http://" in message
+    assert "\n" not in message and "migrate" not in message  # MLflow's reason, not its advice
+    assert not (tmp_path / "filestore").exists()  # no store was made, so no run can be RUNNING
+
+
+# 3 and 4 through the CLI: the error is raised inside the train flow and still reads as one paragraph.
+
+
+@pytest.mark.parametrize("problem", ["deleted experiment", "unusable uri"])
+def test_store_errors_cross_the_train_flow_as_one_paragraph(prefect_harness, tracking_uri, tmp_path, capfd, monkeypatch, problem):
+    monkeypatch.chdir(tmp_path)
+    if problem == "deleted experiment":
+        deleted_experiment(tracking_uri, "qa_deleted")
+        overrides, expected = ["tracking.experiment=qa_deleted"], "mlflow experiments restore"
+    else:
+        overrides, expected = ["tracking.uri=foo://bar"], "`tracking.uri` 'foo://bar'"
+    argv = ["train", DIGITS, "--set", "model.hidden=[8]", *[arg for item in overrides for arg in ("--set", item)]]
+    code = main(argv)
+    out, err = capfd.readouterr()
+    assert code == 2
+    assert expected in one_paragraph(out)
+    assert "Traceback" not in out + err and "MlflowException" not in out + err
+    assert running_runs(tracking_uri) == []
