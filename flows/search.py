@@ -36,7 +36,7 @@ from flows.train import provenance_tags
 from tasks.check import overfit_tiny_subset
 from tasks.data import load_data_task
 from tasks.preprocess import Prepared, preprocess_task
-from tasks.train import pick_device
+from tasks.train import training_device
 from tasks.trial import TrialResult, TrialSpec, forks_workers, gpu_for, make_spec, result_from_run, stop_flag, trial_task, worker_processes
 
 
@@ -216,8 +216,8 @@ def check_before_searching(name: str, base_tree: dict, space: dict, prepared: Pr
 def run_search(exp: SearchExperiment) -> SearchSummary:
     logger = get_run_logger()
     base = exp.base_config()
-    if not exp.search.dask_address:  # trials train here: a device this machine lacks stops the search before it starts
-        pick_device(base.train.device)
+    if not exp.search.dask_address:  # trials train here: a base config that cannot train stops the search before it starts
+        training_device(base)
     base_tree = trial_base(exp)
     splits = load_data_task(base.data, base.seed)
     prepared = preprocess_task(splits, base.preprocess)

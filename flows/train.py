@@ -16,7 +16,7 @@ from tasks.build import build_task
 from tasks.data import load_data_task
 from tasks.preprocess import preprocess_task
 from tasks.track import log_init_report, log_results_task, warn_init_flags
-from tasks.train import pick_device, train_task
+from tasks.train import train_task, training_device
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def provenance_tags(cfg: Config) -> dict[str, str]:
 
 def run_training(cfg: Config) -> RunSummary:
     """The train pipeline for an already validated config (used by train_flow and tests)."""
-    pick_device(cfg.train.device)  # one this machine lacks stops the run here, before MLflow has a run
+    training_device(cfg)  # a config that cannot train here stops the run before MLflow has one
     splits = load_data_task(cfg.data, cfg.seed)
     prepared = preprocess_task(splits, cfg.preprocess)
     s = prepared.splits

@@ -25,7 +25,7 @@ from babysit.flags import init_flags, initial_loss_off
 from models.mlp import build_model
 from tasks.build import inspect_init
 from tasks.preprocess import Prepared
-from tasks.train import evaluate, fit, pick_device, to_device
+from tasks.train import evaluate, fit, to_device, training_device
 
 REACHED = "reached the target accuracy"  # fit's stop reason when the overfit check succeeds
 
@@ -78,7 +78,7 @@ def overfit_tiny_subset(cfg: Config, prepared: Prepared, n: int = 20, budget_epo
     cfg = without_regularization(cfg)
     s = prepared.splits
     n = min(n, len(s.y_train))
-    device = pick_device(cfg.train.device)
+    device = training_device(cfg)
     X, y = to_device(s.X_train[:n], s.y_train[:n], device=device)
     model = build_model(cfg.model, s.input_shape, s.n_classes, cfg.seed).to(device)
     train_cfg = cfg.train.model_copy(update={"epochs": budget_epochs, "early_stopping_patience": None})

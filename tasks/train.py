@@ -52,6 +52,15 @@ class TrainResult:
         return self.history["val_acc"][self.best_epoch - 1] if self.best_epoch else math.nan
 
 
+def training_device(cfg: Config) -> torch.device:
+    """The device `cfg` trains on. A config this machine or PyTorch cannot train is a
+    BabysitError, raised before anything is created or trained."""
+    if cfg.model.batchnorm and cfg.train.batch_size < 2:  # BatchNorm's training statistics need 2 rows
+        raise BabysitError(f"train.batch_size {cfg.train.batch_size} with model.batchnorm: true: batch norm normalizes each batch by its own "
+                           "mean and variance, which needs at least 2 rows; raise train.batch_size or set model.batchnorm: false.")
+    return pick_device(cfg.train.device)
+
+
 def pick_device(name: str) -> torch.device:
     """`train.device` as a torch device; one this machine lacks is a BabysitError, before anything trains."""
     if name == "auto":
@@ -176,7 +185,7 @@ def train_and_test(
 
     The test split is read here, once, after training, with the kept best-validation weights.
     """
-    device = pick_device(cfg.train.device)
+    device = training_device(cfg)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     s = prepared.splits

@@ -36,6 +36,13 @@ def test_babysit_check_fails_on_deep_tanh_small_init_with_reasons(capsys, one_th
     assert (tmp_path / "init_activations.png").stat().st_size > 0 and (tmp_path / "overfit_curve.png").stat().st_size > 0
 
 
+def test_babysit_check_on_batch_norm_with_one_row_batches_is_one_paragraph(capsys, one_thread):
+    assert main(["check", "conf/digits_mlp.yaml", "--set", "model.batchnorm=true", "--set", "train.batch_size=1"]) == 2
+    said = capsys.readouterr()
+    text = said.out + said.err
+    assert "train.batch_size 1 with model.batchnorm: true" in text and "at least 2 rows" in text and "Traceback" not in text
+
+
 def test_initial_loss_is_ln_classes_with_the_scaled_head():
     cfg = load_config("conf/digits_mlp.yaml")
     result = check_initial_loss(cfg, prepared_for(cfg))

@@ -146,7 +146,7 @@ def test_a_stage_whose_every_trial_failed_stops_the_search_with_the_first_failur
     assert all(r.info.status == "FAILED" for r in runs)
 
 
-def test_a_device_this_machine_lacks_stops_a_run_before_mlflow_has_one(prefect_harness, fresh_uri):
+def test_a_config_that_cannot_train_here_stops_a_run_before_mlflow_has_one(prefect_harness, fresh_uri):
     import torch
 
     from babysit.errors import BabysitError
@@ -158,6 +158,8 @@ def test_a_device_this_machine_lacks_stops_a_run_before_mlflow_has_one(prefect_h
         train_flow(config="conf/digits_mlp.yaml", overrides=["train.device=cuda:1", "train.epochs=1"])
     with pytest.raises(BabysitError, match=r"train.device 'cuda' is not available here"):
         search_flow(config="conf/search_digits.yaml", overrides=["train.device=cuda"])
+    with pytest.raises(BabysitError, match=r"train.batch_size 1 with model.batchnorm: true: .* needs at least 2 rows"):
+        train_flow(config="conf/digits_mlp.yaml", overrides=["model.batchnorm=true", "train.batch_size=1"])
     client = tracking._client(fresh_uri)
     assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 

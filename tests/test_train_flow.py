@@ -236,9 +236,10 @@ def test_bad_data_raises_and_leaves_no_running_run(prefect_harness, tracking_uri
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA to make training fail")
 def test_failure_during_training_ends_the_run_failed(prefect_harness, tracking_uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    # device=cuda validates, but moving the model to a missing GPU raises inside the train task
+    # a checkpoint that is not one: the config validates, and loading it fails inside the train task
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(Exception):
-        train_flow(config=CONFIG, overrides=["train.device=cuda", "train.epochs=1", "model.hidden=[8]"])
+        train_flow(config=CONFIG, overrides=[f"model.init_from={tmp_path / 'broken.pt'}", "train.epochs=1", "model.hidden=[8]"])
     runs = all_runs(tracking_uri)
     assert len(runs) == 1
     assert runs[0].info.status == "FAILED"
