@@ -245,12 +245,28 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping: PyYAML would keep the
+    last silently, and a config would run with a value other than the one its reader sees first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):  # a list or mapping as a key: unhashable, and no config field
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is written twice in the same section", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise BabysitError(f"{path}: config file not found (expected a YAML experiment file such as conf/digits_mlp.yaml).")
     try:
-        tree = yaml.safe_load(_utf8_text(path)) or {}
+        tree = yaml.load(_utf8_text(path), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
         raise BabysitError(f"{path}: not valid YAML ({' '.join(str(err).split())}){_flow_hint(err)}.") from None
     if not isinstance(tree, dict):

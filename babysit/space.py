@@ -74,6 +74,9 @@ def parse_dist(field: str, spec: Any) -> Dist:
         # YAML split an unquoted distribution at its first comma inside {...}: the value ends there
         split = unclosed and "," not in spec.partition("(")[2]
         hint = f"; {QUOTE_DISTRIBUTIONS}" if split else "; a ')' is missing" if unclosed else ""
+        if isinstance(spec, dict):  # `optim: {lr: ...}` nests what the space keys by dotted name
+            inner = next(iter(spec), "lr")
+            hint = f"; the space names each field in full, with dots, not as a nested section: `{field}.{inner}: ...`, and {QUOTE_DISTRIBUTIONS}"
         raise ValueError(f"`{field}`: expected loguniform(low, high), uniform(low, high), int(low, high) or choice([a, b, ...]), got {spec!r}{hint}")
     kind, raw_args = match.groups()
     try:

@@ -136,6 +136,15 @@ def test_invalid_yaml_names_the_file(tmp_path):
     assert str(path) in str(err.value) and "YAML" in str(err.value)
 
 
+def test_a_key_written_twice_in_a_section_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("name: t\noptim:\n  lr: 0.1\n  name: sgd\n  lr: 0.001\n")
+    with pytest.raises(BabysitError, match=r"twice.yaml: not valid YAML \(the key 'lr' is written twice in the same section .*line 5"):
+        load_config(path)
+    path.write_text("name: t\noptim: {name: sgd, lr: 0.1}\n")  # the same key in different sections is fine
+    assert load_config(path).optim.name == "sgd"
+
+
 def test_yaml_that_is_not_a_mapping_names_the_file(tmp_path):
     path = tmp_path / "list.yaml"
     path.write_text("- 1\n- 2\n")

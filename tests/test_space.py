@@ -72,6 +72,11 @@ def test_invalid_search_files_fail_at_load_naming_the_field(tmp_path, space, nam
     assert str(path) in str(err.value) and named in str(err.value) and "(top level)" not in str(err.value)
 
 
+def test_a_nested_section_in_the_space_says_to_write_the_field_dotted():
+    with pytest.raises(BabysitError, match=r"names each field in full, with dots, not as a nested section: `optim.lr: ...`"):
+        load_config("conf/search_digits.yaml", ["search.space={optim: {lr: 'loguniform(1e-4, 1e-1)'}}"], model=SearchExperiment)
+
+
 @pytest.mark.parametrize("item", ["search.space={optim.lr: choice([1e-3, 1e-2])}", "search.space={optim.lr: loguniform(1e-4, 1e-1)}"])
 def test_an_unquoted_distribution_in_a_flow_mapping_says_to_quote_it(item):
     # YAML cuts a flow mapping at commas: one fails to parse, the other parses into 'loguniform(1e-4' and '1e-1)'
