@@ -175,6 +175,11 @@ def split_dataset(data: Dataset, val_fraction: float, test_fraction: float, seed
         val_share = val_fraction / (1.0 - test_fraction)
         X_train, X_val, y_train, y_val = train_test_split(X_rest, y_rest, test_size=val_share, stratify=y_rest, random_state=seed)
     except ValueError as err:
+        rows, classes = len(data.y), len(data.classes)
+        for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if fraction * rows < classes:  # stratified: each split holds every class at least once
+                raise BabysitError(f"{data.origin}: data.{name} {fraction} leaves {fraction * rows:.0f} of {rows} rows for {classes} classes; "
+                                   f"a stratified split needs a row of each class: set data.{name} to at least {classes / rows:.2g}.") from None
         counts = np.bincount(data.y)
         rarest = data.classes[int(counts.argmin())]
         raise BabysitError(

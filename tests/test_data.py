@@ -218,6 +218,12 @@ def test_split_fractions_disjoint_and_covering():
         np.testing.assert_array_equal(y_part, data.y[X_part[:, 0].astype(int)])
 
 
+def test_a_fraction_too_small_for_a_row_of_each_class_names_the_field_and_its_least_value():
+    data = data_of(300, [0.5, 0.3, 0.2])
+    with pytest.raises(BabysitError, match=r"data.val_fraction 0.005 leaves 2 of 300 rows for 3 classes; .* set data.val_fraction to at least 0.01"):
+        split_dataset(data, val_fraction=0.005, test_fraction=0.2, seed=0)
+
+
 def test_split_is_stratified():
     data = data_of(2000, [0.7, 0.2, 0.1])
     overall = np.bincount(data.y) / len(data.y)
