@@ -20,8 +20,8 @@ from torch import nn
 
 from babysit import tracking
 from babysit.config import Config, OptimConfig, TrainConfig
-from babysit.errors import BabysitError
 from babysit.diagnostics import dead_unit_metrics, dead_unit_probe, snapshot, step_diagnostics
+from babysit.errors import BabysitError
 from babysit.optim import lr_at, make_optimizer
 from models.mlp import Affine, build_model
 from models.transfer import freeze, load_source, transfer_weights, unfreeze
