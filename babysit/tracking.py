@@ -342,15 +342,18 @@ def find_runs(uri: str, experiment_id: str, tags: dict[str, str], newest_first: 
 
 
 def reopen_run(uri: str, run_id: str, experiment_id: str) -> RunRef:
-    """Mark an earlier run RUNNING again, to resume it."""
-    _client(uri).update_run(run_id, status="RUNNING")
+    """Mark an earlier run RUNNING again, to resume it: why it failed then no longer holds."""
+    client = _client(uri)
+    if "babysit.failure" in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, "babysit.failure")
+    client.update_run(run_id, status="RUNNING")
     return RunRef(uri, run_id, experiment_id)
 
 
 def mark_failed(uri: str, run_id: str, reason: str) -> None:
-    """End a run that a killed process left RUNNING."""
+    """End a trial's run that a killed process left RUNNING, tagged as a trial that failed."""
     run = RunRef(uri, run_id, "")
-    set_tags(run, {"babysit.failure": reason})
+    set_tags(run, {"babysit.failure": reason, "babysit.status": "failed"})
     end_run(run, "FAILED")
 
 

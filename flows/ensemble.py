@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from prefect import flow, task
+from pydantic import ValidationError
 from prefect.cache_policies import NO_CACHE
 
 from babysit import tracking
@@ -32,11 +33,30 @@ class EnsembleSummary:
 
 
 def config_from_params(params: dict[str, str]) -> Config:
-    """A trial's training config rebuilt from its MLflow params (the flattened config)."""
+    """A trial's training config rebuilt from its MLflow params (the flattened config). MLflow keeps
+    every param as text: each is read back as YAML ('0.001', '[256, 256]', 'true'), except where
+    the config wants text and YAML would read a number or a bool (a name '2024', a column '0')."""
+    values = {key: _yaml_or_text(text) for key, text in params.items()}
+    while True:
+        try:
+            return Config.model_validate(with_values({}, values))
+        except ValidationError as err:
+            wants_text = {".".join(map(str, e["loc"])) for e in err.errors() if e["type"] == "string_type"} & params.keys() - {
+                key for key, value in values.items() if isinstance(value, str)}
+            if not wants_text:
+                raise
+            values.update({key: params[key] for key in wants_text})
+
+
+def _yaml_or_text(text: str) -> object:
     import yaml
 
-    values = {key: None if text == "None" else yaml.safe_load(text) for key, text in params.items()}
-    return Config.model_validate(with_values({}, values))
+    if text == "None":  # how MLflow writes a null
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def ensemble_probabilities(member_probabilities: list[np.ndarray]) -> np.ndarray:
@@ -51,10 +71,17 @@ def top_trials(uri: str, search_run_id: str, k: int) -> list:
     experiment_id = tracking.get_run(uri, search_run_id).info.experiment_id
     trials = [r for r in tracking.find_runs(uri, experiment_id, {"mlflow.parentRunId": search_run_id})
               if r.info.status == "FINISHED" and r.data.tags.get("babysit.stage") != "final" and r.data.tags.get("babysit.status") == "finished"]
-    if len(trials) < k:
-        raise BabysitError(f"search '{search_run_id}' has {len(trials)} finished trials; --top {k} needs at least {k}.")
     best = parent.tags.get("babysit.best_trial")  # first among the trials tied with it, as the search chose it
-    return sorted(trials, key=lambda r: (-r.data.metrics.get("best_val_acc", 0.0), r.data.tags.get("babysit.trial_key") != best))[:k]
+    ranked = sorted(trials, key=lambda r: (-r.data.metrics.get("best_val_acc", 0.0), r.data.tags.get("babysit.trial_key") != best))
+    members, seen = [], set()
+    for run in ranked:  # two stages can train the same config (same seed): one model, which an ensemble needs once
+        trained = tuple(sorted((key, value) for key, value in run.data.params.items() if key not in ("train.threads", "train.device")))
+        if trained not in seen:
+            seen.add(trained)
+            members.append(run)
+    if len(members) < k:
+        raise BabysitError(f"search '{search_run_id}' has {len(members)} finished trials with distinct configs; --top {k} needs at least {k}.")
+    return members[:k]
 
 
 @task(name="ensemble-member", cache_policy=NO_CACHE)

@@ -103,6 +103,8 @@ def test_rerunning_a_search_reuses_finished_trials_and_redoes_interrupted_ones(f
     client.update_run(interrupted.info.run_id, "RUNNING")
     never_started = next(k for k in kids if k.data.tags["babysit.stage"] == "coarse" and k.info.run_id != interrupted.info.run_id)
     client.delete_run(never_started.info.run_id)
+    client.set_tag(finished_search.parent_run_id, "babysit.failure", "interrupted")  # as Ctrl-C leaves the parent
+    client.update_run(finished_search.parent_run_id, "FAILED")
 
     again = search_flow(config="conf/search_digits.yaml", overrides=SMALL)
 
@@ -110,7 +112,10 @@ def test_rerunning_a_search_reuses_finished_trials_and_redoes_interrupted_ones(f
     assert again.trials_run == 2 and again.trials_reused == 4 + 3 + 1 - 2
     after = children(tracking_uri, again.parent_run_id)
     assert not [k for k in after if k.info.status == "RUNNING"]
-    assert tracking.get_run(tracking_uri, interrupted.info.run_id).info.status == "FAILED"
+    marked = tracking.get_run(tracking_uri, interrupted.info.run_id)
+    assert marked.info.status == "FAILED" and marked.data.tags["babysit.status"] == "failed"
+    parent = tracking.get_run(tracking_uri, again.parent_run_id)
+    assert parent.info.status == "FINISHED" and "babysit.failure" not in parent.data.tags  # the resumed search finished
     finished_keys = pd.Series([k.data.tags["babysit.trial_key"] for k in after if k.info.status == "FINISHED"])
     assert finished_keys.is_unique and len(finished_keys) == 4 + 3 + 1
     assert again.best_val_acc == pytest.approx(finished_search.best_val_acc)
@@ -448,6 +453,27 @@ def test_ensemble_of_the_top_trials_averages_their_probabilities(finished_search
     import numpy as np
 
     assert np.allclose(ensemble_probabilities([np.array(a), np.array(b)]), [[0.4, 0.6], [0.2, 0.8]])
+
+
+def test_an_ensemble_takes_a_config_that_two_stages_trained_once(prefect_harness, fresh_uri):
+    from babysit.errors import BabysitError
+    from flows.ensemble import top_trials
+
+    # the fine stage narrows to the better activation and trains it again, as the coarse stage did: same config, same model
+    summary, kids = small_search(fresh_uri, "search.space={model.activation: 'choice([relu, tanh])'}", "search.sampler=grid", "search.top_k=1",
+                                 "search.stages=[{name: coarse, trials: 2, epochs: 1}, {name: fine, trials: 2, epochs: 1}]", "search.final=null")
+    assert len(kids) == 3
+    members = top_trials(fresh_uri, summary.parent_run_id, 2)
+    assert {m.data.params["model.activation"] for m in members} == {"relu", "tanh"}
+    with pytest.raises(BabysitError, match="has 2 finished trials with distinct configs; --top 3 needs at least 3"):
+        top_trials(fresh_uri, summary.parent_run_id, 3)
+
+
+def test_a_trials_config_comes_back_from_its_mlflow_params_with_text_that_looks_like_a_number():
+    from flows.ensemble import config_from_params
+
+    cfg = load_config("conf/digits_mlp.yaml", ['name="2024"', 'tracking.experiment="007"', "model.hidden=[64, 32]", "train.early_stopping_patience=null"])
+    assert config_from_params({key: str(value) for key, value in cfg.flat().items()}) == cfg  # as MLflow stores params: text
 
 
 def test_ensemble_refuses_a_run_that_is_not_a_search(finished_search, tracking_uri):
