@@ -85,6 +85,8 @@ def parse_dist(field: str, spec: Any) -> Dist:
         raise ValueError(f"`{field}`: cannot read the arguments of {spec!r}") from None
     if kind == "choice":
         options = args[0] if len(args) == 1 and isinstance(args[0], list) else args
+        # YAML 1.1 reads 1e-4 (no dot) as text: a number written that way is still a number
+        options = [float(o) if isinstance(o, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", o) else o for o in options]
         if len(options) < 1:
             raise ValueError(f"`{field}`: choice needs at least one option")
         return Dist("choice", options=tuple(tuple(o) if isinstance(o, list) else o for o in options))

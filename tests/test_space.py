@@ -264,6 +264,12 @@ def test_edges_do_not_move_past_a_fields_hard_limit():
     assert edges == {} and new["model.dropout"].low == 0.0  # no edge flag: the range could not move
 
 
+def test_a_choice_reads_numbers_written_with_an_exponent_as_numbers():
+    # YAML 1.1 reads 1e-4 as text, 1.0e-4 and 0.01 as numbers: all are numbers to a search
+    assert parse_dist("optim.lr", "choice([1e-5, 3e-4, 0.01, 1.0e-1, 2])").options == (1e-5, 3e-4, 0.01, 0.1, 2)
+    assert parse_dist("model.activation", "choice([relu, tanh])").options == ("relu", "tanh")
+
+
 def test_choices_keep_only_what_the_top_trials_used():
     space = space_of(init="choice([small, he, xavier])", hidden="choice([[64], [128, 64]])")
     points = [{"init": i, "hidden": h} for i in ("small", "he", "xavier") for h in ((64,), (128, 64))]
