@@ -154,14 +154,14 @@ def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, p
     return f"{found}, all with {field} {symbol} {threshold}: {fix} of {field}."
 
 
-def search_advice(trials: pd.DataFrame, edges: dict[str, str], unmoved: dict[str, str] | None = None, causes: dict[str, str] | None = None,
+def search_advice(trials: pd.DataFrame, edges: dict[str, str], unmoved: dict[str, str] | None = None, causes: dict[tuple[str, str], str] | None = None,
                   narrowed: dict[str, tuple[str, str]] | None = None) -> str:
     """Markdown advice on a search from its trials and the fields whose best value sat at an edge.
 
     `trials` has columns stage, status (finished|failed|diverged|pruned), val_acc, flags
     (comma-separated flag names) and param.<field> per searched field; `edges` maps a field
     (e.g. 'optim.lr') to 'low' or 'high' (the next stage's range moved past it); `unmoved`, the
-    same for the last stage, whose range nothing moved; `causes`, why a field's range moved (the
+    same for the last stage, whose range nothing moved; `causes`, (field, side) -> why its range moved (the
     search log's words; default: its best value sat at that edge); `narrowed`, for the fields of
     `unmoved` whose edge narrowing set inside the file's range: (the last stage's range, the file's). Per stage, in order of appearance: what happened to
     the trials; which range holds the exploded (status diverged or flag diverged) and the
@@ -212,10 +212,10 @@ def search_advice(trials: pd.DataFrame, edges: dict[str, str], unmoved: dict[str
     causes = causes or {}
     for field, side in edges.items():
         where = "upper" if side == "high" else "lower"
-        lines.append(f"{field}: the next stage's range moved past its {where} edge ({causes.get(field, 'the best value sat at that edge')}): the optimum may lie beyond it.")
+        lines.append(f"{field}: the next stage's range moved past its {where} edge ({causes.get((field, side), 'the best value sat at that edge')}): the optimum may lie beyond it.")
     for field, side in (unmoved or {}).items():
         where, bound = ("upper", "raise its upper bound") if side == "high" else ("lower", "lower its lower bound")
-        said = f"{field}: the last stage's range should move past its {where} edge ({causes.get(field, 'the best value sat at that edge')})"
+        said = f"{field}: the last stage's range should move past its {where} edge ({causes.get((field, side), 'the best value sat at that edge')})"
         if field in (narrowed or {}):  # the file's range already goes past it: the stages stopped too soon
             last_range, declared = narrowed[field]
             lines.append(f"{said}, which narrowing set inside the file's range ({last_range} of {declared}): "

@@ -176,7 +176,9 @@ def report(args: argparse.Namespace) -> int:
         try:
             text = f"# Search {name} ({args.run_id})\n\n" + tracking.read_text(uri, args.run_id, "report.md")
         except Exception:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
-            text = f"# Search {name} ({args.run_id})\n\nNo report.md: the search stopped before its first stage ended.\n"
+            why = record.tags.get("babysit.failure")
+            text = (f"# Search {name} ({args.run_id})\n\nNo report.md: the search stopped before it ended (MLflow status {record.status}"
+                    f"{': ' + why if why else ''}); run the same search again to resume it: it writes report.md when it ends.\n")
     elif kind == "ensemble":
         members = record.tags.get("babysit.members", "").split(",")
         text = (f"# Ensemble {name} ({args.run_id})\n\n{len(members)} members from search {record.tags.get('babysit.search_run_id')}: "

@@ -256,7 +256,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     edges: list[str] = []
     unmoved: dict[str, str] = {}  # field -> side: the last stage's best value at an edge
     cut_short: dict[str, tuple[str, str]] = {}  # of those, the edges inside the file's range: field -> (last range, file's range)
-    causes: dict[str, str] = {}  # field -> why its range moved past an edge, the last time it did
+    causes: dict[tuple[str, str], str] = {}  # (field, side) -> why its range moved past that edge, the last time it did
     stages = exp.search.stages
     processes = nullcontext((None, None))
     if exp.search.runner == "processes":  # room in shared memory for any stage's pruning reports
@@ -269,22 +269,27 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         stage, last = stages[number], number + 1 == len(stages)
         narrowed, stage_edges = review_stage(parent, stage.name, ranges[stage.name], space, stage_results, narrowing, is_valid, base_tree)
         for field, side in stage_edges.items():
-            if f"edge:{field}={side}" not in edges:  # one flag, however many stages moved the range
-                edges.append(f"edge:{field}={side}")
+            edges[:] = with_edge(edges, field, side)
             if last:  # no stage left to move it: the file's range has to, unless narrowing set that edge
                 unmoved[field] = side
                 if inside_declared(space[field], declared[field], side):
                     cut_short[field] = (space[field].describe(), declared[field].describe())
-            causes[field] = edge_cause(field, side, space[field], stage_results, exp.search.edge, base_tree)
-            warn_edge(stage.name, last, field, side, causes[field], cut_short.get(field))
+            causes[field, side] = edge_cause(field, side, space[field], stage_results, exp.search.edge, base_tree)
+            warn_edge(stage.name, last, field, side, causes[field, side], cut_short.get(field))
         return narrowed
+
+    def advice(searched: pd.DataFrame) -> str:
+        """report.md: the trials' problems, and the edges the stages moved past (those the last stage left are said once)."""
+        moved = dict(edge_of(flag) for flag in edges)  # the latest side per field
+        return search_advice(searched, {f: side for f, side in moved.items() if unmoved.get(f) != side}, unmoved, causes, cut_short)
 
     def give_up(number: int, stage_results: list[TrialResult], failed_stage: str | None = None) -> NoReturn:
         """No best trial to go on from: the trials and the advice go to MLflow, the reason to the user."""
         review(number, stage_results)
         searched = trials_frame(results)
+        tracking.set_tags(parent, edge_tags(edges))
         tracking.log_csv(parent, searched, "trials.csv")
-        tracking.log_text(parent, search_advice(searched, {}), "report.md")
+        tracking.log_text(parent, advice(searched), "report.md")
         raise BabysitError(nothing_scored(exp.name, searched, parent.run_id, failed_stage))
 
     with tracking.finished_or_failed(parent), runner, processes as (pool, reports), stopping as stop:
@@ -327,15 +332,14 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         if retraining is not None and exp.search.runner == "threads":  # it trains in a thread here: matplotlib is not thread-safe
             final, retraining = retraining.result(), None
         drawing = [drawn or figure_row(searched, fields, row, linear) for row, drawn in enumerate(drawing)]
-        moved = {e.split(":", 1)[1].split("=")[0]: e.rsplit("=", 1)[1] for e in edges}
-        advice = search_advice(searched, {f: side for f, side in moved.items() if unmoved.get(f) != side}, unmoved, causes, cut_short)
+        report = advice(searched)
         if retraining is not None:
             final = retraining.result()
         if final is not None:
             results.append(final)
         frame = trials_frame(results)
         log_search_outcome(parent, frame, best, final, edges)
-        tracking.log_text(parent, advice, "report.md")
+        tracking.log_text(parent, report, "report.md")
         changes = recurring.changes_since(previous, best.val_acc, ranges)
         if changes:
             tracking.set_tags(parent, {"babysit.previous_search": previous.run_id})
@@ -344,13 +348,13 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         if runtime.flow_run.id is not None:  # while the figure is drawn
             create_link_artifact(link=url, link_text=f"MLflow search {parent.run_id}", description=f"Parent MLflow run of search {exp.name}")
             markdown = summary_markdown(exp.name, frame, best, final, edges, ranges) + "".join(f"\n- {line}" if i else f"\n\nChanges {line}" for i, line in enumerate(changes))
-            create_markdown_artifact(markdown=markdown + "\n\n" + advice, key="search-summary", description=f"Search {exp.name}")
+            create_markdown_artifact(markdown=markdown + "\n\n" + report, key="search-summary", description=f"Search {exp.name}")
         tracking.log_image(parent, stacked_rows(drawing, searched, fields, linear), "search.png")
 
     return SearchSummary(
         parent.run_id, parent.experiment_id, uri, best.params, best.val_acc,
         final.val_acc if final else None, final.test_acc if final else None, edges, ranges,
-        int((~frame["reused"]).sum()), int(frame["reused"].sum()), url, tuple(changes), advice,
+        int((~frame["reused"]).sum()), int(frame["reused"].sum()), url, tuple(changes), report,
     )
 
 
@@ -433,12 +437,29 @@ def log_search_outcome(parent: tracking.RunRef, frame: pd.DataFrame, best: Trial
         metrics.update(final_val_acc=final.val_acc, test_acc=final.test_acc)
     tracking.log_metrics(parent, metrics)
     tags = {f"best.{k}": str(v) for k, v in best.params.items()}
-    tags.update({"babysit.best_trial": best.key, "babysit.flags": ",".join(edges) or "none"})
-    tags.update({f"edge.{e.split(':', 1)[1].split('=')[0]}": e.rsplit("=", 1)[1] for e in edges})
+    tags.update({"babysit.best_trial": best.key, **edge_tags(edges)})
     if final is not None:
         tags["babysit.final_run_id"] = final.run_id or ""
     tracking.set_tags(parent, tags)
     tracking.log_csv(parent, frame, "trials.csv")
+
+
+def with_edge(edges: list[str], field: str, side: str) -> list[str]:
+    """The search's edge flags after a stage moved `field`'s range past its `side` edge: one flag
+    per field and side, however many stages moved it, ordered by their latest move."""
+    flag = f"edge:{field}={side}"
+    return [e for e in edges if e != flag] + [flag]
+
+
+def edge_of(flag: str) -> tuple[str, str]:
+    """'edge:optim.lr=high' -> ('optim.lr', 'high')."""
+    field, side = flag.removeprefix("edge:").rsplit("=", 1)
+    return field, side
+
+
+def edge_tags(edges: list[str]) -> dict[str, str]:
+    """The parent run's flags and an `edge.<field>` tag per field: the side its range moved past last."""
+    return {"babysit.flags": ",".join(edges) or "none", **{f"edge.{field}": side for field, side in map(edge_of, edges)}}
 
 
 def summary_markdown(name: str, frame: pd.DataFrame, best: TrialResult, final: TrialResult | None, edges: list[str], ranges: dict) -> str:

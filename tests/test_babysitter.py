@@ -232,7 +232,7 @@ def test_search_advice_blames_the_range_and_reports_edges():
     assert "loss exploded in 5 of 20 coarse trials, all with optim.lr >= 0.044: lower the upper bound of optim.lr" in text
     assert "optim.lr: the next stage's range moved past its upper edge (the best value sat at that edge)" in text
     slow_cause = "most of the best trials barely learned (lr_too_low), the best at 0.0001: the learning rate is too low"
-    moved_for_slowness = search_advice(trials, {}, {"optim.lr": "high"}, {"optim.lr": slow_cause})
+    moved_for_slowness = search_advice(trials, {}, {"optim.lr": "high"}, {("optim.lr", "high"): slow_cause})
     assert f"optim.lr: the last stage's range should move past its upper edge ({slow_cause}): raise its upper bound in the file" in moved_for_slowness
     assert "at the upper edge" not in moved_for_slowness  # the best lr was not at the edge
     # an edge that narrowing set inside the file's range: the file's range is not what to change

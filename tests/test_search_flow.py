@@ -218,6 +218,17 @@ def test_babysit_report_on_a_search_prints_the_searchs_own_report(finished_searc
     assert "No flags" not in out  # not a training run's report
 
 
+def test_babysit_report_on_a_search_stopped_before_it_ended_says_so_and_how_to_resume(fresh_uri, capsys):
+    from babysit.cli import main
+
+    parent = tracking.start_run(fresh_uri, "stopped", "search_digits", {}, {"babysit.kind": "search", "babysit.config_name": "search_digits"})
+    tracking.set_tags(parent, {"babysit.failure": "interrupted"})
+    tracking.end_run(parent, "FAILED")  # as Ctrl-C in the second stage leaves it: no report.md yet
+    assert main(["report", parent.run_id, "--uri", fresh_uri]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "No report.md: the search stopped before it ended (MLflow status FAILED: interrupted); run the same search again to resume it" in text
+
+
 def one_trial(uri: str, index: int = 0):
     """A tiny digits trial (16 hidden units, 1 epoch), its data and a parent run to log it under."""
     from tasks.data import load_dataset, split_dataset
@@ -365,7 +376,9 @@ def test_a_search_where_every_trial_diverges_is_a_clear_error_with_its_trials_lo
     assert parent.info.status == "FAILED" and "none of its 3 trials" in parent.data.tags["babysit.failure"]
     trials = pd.read_csv(client.download_artifacts(parent.info.run_id, "trials.csv"))
     assert list(trials["status"]) == ["diverged"] * 3
-    assert "exploded" in tracking.read_text(fresh_uri, parent.info.run_id, "report.md")
+    report = tracking.read_text(fresh_uri, parent.info.run_id, "report.md")
+    assert "exploded" in report and "optim.lr: the last stage's range should move past its lower edge (every trial diverged" in report
+    assert parent.data.tags["edge.optim.lr"] == "low" and parent.data.tags["babysit.flags"] == "edge:optim.lr=low"  # failed, the flag is still there
 
 
 def test_a_tie_for_the_best_goes_to_the_latest_trial_in_the_search_its_report_and_its_ensemble(prefect_harness, fresh_uri):
@@ -380,6 +393,17 @@ def test_a_tie_for_the_best_goes_to_the_latest_trial_in_the_search_its_report_an
     assert (best_run.data.tags["babysit.stage"], best_run.data.tags["babysit.trial_index"]) == ("fine", "2")
     assert "(fine stage)" in tracking.read_text(fresh_uri, summary.parent_run_id, "report.md").split("best trial:")[1]
     assert top_trials(fresh_uri, summary.parent_run_id, 1)[0].data.tags["babysit.trial_key"] == best
+
+
+def test_a_fields_edge_tag_is_the_side_its_range_moved_past_last():
+    from flows.search import edge_tags, with_edge
+
+    edges: list[str] = []
+    for field, side in [("optim.lr", "high"), ("model.dropout", "low"), ("optim.lr", "low"), ("optim.lr", "high")]:  # stage by stage
+        edges = with_edge(edges, field, side)
+    assert edges == ["edge:model.dropout=low", "edge:optim.lr=low", "edge:optim.lr=high"]
+    assert edge_tags(edges) == {"babysit.flags": ",".join(edges), "edge.model.dropout": "low", "edge.optim.lr": "high"}
+    assert edge_tags([]) == {"babysit.flags": "none"}
 
 
 def test_a_config_sampled_twice_in_a_stage_trains_once(prefect_harness, fresh_uri):
