@@ -222,9 +222,10 @@ def search_advice(trials: pd.DataFrame, edges: dict[str, str], unmoved: dict[str
                          f"add a stage, whose range would move past that edge, or narrow less (a larger `search.pad`).")
         else:
             lines.append(f"{said}: {bound} in the file and search again.")
-    finished = trials[(status == "finished") & trials["val_acc"].notna()] if "val_acc" in trials else trials.iloc[0:0]
-    if not finished.empty:
-        top = finished.loc[finished["val_acc"].iloc[::-1].idxmax()]  # a tie goes to the latest trial, as the search's best does
+    # as the search chooses its best: a pruned trial's score counts too
+    scored = trials[status.isin(["finished", "pruned"]) & trials["val_acc"].notna()] if "val_acc" in trials else trials.iloc[0:0]
+    if not scored.empty:
+        top = scored.loc[scored["val_acc"].iloc[::-1].idxmax()]  # a tie goes to the latest trial, as the search's best does
         setting = ", ".join(f"{c.removeprefix('param.')} = {_fmt(top[c])}" for c in params)
         lines.append(f"best trial: validation accuracy {top['val_acc']:.1%}" + (f" ({top['stage']} stage)" if "stage" in top else "") + (f" with {setting}." if setting else "."))
     return "\n".join(f"- {line}" for line in lines) + "\n"

@@ -148,8 +148,10 @@ def grid_shortfall(space: Space, n: int) -> str | None:
     if choices > n:
         return (f"the choices alone make {choices} combinations, more than the {n} trials: only the first {n} run"
                 + (", with every numeric field at the middle of its range" if numeric else "") + "; raise the stage's trials or use a random sampler")
+    if full < n and not numeric:  # every combination runs: the space has no more configs to give
+        return f"the choices make {choices} combination(s), all of which run: {n - full} of the {n} trials would repeat one, and are not run"
     if full < n:
-        middle = " (1 level: the middle of each range)" if levels == 1 and numeric else ""
+        middle = " (1 level: the middle of each range)" if levels == 1 else ""
         return (f"a full grid of {choices} choice combination(s) × {levels} level(s) per numeric field{middle} is {full} points: "
                 f"{n - full} of the {n} trials are not run; random sampling would use all {n}")
     return None

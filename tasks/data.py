@@ -176,6 +176,9 @@ def split_dataset(data: Dataset, val_fraction: float, test_fraction: float, seed
         X_train, X_val, y_train, y_val = train_test_split(X_rest, y_rest, test_size=val_share, stratify=y_rest, random_state=seed)
     except ValueError as err:
         rows, classes = len(data.y), len(data.classes)
+        if rows < 3 * classes:  # no fractions can work: train, val and test each need a row of every class
+            raise BabysitError(f"{data.origin}: {rows} rows for {classes} classes; a stratified train/val/test split needs at least 3 rows of each class "
+                               f"({3 * classes} rows): use more rows (data.max_rows) or fewer classes (data.keep_classes).") from None
         for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if fraction * rows < classes:  # stratified: each split holds every class at least once
                 raise BabysitError(f"{data.origin}: data.{name} {fraction} leaves {fraction * rows:.0f} of {rows} rows for {classes} classes; "

@@ -277,6 +277,14 @@ def test_search_advice_says_the_rate_is_too_high_when_every_trial_that_did_not_e
     assert "lr_too_high or loss exploded in 4 of 5 c trials, all with optim.lr >= 0.2: lower the upper bound of optim.lr" in search_advice(some, {})
 
 
+def test_search_advice_names_the_best_trial_as_the_search_does_pruned_or_tied():
+    trials = pd.DataFrame({"stage": ["coarse", "coarse", "fine", "fine"], "status": ["finished", "pruned", "finished", "finished"],
+                           "val_acc": [0.90, 0.95, 0.93, 0.93], "flags": "", "param.optim.lr": [1e-3, 2e-3, 3e-3, 4e-3]})
+    assert "best trial: validation accuracy 95.0% (coarse stage) with optim.lr = 0.002." in search_advice(trials, {})  # pruned, yet the best
+    tied = trials.assign(val_acc=[0.93, 0.90, 0.93, 0.93])
+    assert "best trial: validation accuracy 93.0% (fine stage) with optim.lr = 0.004." in search_advice(tied, {})  # the latest of the tied
+
+
 def test_search_advice_blames_the_learning_rate_for_a_learning_rate_flag_over_an_equally_pure_field():
     trials = pd.DataFrame({"stage": "c", "status": "finished", "val_acc": [0.1, 0.1, 0.1, 0.9], "flags": ["lr_too_low"] * 3 + [""],
                            "param.train.translate": [1, 2, 1, 0], "param.optim.lr": [1e-4, 2e-3, 5e-3, 1e-2]})

@@ -224,6 +224,11 @@ def test_a_fraction_too_small_for_a_row_of_each_class_names_the_field_and_its_le
         split_dataset(data, val_fraction=0.005, test_fraction=0.2, seed=0)
 
 
+def test_too_few_rows_for_any_split_says_so_instead_of_a_fraction():
+    with pytest.raises(BabysitError, match=r"40 rows for 30 classes; .* at least 3 rows of each class \(90 rows\): use more rows \(data.max_rows\)"):
+        split_dataset(data_of(40, [1 / 30] * 30), val_fraction=0.15, test_fraction=0.15, seed=0)
+
+
 def test_split_is_stratified():
     data = data_of(2000, [0.7, 0.2, 0.1])
     overall = np.bincount(data.y) / len(data.y)

@@ -156,6 +156,8 @@ def test_grid_says_what_its_budget_leaves_out():
     assert len(sample(many_choices, 4, "grid", seed=0)) == 4
     said = grid_shortfall(many_choices, 4)
     assert "6 combinations, more than the 4 trials: only the first 4 run, with every numeric field at the middle" in said
+    only_choices = space_of(act="choice([relu, tanh])", init="choice([he])")  # e.g. a stage after narrowing
+    assert grid_shortfall(only_choices, 4) == "the choices make 2 combination(s), all of which run: 2 of the 4 trials would repeat one, and are not run"
 
 
 def trials_for(points, objective, diverged=lambda p: False):
