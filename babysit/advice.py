@@ -52,7 +52,7 @@ ADVICE: dict[str, Callable[[str, History], str]] = {
 
 def run_report(
     name: str, flags: dict[str, str], history: History, initial_loss: float,
-    diagnostics: History | None = None, stop_reason: str | None = None, run_id: str | None = None,
+    diagnostics: History | None = None, stop_reason: str | None = None, run_id: str | None = None, finished: bool = True,
 ) -> str:
     """A run's markdown report: what happened (from the histories), its flags, what to do next.
 
@@ -66,7 +66,7 @@ def run_report(
         lines.append(
             f"{'Run `' + run_id + '`: ' if run_id else ''}{epochs} epoch(s); {_accuracies(history)} at the end "
             f"(best validation {history['val_acc'][best]:.1%} in epoch {best + 1}); "
-            f"training loss {initial_loss:.3g} at init → {history['train_loss'][-1]:.3g}."
+            f"training loss {f'{initial_loss:.3g}' if math.isfinite(initial_loss) else 'not recorded'} at init → {history['train_loss'][-1]:.3g}."
         )
     ratio = [r for r in (diagnostics or {}).get("update_ratio", []) if math.isfinite(r)]
     if ratio:
@@ -81,6 +81,8 @@ def run_report(
     if "lr_too_low" in flags and {"vanishing_activations", "saturated"} & set(flags):
         i = ordered.index("lr_too_low")  # a loss that does not move may be the init's fault
         advice[i] += " But fix the init first: with vanishing or saturated activations the gradients, not the learning rate, are too small."
+    if not advice and not finished:
+        advice = ["No flags in the epochs it ran, but the run did not finish: its curves stop early; run it again before judging it."]
     if not advice:
         advice = ["No flags: the run looks healthy. Next, tune the learning rate and regularization with a "
                   "coarse-to-fine random search (log-uniform ranges, a few epochs per trial first)."]

@@ -186,7 +186,7 @@ def report(args: argparse.Namespace) -> int:
                 f"best single member {record.metrics.get('best_single_test_acc', float('nan')):.4f}.\n")
     else:
         text = run_report(name, flags, history, record.metrics.get("initial_loss", float("nan")), record.histories,
-                          record.tags.get("babysit.stop_reason"), args.run_id)
+                          record.tags.get("babysit.stop_reason"), args.run_id, finished=record.status == "FINISHED")
     if record.status != "FINISHED":
         text += f"\nMLflow status: {record.status}" + (f" ({record.tags['babysit.failure']})" if "babysit.failure" in record.tags else "") + "\n"
     print(text, end="")

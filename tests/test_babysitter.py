@@ -215,6 +215,8 @@ def test_run_report_speaks_the_lectures_language():
     assert text.index("loss exploded") < text.index("overfitting —")  # causes before symptoms
     assert "lower the learning rate" in text and "abc123" in text and "2.0e-03" in text
     assert "No flags" in run_report("ok", {}, h, 2.3)
+    stopped = run_report("cut", {}, h, float("nan"), finished=False)  # Ctrl-C'd before its first flag, initial loss never logged
+    assert "the run did not finish" in stopped and "looks healthy" not in stopped and "not recorded at init" in stopped
 
 
 def test_search_advice_blames_the_range_and_reports_edges():
