@@ -128,19 +128,18 @@ def threads_per_trial(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
-def log_stage(parent: tracking.RunRef, stage: str, space_text: dict[str, str], results: list[TrialResult]) -> None:
+def log_stage(stage: str, space_text: dict[str, str], results: list[TrialResult]) -> None:
     frame = trials_frame(results)
     table = frame.drop(columns=["trial_key", "run_id", "reason"]).sort_values("val_acc", ascending=False, na_position="last")
     create_table_artifact(table=table.fillna("").to_dict("records"), key=f"search-stage-{stage}".lower().replace("_", "-"),
                           description=f"Stage `{stage}`: {len(results)} trials sampled from " + ", ".join(f"`{k}` ~ {v}" for k, v in space_text.items()))
-    tracking.set_tags(parent, {f"range.{stage}.{field}": text for field, text in space_text.items()})
 
 
-def review_stage(parent: tracking.RunRef, stage: str, space_text: dict[str, str], space: dict, results: list[TrialResult], narrowing: Narrowing,
+def review_stage(stage: str, space_text: dict[str, str], space: dict, results: list[TrialResult], narrowing: Narrowing,
                  is_valid, base_tree: dict) -> tuple[dict, dict[str, str]]:
-    """A stage's table and ranges logged; the space narrowed around its top trials, or moved past
+    """A stage's table logged; the space narrowed around its top trials, or moved past
     the edges where its best values sat (field -> low | high)."""
-    log_stage(parent, stage, space_text, results)
+    log_stage(stage, space_text, results)
     best = max((r.val_acc for r in results if r.val_acc is not None), default=None)
     get_run_logger().info("stage %s: %d trials (%d reused), best val acc %s", stage, len(results), sum(r.reused for r in results), f"{best:.4f}" if best is not None else "n/a")
     trials = [{"params": r.params, "score": r.val_acc, "diverged": r.status == "diverged", "too_slow": "lr_too_low" in r.flags} for r in results]
@@ -267,7 +266,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     def review(number: int, stage_results: list[TrialResult]) -> dict:
         """After stage `number`: its table and ranges logged, its edges noted; the space the next stage samples from."""
         stage, last = stages[number], number + 1 == len(stages)
-        narrowed, stage_edges = review_stage(parent, stage.name, ranges[stage.name], space, stage_results, narrowing, is_valid, base_tree)
+        narrowed, stage_edges = review_stage(stage.name, ranges[stage.name], space, stage_results, narrowing, is_valid, base_tree)
         for field, side in stage_edges.items():
             edges[:] = with_edge(edges, field, side)
             if last:  # no stage left to move it: the file's range has to, unless narrowing set that edge
@@ -299,6 +298,8 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             check_before_searching(exp.name, base_tree, space, prepared, parent)
         for number, stage in enumerate(stages):
             ranges[stage.name] = describe(space)
+            # before its trials: a stage that is interrupted still says what it sampled from
+            tracking.set_tags(parent, {f"range.{stage.name}.{field}": text for field, text in ranges[stage.name].items()})
             specs = stage_specs(exp, stage, number, space, base_tree, threads, base.train.device)
             pruner = Pruner(stage.prune, stage.prune_warmup_epochs, stage.asha_eta)
             if reports is not None and pruner.rule != "none":  # worker processes see each other's epochs in shared memory
