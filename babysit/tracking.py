@@ -341,13 +341,14 @@ def find_runs(uri: str, experiment_id: str, tags: dict[str, str], newest_first: 
             return runs
 
 
-def reopen_run(uri: str, run_id: str, experiment_id: str) -> RunRef:
-    """Mark an earlier run RUNNING again, to resume it: why it failed then no longer holds."""
+def reopen_run(uri: str, run: Any) -> RunRef:
+    """Mark an earlier run (as find_runs returned it) RUNNING again, to resume it: why it failed
+    then no longer holds."""
     client = _client(uri)
-    if "babysit.failure" in client.get_run(run_id).data.tags:
-        client.delete_tag(run_id, "babysit.failure")
-    client.update_run(run_id, status="RUNNING")
-    return RunRef(uri, run_id, experiment_id)
+    if "babysit.failure" in run.data.tags:
+        client.delete_tag(run.info.run_id, "babysit.failure")
+    client.update_run(run.info.run_id, status="RUNNING")
+    return RunRef(uri, run.info.run_id, run.info.experiment_id)
 
 
 def mark_failed(uri: str, run_id: str, reason: str) -> None:

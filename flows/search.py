@@ -88,7 +88,7 @@ def open_parent(exp: SearchExperiment, uri: str, recurrence: dict[str, str] | No
     if not previous:  # a new run has no children yet
         parent = tracking.start_run(uri, exp.tracking.experiment, run_name or exp.tracking.run_name or exp.name, exp.flat(), {**identity, **provenance_tags(exp)})
         return parent, {}, None
-    parent = tracking.reopen_run(uri, previous[0].info.run_id, experiment_id)
+    parent = tracking.reopen_run(uri, previous[0])
     finished: dict[str, object] = {}
     for child in tracking.find_runs(uri, experiment_id, {"mlflow.parentRunId": parent.run_id}, newest_first=False):
         if child.info.status == "RUNNING":
