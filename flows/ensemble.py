@@ -7,9 +7,11 @@ The result is an MLflow run of its own, tagged with the search's parent run id.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 from prefect import flow, task
 from pydantic import ValidationError
@@ -69,7 +71,7 @@ def top_trials(uri: str, search_run_id: str, k: int) -> list:
     if parent.tags.get("babysit.kind") != "search":
         raise BabysitError(f"MLflow run '{search_run_id}' is not a babysit search (no tag babysit.kind=search); pass a search's parent run id.")
     experiment_id = tracking.get_run(uri, search_run_id).info.experiment_id
-    trials = [r for r in tracking.find_runs(uri, experiment_id, {"mlflow.parentRunId": search_run_id})
+    trials = [r for r in search_trials(uri, experiment_id, search_run_id, parent.tags.get("babysit.reused_from"))
               if r.info.status == "FINISHED" and r.data.tags.get("babysit.stage") != "final" and r.data.tags.get("babysit.status") == "finished"]
     best = parent.tags.get("babysit.best_trial")  # first among the trials tied with it, as the search chose it
     ranked = sorted(trials, key=lambda r: (-r.data.metrics.get("best_val_acc", 0.0), r.data.tags.get("babysit.trial_key") != best))
@@ -82,6 +84,16 @@ def top_trials(uri: str, search_run_id: str, k: int) -> list:
     if len(members) < k:
         raise BabysitError(f"search '{search_run_id}' has {len(members)} finished trials with distinct configs; --top {k} needs at least {k}.")
     return members[:k]
+
+
+def search_trials(uri: str, experiment_id: str, search_run_id: str, reused_from: str | None) -> list:
+    """A search's trial runs: its children, and the trials it reused from the earlier runs of the
+    same search in `reused_from` (their ids, comma-separated), which its trials.csv lists."""
+    trials = tracking.find_runs(uri, experiment_id, {"mlflow.parentRunId": search_run_id})
+    if reused_from:
+        listed = set(pd.read_csv(io.StringIO(tracking.read_text(uri, search_run_id, "trials.csv")))["run_id"].dropna())
+        trials += [r for earlier in reused_from.split(",") for r in tracking.find_runs(uri, experiment_id, {"mlflow.parentRunId": earlier}) if r.info.run_id in listed]
+    return trials
 
 
 @task(name="ensemble-member", cache_policy=NO_CACHE)

@@ -77,25 +77,47 @@ def search_hash(exp: SearchExperiment) -> str:
     return hashlib.sha1(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def open_parent(exp: SearchExperiment, uri: str, recurrence: dict[str, str] | None = None, run_name: str | None = None) -> tuple[tracking.RunRef, dict[str, object], object | None]:
-    """Create the parent run, or reopen the latest one of the same search; return it with its
-    finished child runs by trial key, and the earlier run it reopened (None: a new run). Children
-    left RUNNING by a killed process become FAILED. `recurrence` (babysit.recurring) tells a
-    scheduled or warm-started run from earlier ones."""
+def open_parent(exp: SearchExperiment, uri: str, named: list, recurrence: dict[str, str] | None = None, run_name: str | None = None) -> tuple[tracking.RunRef, dict[str, object], object | None]:
+    """Create the parent run, or reopen the latest one of the same search among `named` (the
+    parent runs of this search's name, newest first: recurrence_of); return it with the
+    finished trial runs it can reuse by trial key, and the earlier run it reopened (None: a new
+    run). Children left RUNNING by a killed process become FAILED. `recurrence` (babysit.recurring)
+    tells a scheduled or warm-started run from earlier ones.
+
+    Trials of earlier runs of the same name whose file differed are reused too (newest first): a
+    trial's key is its whole config, stage and seed, so an edited file reruns only the trials it
+    changed. Not for scheduled runs (each night searches afresh), nor trials pruned there
+    (pruning judged them against that run's stage-mates)."""
     experiment_id = tracking.open_store(uri, exp.tracking.experiment)
     identity = {"babysit.kind": "search", "babysit.search_name": exp.name, "babysit.search_hash": search_hash(exp), **(recurrence or {})}
-    previous = tracking.find_runs(uri, experiment_id, identity) if exp.search.resume else []
-    if not previous:  # a new run has no children yet
+    previous = [run for run in named if identity.items() <= run.data.tags.items()] if exp.search.resume else []
+    if previous:
+        parent = tracking.reopen_run(uri, previous[0])
+        finished = finished_trials(uri, experiment_id, [parent.run_id], own=True)
+    else:
         parent = tracking.start_run(uri, exp.tracking.experiment, run_name or exp.tracking.run_name or exp.name, exp.flat(), {**identity, **provenance_tags(exp)})
-        return parent, {}, None
-    parent = tracking.reopen_run(uri, previous[0])
+        finished = {}
+    if exp.search.resume and "babysit.schedule" not in identity:
+        earlier = [run.info.run_id for run in named if run.info.run_id != parent.run_id and "babysit.schedule" not in run.data.tags]
+        for key, run in finished_trials(uri, experiment_id, earlier).items():
+            if run.data.tags.get("babysit.status") != "pruned":
+                finished.setdefault(key, run)
+    return parent, finished, previous[0] if previous else None
+
+
+def finished_trials(uri: str, experiment_id: str, parent_ids: list[str], own: bool = False) -> dict[str, object]:
+    """The FINISHED trial runs of the parents `parent_ids` by trial key; a key found under several
+    parents is taken from the first. With `own` (the search's own parent, reopened), its children
+    left RUNNING by a killed process are marked FAILED; another search's are left alone, as they
+    may be training right now."""
     finished: dict[str, object] = {}
-    for child in tracking.find_runs(uri, experiment_id, {"mlflow.parentRunId": parent.run_id}, newest_first=False):
-        if child.info.status == "RUNNING":
-            tracking.mark_failed(uri, child.info.run_id, "interrupted: found RUNNING when the search was resumed")
-        elif child.info.status == "FINISHED":
-            finished[child.data.tags.get("babysit.trial_key", "")] = child
-    return parent, finished, previous[0]
+    for parent_id in parent_ids:
+        for child in tracking.find_runs(uri, experiment_id, {"mlflow.parentRunId": parent_id}, newest_first=False):
+            if own and child.info.status == "RUNNING":
+                tracking.mark_failed(uri, child.info.run_id, "interrupted: found RUNNING when the search was resumed")
+            elif child.info.status == "FINISHED":
+                finished.setdefault(child.data.tags.get("babysit.trial_key", ""), child)
+    return finished
 
 
 def submit_trial(runner, spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner | None, pool, final: bool = False, raw_example=None, stop=None):
@@ -226,8 +248,9 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         uri = scaleout.dask_tracking_uri(uri, exp.search.dask_address)
     # one task runner for all stages and the final retrain
     runner = scaleout.task_runner(exp.search.runner, exp.search.workers, exp.search.dask_address, prefect_api_for_dask(exp) if dask else None)
-    past, recurrence, parent_name = recurrence_of(exp, uri)
-    parent, finished, reopened = open_parent(exp, uri, recurrence, parent_name)  # the store and experiment exist before any fan-out
+    named, recurrence, parent_name = recurrence_of(exp, uri)
+    parent, finished, reopened = open_parent(exp, uri, named, recurrence, parent_name)  # the store and experiment exist before any fan-out
+    past = [run for run in named if run.info.status == "FINISHED"]
     before = recurring.latest_before(past, reopened)
     previous = recurring.past_search(before, list(exp.search.space), [s.name for s in exp.search.stages]) if before is not None else None
     # processes too: each worker process sets its trial's train.threads (torch's default is all cores)
@@ -339,7 +362,8 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         if final is not None:
             results.append(final)
         frame = trials_frame(results)
-        log_search_outcome(parent, frame, best, final, edges)
+        reused_from = {finished[r.key].data.tags.get("mlflow.parentRunId", "") for r in results if r.reused} - {parent.run_id}
+        log_search_outcome(parent, frame, best, final, edges, sorted(reused_from))
         tracking.log_text(parent, report, "report.md")
         changes = recurring.changes_since(previous, best.val_acc, ranges)
         if changes:
@@ -388,17 +412,19 @@ def prefect_api_for_dask(exp: SearchExperiment) -> str | None:
 
 
 def recurrence_of(exp: SearchExperiment, uri: str) -> tuple[list, dict[str, str], str]:
-    """Earlier finished runs of this search (newest first), this run's recurrence tags (a
-    deployment's schedule, the run it warm-starts from) and its parent run's name."""
+    """The earlier parent runs of this search's name (newest first, whatever their file and
+    status), this run's recurrence tags (a deployment's schedule, the run it warm-starts from)
+    and its parent run's name."""
     experiment_id = tracking.open_store(uri, exp.tracking.experiment)
-    past = [r for r in tracking.find_runs(uri, experiment_id, {"babysit.kind": "search", "babysit.search_name": exp.name}) if r.info.status == "FINISHED"]
+    named = tracking.find_runs(uri, experiment_id, {"babysit.kind": "search", "babysit.search_name": exp.name})
+    past = [run for run in named if run.info.status == "FINISHED"]
     context = FlowRunContext.get()  # not runtime.deployment.id: outside deployments that asks the API for the flow run
     in_deployment = context is not None and context.flow_run is not None and context.flow_run.deployment_id is not None
     scheduled = runtime.flow_run.scheduled_start_time if in_deployment else None
     recurrence = recurring.schedule_identity(runtime.deployment.name if in_deployment else None, scheduled)
     if exp.search.warm_start == "latest" and past:
         recurrence["babysit.warm_from"] = past[0].info.run_id
-    return past, recurrence, recurring.run_name(exp.tracking.run_name or exp.name, recurrence)
+    return named, recurrence, recurring.run_name(exp.tracking.run_name or exp.name, recurrence)
 
 
 def figure_row(searched: pd.DataFrame, fields: list[str], row: int, linear: list[str]) -> np.ndarray:
@@ -431,7 +457,9 @@ def stacked_rows(drawing: list, searched: pd.DataFrame, fields: list[str], linea
     return np.vstack(rows)
 
 
-def log_search_outcome(parent: tracking.RunRef, frame: pd.DataFrame, best: TrialResult, final: TrialResult | None, edges: list[str]) -> None:
+def log_search_outcome(parent: tracking.RunRef, frame: pd.DataFrame, best: TrialResult, final: TrialResult | None, edges: list[str], reused_from: list[str]) -> None:
+    """The parent's metrics, tags and trials.csv. `reused_from`: the earlier runs of the same search
+    whose trials it reused (a changed file); those trials stay their children, listed in trials.csv."""
     metrics = {"best_val_acc": best.val_acc, "trials": len(frame), "trials_diverged": int((frame["status"] == "diverged").sum()),
                "trials_failed": int((frame["status"] == "failed").sum()), "trials_pruned": int((frame["status"] == "pruned").sum())}
     if final is not None and final.val_acc is not None:
@@ -441,6 +469,8 @@ def log_search_outcome(parent: tracking.RunRef, frame: pd.DataFrame, best: Trial
     tags.update({"babysit.best_trial": best.key, **edge_tags(edges)})
     if final is not None:
         tags["babysit.final_run_id"] = final.run_id or ""
+    if reused_from:
+        tags["babysit.reused_from"] = ",".join(reused_from)
     tracking.set_tags(parent, tags)
     tracking.log_csv(parent, frame, "trials.csv")
 

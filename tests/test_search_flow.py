@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import subprocess
@@ -132,6 +133,50 @@ def test_a_resumed_stage_prunes_against_the_trials_it_reuses(prefect_harness, fr
     (rerun,) = [k for k in children(fresh_uri, again.parent_run_id) if k.data.tags["babysit.trial_key"] == slowest.data.tags["babysit.trial_key"]]
     # alone in its stage it would have no peers to be judged against; the 5 reused trials' epochs are its peers
     assert rerun.data.tags["babysit.status"] == "pruned" and rerun.data.metrics["epochs_run"] < 3
+
+
+EDITABLE = ["model.hidden=[32]", "search.workers=1", "search.sampler=lhs", "search.space={optim.lr: 'loguniform(1e-6, 1e-1)'}",
+            "search.stages=[{name: coarse, trials: 6, epochs: 3, prune: median}, {name: fine, trials: 2, epochs: 1}]"]
+
+
+def test_a_search_whose_file_changed_reuses_the_finished_trials_of_its_earlier_runs(prefect_harness, fresh_uri):
+    from flows.ensemble import top_trials
+
+    first = search_flow(config="conf/search_digits.yaml", overrides=[*EDITABLE, "search.final.epochs=2"])
+    first_kids = {k.data.tags["babysit.trial_key"]: k for k in children(fresh_uri, first.parent_run_id)}
+    pruned = [k for k in first_kids.values() if k.data.tags["babysit.status"] == "pruned"]
+    assert pruned, "the coarse stage should prune a trial (lr ~1e-6 barely learns): the case this test checks"
+
+    # only the final retrain changed: the stages sample, train and narrow as before
+    again = search_flow(config="conf/search_digits.yaml", overrides=[*EDITABLE, "search.final.epochs=3"])
+    assert again.parent_run_id != first.parent_run_id  # another definition, another parent run
+    # every trial of the stages is reused but the pruned ones, which pruning judged against the first run's stage-mates
+    assert (again.trials_run, again.trials_reused) == (len(pruned) + 1, 6 + 2 - len(pruned))
+    parent = tracking.get_run(fresh_uri, again.parent_run_id)
+    assert parent.data.tags["babysit.reused_from"] == first.parent_run_id
+    trials = pd.read_csv(io.StringIO(tracking.read_text(fresh_uri, again.parent_run_id, "trials.csv")))
+    reused = trials[trials["reused"]]
+    assert set(reused["run_id"]) == {k.info.run_id for k in first_kids.values() if k.data.tags["babysit.status"] != "pruned" and k.data.tags["babysit.stage"] != "final"}
+    assert sorted(k.data.tags["babysit.stage"] for k in children(fresh_uri, again.parent_run_id)) == ["coarse"] * len(pruned) + ["final"]
+    assert again.best_val_acc == pytest.approx(first.best_val_acc)
+    # the ensemble of the new search finds the trials it reused
+    best = top_trials(fresh_uri, again.parent_run_id, 1)[0]
+    assert best.data.metrics["best_val_acc"] == pytest.approx(again.best_val_acc)
+
+
+def test_a_scheduled_search_reuses_no_trial_of_earlier_runs(prefect_harness, fresh_uri):
+    from flows.search import open_parent, recurrence_of
+
+    overrides = [*EDITABLE[:3], "search.stages=[{name: coarse, trials: 2, epochs: 1}]", "search.final=null"]
+    first = search_flow(config="conf/search_digits.yaml", overrides=overrides)
+    changed = load_config("conf/search_digits.yaml", [*overrides, "search.top_k=0.5"], model=SearchExperiment)
+    named, _, _ = recurrence_of(changed, fresh_uri)
+    assert [run.info.run_id for run in named] == [first.parent_run_id]
+    _, by_hand, _ = open_parent(changed, fresh_uri, named)
+    assert len(by_hand) == 2
+    nightly = {"babysit.schedule": "search-digits-nightly", "babysit.scheduled_for": "2026-11-29T03:00Z"}
+    _, scheduled, _ = open_parent(changed, fresh_uri, named, nightly)
+    assert scheduled == {}
 
 
 def test_a_stage_whose_every_trial_failed_stops_the_search_with_the_first_failure(prefect_harness, fresh_uri):
