@@ -204,7 +204,8 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
     lr_too_low flag). Numeric ranges shrink to the top-k span plus padding (in log space for
     loguniform); if the best trial lies within `edge` of a bound, that bound moves outwards
     instead (by `widen`), unless a diverged trial already lies beyond it — diverged trials cap the
-    upper bound (too-high values) from above. The learning rate (`cfg.learning_rate`) has the
+    upper bound (too-high values) from above: the learning rate's, when theirs was above every top
+    trial's (_divergence_explained_by_lr), else every field's. The learning rate (`cfg.learning_rate`) has the
     mirror image: too-slow trials below the top trials raise its lower bound. When most of the
     top trials were too slow themselves, or every trial diverged, only the learning rate's range
     moves (up or down, past the edge); see _above_what_barely_learned and _below_what_diverged.
@@ -226,6 +227,7 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
     if learning_rate is not None and learning_rate.numeric and 2 * sum(bool(t.get("too_slow")) for t in top) > len(top):
         return _above_what_barely_learned(space, trials, cfg, is_valid)
     tied = scored[0]["score"] == scored[-1]["score"] and len(scored) > 1  # no score tells the trials apart
+    lr_explains = _divergence_explained_by_lr(learning_rate, cfg.learning_rate, top)
     new_space, edges = {}, {}
     for field, dist in space.items():
         field_top = [t for t in top if reads is None or reads(field, t["params"])]
@@ -252,7 +254,8 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
         if field == cfg.learning_rate:  # trials too slow to learn, below the top ones, raise the floor
             slow_below = [u for t in trials if t.get("too_slow") and (u := dist.to_unit(t["params"][field])) < min(positions)]
             lo = max([lo, *slow_below])
-        diverged_above = [u for t in trials if t.get("diverged") and (reads is None or reads(field, t["params"])) and (u := dist.to_unit(t["params"][field])) > max(positions)]
+        diverged_above = [u for t in trials if t.get("diverged") and (reads is None or reads(field, t["params"])) and (u := dist.to_unit(t["params"][field])) > max(positions)
+                          and (field == cfg.learning_rate or not lr_explains(t))]
         if diverged_above:
             hi = min(hi, min(diverged_above))
         # without an edge, narrowing stays inside the current range
@@ -263,6 +266,16 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
         if field in edges and not moved:  # at a hard limit of the field (e.g. dropout 0): nothing moved
             del edges[field]
     return new_space, edges
+
+
+def _divergence_explained_by_lr(learning_rate: Dist | None, field: str, top: list[dict[str, Any]]) -> Any:
+    """Whether a diverged trial's learning rate was higher than every top trial's: the lecture's
+    first suspect, and then the only range it caps (a dropout it happened to have is no evidence).
+    Without a searched numeric learning rate, nothing explains it, and it caps every field."""
+    if learning_rate is None or not learning_rate.numeric:
+        return lambda trial: False
+    highest = max(learning_rate.to_unit(t["params"][field]) for t in top)
+    return lambda trial: learning_rate.to_unit(trial["params"][field]) > highest
 
 
 def edge_side(dist: Dist, value: Any, edge: float) -> str | None:

@@ -258,6 +258,20 @@ def test_diverged_trials_cap_the_upper_bound():
     assert new["lr"].high == pytest.approx(2e-2)  # the smallest diverged value above the top trials
 
 
+def test_a_trial_that_diverged_at_a_higher_learning_rate_caps_only_the_learning_rate():
+    space = space_of(optim__lr="loguniform(1e-5, 1e-1)", model__dropout="uniform(0.0, 0.5)")
+    finished = [{"params": {"optim.lr": lr, "model.dropout": d}, "score": score, "diverged": False}
+                for lr, d, score in ((1e-4, 0.1, 0.8), (1e-3, 0.2, 0.9), (3e-3, 0.3, 0.85), (1e-5, 0.05, 0.3))]
+    too_fast = {"params": {"optim.lr": 5e-3, "model.dropout": 0.32}, "score": None, "diverged": True}
+    new, _ = narrow(space, [*finished, too_fast], Narrowing(top_k=3, pad=0.1))
+    assert new["optim.lr"].high == pytest.approx(5e-3)  # above the best ones (3e-3), inside their padding: it caps the rate
+    assert new["model.dropout"].high == pytest.approx(0.3 + 0.1 * 0.5)  # the top span plus padding: its dropout is no evidence
+    # a trial that diverged at a learning rate the best trials trained well with: something else did it
+    unexplained = {"params": {"optim.lr": 1e-3, "model.dropout": 0.32}, "score": None, "diverged": True}
+    new, _ = narrow(space, [*finished, unexplained], Narrowing(top_k=3, pad=0.1))
+    assert new["model.dropout"].high == pytest.approx(0.32)
+
+
 def test_edges_do_not_move_past_a_fields_hard_limit():
     space = space_of(model__dropout="uniform(0.0, 0.5)")
     points = [{"model.dropout": v} for v in (0.0, 0.1, 0.3, 0.45)]
