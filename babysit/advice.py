@@ -156,14 +156,15 @@ def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, p
     return f"{found}, all with {field} {symbol} {threshold}: {fix} of {field}."
 
 
-def search_advice(trials: pd.DataFrame, edges: dict[str, str], unmoved: dict[str, str] | None = None, causes: dict[tuple[str, str], str] | None = None,
+def search_advice(trials: pd.DataFrame, edges: list[tuple[str, str]], unmoved: dict[str, str] | None = None, causes: dict[tuple[str, str], str] | None = None,
                   narrowed: dict[str, tuple[str, str]] | None = None) -> str:
     """Markdown advice on a search from its trials and the fields whose best value sat at an edge.
 
     `trials` has columns stage, status (finished|failed|diverged|pruned), val_acc, flags
-    (comma-separated flag names) and param.<field> per searched field; `edges` maps a field
-    (e.g. 'optim.lr') to 'low' or 'high' (the next stage's range moved past it); `unmoved`, the
-    same for the last stage, whose range nothing moved; `causes`, (field, side) -> why its range moved (the
+    (comma-separated flag names) and param.<field> per searched field; `edges`, the (field, side)
+    pairs, e.g. ('optim.lr', 'high'), whose edge a stage moved the next stage's range past (a field
+    can have both sides, moved by different stages); `unmoved` maps a field to the side where the
+    last stage's best value sat, an edge that nothing moved; `causes`, (field, side) -> why its range moved (the
     search log's words; default: its best value sat at that edge); `narrowed`, for the fields of
     `unmoved` whose edge narrowing set inside the file's range: (the last stage's range, the file's). Per stage, in order of appearance: what happened to
     the trials; which range holds the exploded (status diverged or flag diverged) and the
@@ -212,7 +213,7 @@ def search_advice(trials: pd.DataFrame, edges: dict[str, str], unmoved: dict[str
                     "dead_relu": "lower the learning rate or try leaky ReLU.",
                 }[flag])
     causes = causes or {}
-    for field, side in edges.items():
+    for field, side in edges:
         where = "upper" if side == "high" else "lower"
         lines.append(f"{field}: the next stage's range moved past its {where} edge ({causes.get((field, side), 'the best value sat at that edge')}): the optimum may lie beyond it.")
     for field, side in (unmoved or {}).items():

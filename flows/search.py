@@ -302,8 +302,8 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
 
     def advice(searched: pd.DataFrame) -> str:
         """report.md: the trials' problems, and the edges the stages moved past (those the last stage left are said once)."""
-        moved = dict(edge_of(flag) for flag in edges)  # the latest side per field
-        return search_advice(searched, {f: side for f, side in moved.items() if unmoved.get(f) != side}, unmoved, causes, cut_short)
+        moved = [edge_of(flag) for flag in edges]  # both sides of a field that two stages moved opposite ways
+        return search_advice(searched, [(f, side) for f, side in moved if unmoved.get(f) != side], unmoved, causes, cut_short)
 
     def give_up(number: int, stage_results: list[TrialResult], failed_stage: str | None = None) -> NoReturn:
         """No best trial to go on from: the trials and the advice go to MLflow, the reason to the user."""

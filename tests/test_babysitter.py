@@ -229,23 +229,28 @@ def test_search_advice_blames_the_range_and_reports_edges():
         "param.optim.lr": lrs,
         "param.optim.weight_decay": [1e-5, 1e-3] * 10,
     })
-    text = search_advice(trials, {"optim.lr": "high"})
+    text = search_advice(trials, [("optim.lr", "high")])
     # the 5 trials above 3e-2 exploded; the smallest of them has lr = 1e-4 · 1.5^15 ≈ 0.044
     assert "loss exploded in 5 of 20 coarse trials, all with optim.lr >= 0.044: lower the upper bound of optim.lr" in text
     assert "optim.lr: the next stage's range moved past its upper edge (the best value sat at that edge)" in text
     slow_cause = "most of the best trials barely learned (lr_too_low), the best at 0.0001: the learning rate is too low"
-    moved_for_slowness = search_advice(trials, {}, {"optim.lr": "high"}, {("optim.lr", "high"): slow_cause})
+    moved_for_slowness = search_advice(trials, [], {"optim.lr": "high"}, {("optim.lr", "high"): slow_cause})
     assert f"optim.lr: the last stage's range should move past its upper edge ({slow_cause}): raise its upper bound in the file" in moved_for_slowness
     assert "at the upper edge" not in moved_for_slowness  # the best lr was not at the edge
     # an edge that narrowing set inside the file's range: the file's range is not what to change
-    cut_short = search_advice(trials, {}, {"optim.weight_decay": "high"}, {}, {"optim.weight_decay": ("loguniform(0.0002, 0.0026)", "loguniform(1e-06, 0.01)")})
+    cut_short = search_advice(trials, [], {"optim.weight_decay": "high"}, {}, {"optim.weight_decay": ("loguniform(0.0002, 0.0026)", "loguniform(1e-06, 0.01)")})
     assert ("optim.weight_decay: the last stage's range should move past its upper edge (the best value sat at that edge), which narrowing set inside "
             "the file's range (loguniform(0.0002, 0.0026) of loguniform(1e-06, 0.01)): add a stage") in cut_short
     assert "in the file and search again" not in cut_short
     assert "best trial: validation accuracy" in text
+    # one stage moved the range down, a later one up: both are said, each with its own cause
+    down_cause = "every trial diverged: the learning rate is too high"
+    both = search_advice(trials, [("optim.lr", "low"), ("optim.lr", "high")], {}, {("optim.lr", "low"): down_cause})
+    assert f"optim.lr: the next stage's range moved past its lower edge ({down_cause})" in both
+    assert "optim.lr: the next stage's range moved past its upper edge (the best value sat at that edge)" in both
     mixed = trials.assign(status=["diverged" if i < 2 or lr > 3e-2 else "finished" for i, lr in enumerate(lrs)])  # both ends
-    assert "no single parameter range to blame" in search_advice(mixed, {})
-    assert search_advice(trials.iloc[0:0], {}).startswith("No trials")
+    assert "no single parameter range to blame" in search_advice(mixed, [])
+    assert search_advice(trials.iloc[0:0], []).startswith("No trials")
 
 
 def test_search_advice_blames_no_range_when_every_trial_shares_the_problem():
@@ -253,19 +258,19 @@ def test_search_advice_blames_no_range_when_every_trial_shares_the_problem():
         "stage": "fine", "status": "finished", "val_acc": [0.35, 0.42, 0.33, 0.4], "flags": "lr_too_low,underfitting",
         "param.optim.lr": [2e-6, 8e-6, 3e-5, 6e-5], "param.model.activation": "tanh",  # narrowed to one choice
     })
-    text = search_advice(slow, {})
+    text = search_advice(slow, [])
     assert "lr_too_low in all 4 fine trials: the loss barely moved anywhere, so the learning-rate range is too low: raise it" in text
     assert "lower the upper bound" not in text and "drop that choice" not in text
     some = slow.assign(flags=["lr_too_low", "lr_too_low", "", ""], **{"param.model.activation": ["tanh", "tanh", "relu", "relu"]})
-    assert "lr_too_low in 2 of 4 fine trials, all with optim.lr <= 8e-06: raise the lower bound of optim.lr" in search_advice(some, {})
+    assert "lr_too_low in 2 of 4 fine trials, all with optim.lr <= 8e-06: raise the lower bound of optim.lr" in search_advice(some, [])
     # too slow at the highest rates: "lower the upper bound" would contradict the flag's own cure
     top = slow.assign(flags=["", "", "lr_too_low", "lr_too_low"])
-    assert "optim.lr >=" not in search_advice(top, {}) and "lower the upper bound" not in search_advice(top, {})
+    assert "optim.lr >=" not in search_advice(top, []) and "lower the upper bound" not in search_advice(top, [])
 
 
 def test_search_advice_on_the_learning_rate_names_the_files_rate_when_it_is_not_searched():
     slow = pd.DataFrame({"stage": "c", "status": "finished", "val_acc": [0.1, 0.12], "flags": "lr_too_low", "param.optim.warmup_epochs": [0, 1]})
-    text = search_advice(slow, {})
+    text = search_advice(slow, [])
     assert "lr_too_low in all 2 c trials: the loss barely moved anywhere, so the learning rate (`optim.lr`, not searched) is too low: raise it" in text
     assert "range" not in text.split("best trial")[0]
 
@@ -273,24 +278,24 @@ def test_search_advice_on_the_learning_rate_names_the_files_rate_when_it_is_not_
 def test_search_advice_says_the_rate_is_too_high_when_every_trial_that_did_not_explode_has_lr_too_high():
     trials = pd.DataFrame({"stage": "c", "status": ["finished"] * 3 + ["diverged"] * 2, "val_acc": [0.3, 0.25, 0.2, None, None],
                            "flags": ["lr_too_high"] * 3 + ["diverged"] * 2, "param.optim.lr": [0.1, 0.2, 0.4, 1.0, 2.0]})
-    text = search_advice(trials, {})
+    text = search_advice(trials, [])
     assert "lr_too_high or loss exploded in all 5 c trials: the learning-rate range is too high: lower it (both bounds, 3–10×)" in text
     some = trials.assign(flags=["", "lr_too_high", "lr_too_high", "diverged", "diverged"])
-    assert "lr_too_high or loss exploded in 4 of 5 c trials, all with optim.lr >= 0.2: lower the upper bound of optim.lr" in search_advice(some, {})
+    assert "lr_too_high or loss exploded in 4 of 5 c trials, all with optim.lr >= 0.2: lower the upper bound of optim.lr" in search_advice(some, [])
 
 
 def test_search_advice_names_the_best_trial_as_the_search_does_pruned_or_tied():
     trials = pd.DataFrame({"stage": ["coarse", "coarse", "fine", "fine"], "status": ["finished", "pruned", "finished", "finished"],
                            "val_acc": [0.90, 0.95, 0.93, 0.93], "flags": "", "param.optim.lr": [1e-3, 2e-3, 3e-3, 4e-3]})
-    assert "best trial: validation accuracy 95.0% (coarse stage) with optim.lr = 0.002." in search_advice(trials, {})  # pruned, yet the best
+    assert "best trial: validation accuracy 95.0% (coarse stage) with optim.lr = 0.002." in search_advice(trials, [])  # pruned, yet the best
     tied = trials.assign(val_acc=[0.93, 0.90, 0.93, 0.93])
-    assert "best trial: validation accuracy 93.0% (fine stage) with optim.lr = 0.004." in search_advice(tied, {})  # the latest of the tied
+    assert "best trial: validation accuracy 93.0% (fine stage) with optim.lr = 0.004." in search_advice(tied, [])  # the latest of the tied
 
 
 def test_search_advice_blames_the_learning_rate_for_a_learning_rate_flag_over_an_equally_pure_field():
     trials = pd.DataFrame({"stage": "c", "status": "finished", "val_acc": [0.1, 0.1, 0.1, 0.9], "flags": ["lr_too_low"] * 3 + [""],
                            "param.train.translate": [1, 2, 1, 0], "param.optim.lr": [1e-4, 2e-3, 5e-3, 1e-2]})
-    assert "all with optim.lr <= 0.005: raise the lower bound of optim.lr" in search_advice(trials, {})
+    assert "all with optim.lr <= 0.005: raise the lower bound of optim.lr" in search_advice(trials, [])
 
 
 def test_a_loss_that_rose_is_a_rate_too_high_never_too_low():
