@@ -38,14 +38,15 @@ def schedule_identity(deployment: str | None, scheduled: datetime | None) -> dic
     if not deployment or scheduled is None:
         return {}
     when = scheduled.astimezone(timezone.utc) if scheduled.tzinfo else scheduled.replace(tzinfo=timezone.utc)
-    return {"babysit.schedule": deployment, "babysit.scheduled_for": when.strftime("%Y-%m-%dT%H:%MZ")}
+    # to the microsecond: two runs started by hand in the same minute are two searches
+    return {"babysit.schedule": deployment, "babysit.scheduled_for": when.isoformat(timespec="microseconds" if when.microsecond else "seconds").replace("+00:00", "Z")}
 
 
 def run_name(base: str, identity: dict[str, str]) -> str:
     """'search_digits' or, for a scheduled run, 'search_digits nightly 2026-11-28 03:00Z'."""
     if "babysit.schedule" not in identity:
         return base
-    return f"{base} {identity['babysit.schedule']} {identity['babysit.scheduled_for'].replace('T', ' ')}"
+    return f"{base} {identity['babysit.schedule']} {identity['babysit.scheduled_for'][:16].replace('T', ' ')}Z"
 
 
 def stage_ranges(tags: dict[str, str], fields: list[str], stage_order: list[str]) -> dict[str, dict[str, str]]:

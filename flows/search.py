@@ -77,6 +77,9 @@ def search_hash(exp: SearchExperiment) -> str:
     return hashlib.sha1(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
+RECURRENCE_TAGS = {"babysit.schedule", "babysit.scheduled_for", "babysit.warm_from"}  # recurrence_of's
+
+
 def open_parent(exp: SearchExperiment, uri: str, named: list, recurrence: dict[str, str] | None = None, run_name: str | None = None) -> tuple[tracking.RunRef, dict[str, object], object | None]:
     """Create the parent run, or reopen the latest one of the same search among `named` (the
     parent runs of this search's name, newest first: recurrence_of); return it with the
@@ -90,7 +93,8 @@ def open_parent(exp: SearchExperiment, uri: str, named: list, recurrence: dict[s
     (pruning judged them against that run's stage-mates)."""
     experiment_id = tracking.open_store(uri, exp.tracking.experiment)
     identity = {"babysit.kind": "search", "babysit.search_name": exp.name, "babysit.search_hash": search_hash(exp), **(recurrence or {})}
-    previous = [run for run in named if identity.items() <= run.data.tags.items()] if exp.search.resume else []
+    # a run by hand never takes over a scheduled one, nor one warm-started from another run: all of these tags must agree
+    previous = [run for run in named if all(run.data.tags.get(k) == identity.get(k) for k in identity.keys() | RECURRENCE_TAGS)] if exp.search.resume else []
     if previous:
         parent = tracking.reopen_run(uri, previous[0])
         finished = finished_trials(uri, experiment_id, [parent.run_id], own=True)

@@ -44,8 +44,11 @@ def past_run(run_id="p1", tags=None, best=0.9, stages=("coarse", "fine")):
 def test_scheduled_runs_are_named_and_tagged_by_deployment_and_time():
     when = datetime(2026, 11, 28, 3, 0, tzinfo=timezone.utc)
     identity = recurring.schedule_identity("search-digits-nightly", when)
-    assert identity == {"babysit.schedule": "search-digits-nightly", "babysit.scheduled_for": "2026-11-28T03:00Z"}
+    assert identity == {"babysit.schedule": "search-digits-nightly", "babysit.scheduled_for": "2026-11-28T03:00:00Z"}
     assert recurring.run_name("search_digits", identity) == "search_digits search-digits-nightly 2026-11-28 03:00Z"
+    # two runs started by hand in the same minute (`prefect deployment run`) are two searches
+    by_hand = [recurring.schedule_identity("search-digits", datetime(2026, 11, 28, 1, 15, s, 120_000, tzinfo=timezone.utc)) for s in (8, 23)]
+    assert by_hand[0] != by_hand[1] and by_hand[0]["babysit.scheduled_for"] == "2026-11-28T01:15:08.120000Z"
     # outside a deployment (babysit search, tests) nothing changes
     assert recurring.schedule_identity(None, when) == {} and recurring.run_name("search_digits", {}) == "search_digits"
 

@@ -174,9 +174,15 @@ def test_a_scheduled_search_reuses_no_trial_of_earlier_runs(prefect_harness, fre
     assert [run.info.run_id for run in named] == [first.parent_run_id]
     _, by_hand, _ = open_parent(changed, fresh_uri, named)
     assert len(by_hand) == 2
-    nightly = {"babysit.schedule": "search-digits-nightly", "babysit.scheduled_for": "2026-11-29T03:00Z"}
-    _, scheduled, _ = open_parent(changed, fresh_uri, named, nightly)
-    assert scheduled == {}
+    nightly = {"babysit.schedule": "search-digits-nightly", "babysit.scheduled_for": "2026-11-29T03:00:00Z"}
+    same = load_config("conf/search_digits.yaml", overrides, model=SearchExperiment)
+    tonight, scheduled, reopened = open_parent(same, fresh_uri, named, nightly)
+    assert scheduled == {} and reopened is None and tonight.run_id != first.parent_run_id
+    # the same file by hand again: it resumes its own run, not tonight's newer one
+    named, _, _ = recurrence_of(same, fresh_uri)
+    assert named[0].info.run_id == tonight.run_id
+    parent, _, _ = open_parent(same, fresh_uri, named)
+    assert parent.run_id == first.parent_run_id
 
 
 def test_a_stage_whose_every_trial_failed_stops_the_search_with_the_first_failure(prefect_harness, fresh_uri):
