@@ -71,10 +71,12 @@ def trials_frame(results: list[TrialResult]) -> pd.DataFrame:
 
 def search_hash(exp: SearchExperiment) -> str:
     """Identifies a search's definition: a changed file starts a new parent run instead of resuming."""
-    # where trials run does not change results; warm_start: none leaves hashes as they were before the field
-    ignored = {"workers", "runner", "dask_address"} | ({"warm_start"} if exp.search.warm_start == "none" else set())
-    tree = exp.model_dump(mode="json", exclude={"tracking": True, "search": ignored})
-    return hashlib.sha1(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+    # where trials run (workers, runner, device, threads) does not change results, as in trial keys (tasks.trial.make_spec)
+    tree = exp.model_dump(mode="json", exclude={"tracking": True, "search": {"workers", "runner", "dask_address"}, "train": {"device", "threads"}})
+    # as parsed: loguniform(1e-4, 1e-1) and loguniform(0.0001, 0.1) are one range
+    tree["search"]["space"] = {field: [dist.kind, dist.low, dist.high, dist.options] for field, dist in
+                               ((field, parse_dist(field, spec)) for field, spec in exp.search.space.items())}
+    return hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 RECURRENCE_TAGS = {"babysit.schedule", "babysit.scheduled_for", "babysit.warm_from"}  # recurrence_of's

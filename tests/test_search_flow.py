@@ -164,6 +164,18 @@ def test_a_search_whose_file_changed_reuses_the_finished_trials_of_its_earlier_r
     assert best.data.metrics["best_val_acc"] == pytest.approx(again.best_val_acc)
 
 
+def test_a_search_is_the_same_search_however_its_ranges_are_spelled_and_wherever_it_trains():
+    from flows.search import search_hash
+
+    def hashed(*overrides):
+        return search_hash(load_config("conf/search_digits.yaml", list(overrides), model=SearchExperiment))
+
+    spelled = hashed("search.space.optim.lr='loguniform(0.00001, 0.1)'", "search.space.model.hidden='choice([[32], [64, 64]])'")
+    assert spelled == hashed("search.space.optim.lr='loguniform(1e-5, 1e-1)'", "search.space.model.hidden='choice([[32],[64,64]])'")
+    assert hashed() == hashed("train.device=cpu", "train.threads=1", "search.workers=1", "search.runner=threads")
+    assert hashed() != hashed("search.space.optim.lr='loguniform(1e-5, 1e-2)'") and hashed() != hashed("search.final.epochs=31")
+
+
 def test_a_scheduled_search_reuses_no_trial_of_earlier_runs(prefect_harness, fresh_uri):
     from flows.search import open_parent, recurrence_of
 
