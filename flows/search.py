@@ -34,7 +34,7 @@ from babysit.pruning import Pruner
 from babysit.space import Narrowing, describe, edge_side, grid_shortfall, inside_declared, narrow, parse_dist, sample
 from flows.train import provenance_tags
 from tasks.check import overfit_tiny_subset
-from tasks.data import load_data_task
+from tasks.data import data_fingerprint, load_data_task
 from tasks.preprocess import Prepared, preprocess_task
 from tasks.train import training_device
 from tasks.trial import TrialResult, TrialSpec, forks_workers, gpu_for, make_spec, result_from_run, stop_flag, trial_task, worker_processes
@@ -69,20 +69,24 @@ def trials_frame(results: list[TrialResult]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def search_hash(exp: SearchExperiment) -> str:
-    """Identifies a search's definition: a changed file starts a new parent run instead of resuming."""
+def search_hash(exp: SearchExperiment, data_version: str = "") -> str:
+    """Identifies a search's definition, and the version of its data (tasks.data.data_fingerprint): a
+    changed file, or data rewritten in place, starts a new parent run instead of resuming."""
     # where trials run (workers, runner, device, threads) does not change results, as in trial keys (tasks.trial.make_spec)
     tree = exp.model_dump(mode="json", exclude={"tracking": True, "search": {"workers", "runner", "dask_address"}, "train": {"device", "threads"}})
     # as parsed: loguniform(1e-4, 1e-1) and loguniform(0.0001, 0.1) are one range
     tree["search"]["space"] = {field: [dist.kind, dist.low, dist.high, dist.options] for field, dist in
                                ((field, parse_dist(field, spec)) for field, spec in exp.search.space.items())}
+    if data_version:
+        tree["data_version"] = data_version
     return hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 RECURRENCE_TAGS = {"babysit.schedule", "babysit.scheduled_for", "babysit.warm_from"}  # recurrence_of's
 
 
-def open_parent(exp: SearchExperiment, uri: str, named: list, recurrence: dict[str, str] | None = None, run_name: str | None = None) -> tuple[tracking.RunRef, dict[str, object], object | None]:
+def open_parent(exp: SearchExperiment, uri: str, named: list, recurrence: dict[str, str] | None = None, run_name: str | None = None,
+                data_version: str = "") -> tuple[tracking.RunRef, dict[str, object], object | None]:
     """Create the parent run, or reopen the latest one of the same search among `named` (the
     parent runs of this search's name, newest first: recurrence_of); return it with the
     finished trial runs it can reuse by trial key, and the earlier run it reopened (None: a new
@@ -94,14 +98,15 @@ def open_parent(exp: SearchExperiment, uri: str, named: list, recurrence: dict[s
     changed. Not for scheduled runs (each night searches afresh), nor trials pruned there
     (pruning judged them against that run's stage-mates)."""
     experiment_id = tracking.open_store(uri, exp.tracking.experiment)
-    identity = {"babysit.kind": "search", "babysit.search_name": exp.name, "babysit.search_hash": search_hash(exp), **(recurrence or {})}
+    identity = {"babysit.kind": "search", "babysit.search_name": exp.name, "babysit.search_hash": search_hash(exp, data_version), **(recurrence or {})}
     # a run by hand never takes over a scheduled one, nor one warm-started from another run: all of these tags must agree
     previous = [run for run in named if all(run.data.tags.get(k) == identity.get(k) for k in identity.keys() | RECURRENCE_TAGS)] if exp.search.resume else []
     if previous:
         parent = tracking.reopen_run(uri, previous[0])
         finished = finished_trials(uri, experiment_id, [parent.run_id], own=True)
     else:
-        parent = tracking.start_run(uri, exp.tracking.experiment, run_name or exp.tracking.run_name or exp.name, exp.flat(), {**identity, **provenance_tags(exp)})
+        versioned = {"babysit.data_version": data_version} if data_version else {}
+        parent = tracking.start_run(uri, exp.tracking.experiment, run_name or exp.tracking.run_name or exp.name, exp.flat(), {**identity, **versioned, **provenance_tags(exp)})
         finished = {}
     if exp.search.resume and "babysit.schedule" not in identity:
         earlier = [run.info.run_id for run in named if run.info.run_id != parent.run_id and "babysit.schedule" not in run.data.tags]
@@ -174,7 +179,7 @@ def review_stage(stage: str, space_text: dict[str, str], space: dict, results: l
     return narrow(space, trials, narrowing, is_valid, lambda field, params: reads_field(field, params, base_tree))
 
 
-def stage_specs(exp: SearchExperiment, stage, number: int, space: dict, base_tree: dict, threads: int | None, device: str) -> list[TrialSpec]:
+def stage_specs(exp: SearchExperiment, stage, number: int, space: dict, base_tree: dict, threads: int | None, device: str, data_version: str = "") -> list[TrialSpec]:
     """The stage's trials sampled from `space`; a config sampled twice runs once (same config,
     same seed: same result), and so do configs that differ only in fields they do not read
     (optim.momentum beside optim.name adam: babysit.config.READ_ONLY_WHEN)."""
@@ -183,7 +188,7 @@ def stage_specs(exp: SearchExperiment, stage, number: int, space: dict, base_tre
     if exp.search.sampler == "grid" and (shortfall := grid_shortfall(space, stage.trials)):
         logger.warning("stage %s, grid sampler: %s", stage.name, shortfall)
     by_index = exp.search.runner != "processes"  # worker processes keep to a GPU each (tasks.trial.on_slot)
-    sampled = [make_spec(base_tree, stage.name, i, p, stage.epochs, threads, gpu_for(device, i) if by_index else None) for i, p in enumerate(points)]
+    sampled = [make_spec(base_tree, stage.name, i, p, stage.epochs, threads, gpu_for(device, i) if by_index else None, data_version) for i, p in enumerate(points)]
     first_of_each: dict[str, TrialSpec] = {}
     for spec in sampled:
         trained = {field: value for field, value in spec.params.items() if reads_field(field, spec.params, base_tree)}
@@ -248,6 +253,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     base_tree = trial_base(exp)
     splits = load_data_task(base.data, base.seed)
     prepared = preprocess_task(splits, base.preprocess)
+    version = data_fingerprint(base.data)  # user data rewritten in place: other trial keys, nothing reused
     uri = tracking.resolve_uri(base.tracking.uri)
     dask = exp.search.runner == "dask"
     if dask:  # every Dask worker must write to the same store and report to the same Prefect API
@@ -255,8 +261,11 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     # one task runner for all stages and the final retrain
     runner = scaleout.task_runner(exp.search.runner, exp.search.workers, exp.search.dask_address, prefect_api_for_dask(exp) if dask else None)
     named, recurrence, parent_name = recurrence_of(exp, uri)
-    parent, finished, reopened = open_parent(exp, uri, named, recurrence, parent_name)  # the store and experiment exist before any fan-out
+    parent, finished, reopened = open_parent(exp, uri, named, recurrence, parent_name, version)  # the store and experiment exist before any fan-out
     past = [run for run in named if run.info.status == "FINISHED"]
+    if stale := [run.info.run_id for run in named if run.info.status == "RUNNING" and run.info.run_id != parent.run_id]:
+        logger.warning("search %s: earlier runs %s are still RUNNING in MLflow. Unless they are running now, a killed process left them: "
+                       "rerunning the file that started them resumes them and marks their interrupted trials FAILED", exp.name, ", ".join(stale))
     before = recurring.latest_before(past, reopened)
     previous = recurring.past_search(before, list(exp.search.space), [s.name for s in exp.search.stages]) if before is not None else None
     # processes too: each worker process sets its trial's train.threads (torch's default is all cores)
@@ -329,7 +338,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             ranges[stage.name] = describe(space)
             # before its trials: a stage that is interrupted still says what it sampled from
             tracking.set_tags(parent, {f"range.{stage.name}.{field}": text for field, text in ranges[stage.name].items()})
-            specs = stage_specs(exp, stage, number, space, base_tree, threads, base.train.device)
+            specs = stage_specs(exp, stage, number, space, base_tree, threads, base.train.device, version)
             pruner = Pruner(stage.prune, stage.prune_warmup_epochs, stage.asha_eta)
             if reports is not None and pruner.rule != "none":  # worker processes see each other's epochs in shared memory
                 pruner = pruner.shared(reports)
@@ -346,7 +355,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         best = max(reversed(scored), key=lambda r: r.val_acc)  # a tie goes to the latest trial: a later stage searched where the ranges moved
         final, retraining = None, None
         if exp.search.final is not None:
-            spec = make_spec(base_tree, "final", 0, best.params, exp.search.final.epochs, threads, None)
+            spec = make_spec(base_tree, "final", 0, best.params, exp.search.final.epochs, threads, None, version)
             if spec.key in finished:
                 final = result_from_run(finished[spec.key], spec)
             else:

@@ -6,6 +6,7 @@ and user files (CSV / Parquet with a target column, NPZ with `X` and `y`).
 
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -203,6 +204,21 @@ def thin_training(splits: Splits, fraction: float, seed: int) -> Splits:
         raise BabysitError(f"`data.train_fraction` {fraction} leaves fewer training rows than classes ({len(splits.y_train)} rows, {splits.n_classes} classes).") from None
     keep = np.sort(keep)
     return replace(splits, X_train=splits.X_train[keep], y_train=splits.y_train[keep])
+
+
+def data_fingerprint(cfg: DataConfig) -> str:
+    """The version of the user's data at `data.path` (a file, or every file under a folder): a
+    hash of their names, sizes and modification times, which change when the data is rewritten in
+    place. '' for built-in and generated data. A search's trial keys include it, so a rerun after
+    the data changed trains again instead of reusing results of the old data."""
+    if cfg.path is None or not cfg.path.exists():
+        return ""
+    files = [cfg.path] if cfg.path.is_file() else sorted(p for p in cfg.path.rglob("*") if p.is_file())
+    digest = hashlib.sha1()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(cfg.path) if file != cfg.path else file.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 @task(name="load-data", cache_policy=NO_CACHE)

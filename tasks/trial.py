@@ -61,7 +61,10 @@ class TrialResult:
     reused: bool = False  # found finished in MLflow by a resumed search
 
 
-def make_spec(base: dict[str, Any], stage: str, index: int, params: dict[str, Any], epochs: int, threads: int | None, device: str | None) -> TrialSpec:
+def make_spec(base: dict[str, Any], stage: str, index: int, params: dict[str, Any], epochs: int, threads: int | None, device: str | None,
+              data_version: str = "") -> TrialSpec:
+    """A trial of `stage`: `params` set on the config tree `base`. Its key hashes the config and
+    stage, and `data_version` (tasks.data.data_fingerprint: user files that may have changed in place)."""
     overrides = {**params, "train.epochs": epochs}
     if threads:
         overrides["train.threads"] = threads
@@ -72,7 +75,7 @@ def make_spec(base: dict[str, Any], stage: str, index: int, params: dict[str, An
     # search on other hardware still finds its finished trials
     keyed = {k: v for k, v in config.items() if k != "tracking"}
     keyed["train"] = {k: v for k, v in config["train"].items() if k not in ("threads", "device")}
-    digest = hashlib.sha1(json.dumps([stage, keyed], sort_keys=True).encode()).hexdigest()[:16]
+    digest = hashlib.sha1(json.dumps([stage, keyed, data_version] if data_version else [stage, keyed], sort_keys=True).encode()).hexdigest()[:16]
     return TrialSpec(stage, index, {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}, config, digest)
 
 

@@ -250,3 +250,26 @@ def test_load_data_task_fn_splits_digits():
     assert s.n_features == 64 and s.n_classes == 10
     assert len(s.y_train) + len(s.y_val) + len(s.y_test) == 1797
     assert len(s.y_test) == pytest.approx(0.2 * 1797, abs=1)
+
+
+def test_the_data_fingerprint_changes_when_user_data_is_rewritten_in_place(tmp_path):
+    import os
+
+    from tasks.data import data_fingerprint
+
+    csv = tmp_path / "rows.csv"
+    csv.write_text("a,label\n1,x\n2,y\n")
+    as_file = DataConfig(source="csv", path=csv, target="label")
+    before = data_fingerprint(as_file)
+    assert before and data_fingerprint(as_file) == before  # unchanged data: the same version
+    csv.write_text("a,label\n1,y\n2,x\n")  # same size
+    os.utime(csv, ns=(1, 1))
+    assert data_fingerprint(as_file) != before
+    folder = tmp_path / "images"
+    (folder / "cat").mkdir(parents=True)
+    (folder / "cat" / "1.png").write_bytes(b"x")
+    as_folder = DataConfig(source="image_folder", path=folder)
+    first = data_fingerprint(as_folder)
+    (folder / "cat" / "2.png").write_bytes(b"y")
+    assert data_fingerprint(as_folder) != first
+    assert data_fingerprint(DataConfig(source="digits")) == ""  # built in: nothing to version

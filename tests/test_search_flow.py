@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import subprocess
@@ -139,7 +140,7 @@ EDITABLE = ["model.hidden=[32]", "search.workers=1", "search.sampler=lhs", "sear
             "search.stages=[{name: coarse, trials: 6, epochs: 3, prune: median}, {name: fine, trials: 2, epochs: 1}]"]
 
 
-def test_a_search_whose_file_changed_reuses_the_finished_trials_of_its_earlier_runs(prefect_harness, fresh_uri):
+def test_a_search_whose_file_changed_reuses_the_finished_trials_of_its_earlier_runs(prefect_harness, fresh_uri, caplog):
     from flows.ensemble import top_trials
 
     first = search_flow(config="conf/search_digits.yaml", overrides=[*EDITABLE, "search.final.epochs=2"])
@@ -147,8 +148,14 @@ def test_a_search_whose_file_changed_reuses_the_finished_trials_of_its_earlier_r
     pruned = [k for k in first_kids.values() if k.data.tags["babysit.status"] == "pruned"]
     assert pruned, "the coarse stage should prune a trial (lr ~1e-6 barely learns): the case this test checks"
 
-    # only the final retrain changed: the stages sample, train and narrow as before
-    again = search_flow(config="conf/search_digits.yaml", overrides=[*EDITABLE, "search.final.epochs=3"])
+    tracking._client(fresh_uri).update_run(first.parent_run_id, "RUNNING")  # as a killed search leaves it
+    flow_log = logging.getLogger("prefect.flow_runs")  # Prefect's loggers do not propagate to caplog's
+    flow_log.addHandler(caplog.handler)
+    try:  # only the final retrain changed: the stages sample, train and narrow as before
+        again = search_flow(config="conf/search_digits.yaml", overrides=[*EDITABLE, "search.final.epochs=3"])
+    finally:
+        flow_log.removeHandler(caplog.handler)
+    assert f"earlier runs {first.parent_run_id} are still RUNNING in MLflow" in caplog.text
     assert again.parent_run_id != first.parent_run_id  # another definition, another parent run
     # every trial of the stages is reused but the pruned ones, which pruning judged against the first run's stage-mates
     assert (again.trials_run, again.trials_reused) == (len(pruned) + 1, 6 + 2 - len(pruned))
@@ -162,6 +169,23 @@ def test_a_search_whose_file_changed_reuses_the_finished_trials_of_its_earlier_r
     # the ensemble of the new search finds the trials it reused
     best = top_trials(fresh_uri, again.parent_run_id, 1)[0]
     assert best.data.metrics["best_val_acc"] == pytest.approx(again.best_val_acc)
+
+
+def test_a_search_on_data_rewritten_in_place_trains_again(prefect_harness, fresh_uri, tmp_path):
+    from sklearn.datasets import load_digits
+
+    table = load_digits(as_frame=True).frame
+    csv = tmp_path / "digits.csv"
+    table.to_csv(csv, index=False)
+    overrides = ["data.source=csv", f"data.path={csv}", "data.target=target", *EDITABLE[:3],
+                 "search.stages=[{name: coarse, trials: 2, epochs: 1}]", "search.final=null"]
+    first = search_flow(config="conf/search_digits.yaml", overrides=overrides)
+    again = search_flow(config="conf/search_digits.yaml", overrides=overrides)
+    assert again.parent_run_id == first.parent_run_id and again.trials_reused == 2  # the same data: resumed
+    table.assign(target=table["target"].sample(frac=1.0, random_state=0).to_numpy()).to_csv(csv, index=False)  # labels shuffled, same path
+    changed = search_flow(config="conf/search_digits.yaml", overrides=overrides)
+    assert changed.parent_run_id != first.parent_run_id and (changed.trials_run, changed.trials_reused) == (2, 0)
+    assert changed.best_val_acc < first.best_val_acc
 
 
 def test_a_search_is_the_same_search_however_its_ranges_are_spelled_and_wherever_it_trains():
