@@ -20,7 +20,9 @@ from sklearn.model_selection import train_test_split
 
 from babysit.config import DataConfig
 from babysit.errors import BabysitError
-from tasks.images import digits_images, read_image_folder, read_torchvision
+from tasks.images import digits_images, image_files, read_image_folder, read_torchvision
+
+PATH_SOURCES = ("csv", "parquet", "npz", "image_folder", "cifar10", "mnist", "fashion_mnist")  # the sources that read `data.path`
 
 
 @dataclass(frozen=True)
@@ -207,13 +209,19 @@ def thin_training(splits: Splits, fraction: float, seed: int) -> Splits:
 
 
 def data_fingerprint(cfg: DataConfig) -> str:
-    """The version of the user's data at `data.path` (a file, or every file under a folder): a
-    hash of their names, sizes and modification times, which change when the data is rewritten in
-    place. '' for built-in and generated data. A search's trial keys include it, so a rerun after
-    the data changed trains again instead of reusing results of the old data."""
-    if cfg.path is None or not cfg.path.exists():
+    """The version of the user's data that `data.path` names: a hash of the names, sizes and
+    modification times of the files the source reads (a table, or an image folder's images; a
+    symlink's target), which change when the data is rewritten in place. '' for data that reads
+    no path (built-in, generated). A search's trial keys include it, so a rerun after the data
+    changed trains again instead of reusing results of the old data."""
+    if cfg.source not in PATH_SOURCES or cfg.path is None or not cfg.path.exists():
         return ""
-    files = [cfg.path] if cfg.path.is_file() else sorted(p for p in cfg.path.rglob("*") if p.is_file())
+    if cfg.source == "image_folder":
+        files = [path for _, path in image_files(cfg.path)] if cfg.path.is_dir() else []
+    elif cfg.path.is_dir():  # a torchvision dataset's root
+        files = sorted(p for p in cfg.path.rglob("*") if p.is_file())
+    else:
+        files = [cfg.path]
     digest = hashlib.sha1()
     for file in files:
         stat = file.stat()

@@ -29,26 +29,31 @@ def digits_images() -> tuple[np.ndarray, np.ndarray]:
     return (digits.images[:, None] / 16.0).astype(np.float32), digits.target
 
 
+def image_files(root: Path) -> list[tuple[str, Path]]:
+    """(class, file) for every image of an image folder: the files with an image suffix under
+    root/<class>/, in order. Hidden ones are left out (.DS_Store, macOS's ._x.png, a
+    .ipynb_checkpoints folder), which are not images, and not classes."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [(label, path) for label in classes for path in sorted((root / label).rglob("*"))
+            if path.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in path.relative_to(root / label).parts)]
+
+
 def read_image_folder(root: Path, size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
     """Every image under root/<class>/ resized to size×size, grey (1 channel) or RGB (3)."""
     if not root.is_dir():
         raise BabysitError(f"{root}: image folder not found (`data.path`; expected one sub-folder per class).")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
+    if not any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
         raise BabysitError(f"{root}: no class sub-folders; an image folder holds one sub-folder of images per class.")
     images, labels = [], []
-    for label in classes:
-        for path in sorted((root / label).rglob("*")):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                with Image.open(path) as image:
-                    image = image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-                    pixels = np.asarray(image, dtype=np.float32) / 255.0
-            except (UnidentifiedImageError, OSError) as err:
-                raise BabysitError(f"{path}: not a readable image ({err}).") from None
-            images.append(pixels[None] if channels == 1 else pixels.transpose(2, 0, 1))
-            labels.append(label)
+    for label, path in image_files(root):
+        try:
+            with Image.open(path) as image:
+                image = image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+                pixels = np.asarray(image, dtype=np.float32) / 255.0
+        except (UnidentifiedImageError, OSError) as err:
+            raise BabysitError(f"{path}: not a readable image ({err}).") from None
+        images.append(pixels[None] if channels == 1 else pixels.transpose(2, 0, 1))
+        labels.append(label)
     if not images:
         raise BabysitError(f"{root}: the class folders hold no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
     return np.stack(images), np.array(labels)

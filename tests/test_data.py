@@ -268,8 +268,16 @@ def test_the_data_fingerprint_changes_when_user_data_is_rewritten_in_place(tmp_p
     folder = tmp_path / "images"
     (folder / "cat").mkdir(parents=True)
     (folder / "cat" / "1.png").write_bytes(b"x")
+    elsewhere = tmp_path / "dogs"
+    elsewhere.mkdir()
+    (folder / "dog").symlink_to(elsewhere)  # a class folder that lives elsewhere: the loader reads it
     as_folder = DataConfig(source="image_folder", path=folder)
     first = data_fingerprint(as_folder)
-    (folder / "cat" / "2.png").write_bytes(b"y")
+    (folder / ".DS_Store").write_bytes(b"finder")  # files the loader does not read change nothing
+    (folder / "cat" / "._1.png").write_bytes(b"apple double")
+    (folder / "cat" / "notes.txt").write_text("n")
+    assert data_fingerprint(as_folder) == first
+    (elsewhere / "2.png").write_bytes(b"y")
     assert data_fingerprint(as_folder) != first
     assert data_fingerprint(DataConfig(source="digits")) == ""  # built in: nothing to version
+    assert data_fingerprint(DataConfig(source="digits", path=csv)) == ""  # a path that digits does not read

@@ -48,6 +48,11 @@ def test_image_folder_reads_one_class_per_subfolder(image_folder):
     assert 0.0 <= data.X.min() and data.X.max() <= 1.0
     grey = load_dataset(DataConfig(source="image_folder", path=image_folder, image_size=10, channels=1), seed=0)
     assert grey.X.shape == (60, 1, 10, 10)
+    # what a Mac or Jupyter leaves behind is neither a class nor an image
+    (image_folder / ".ipynb_checkpoints").mkdir()
+    (image_folder / "vertical" / "._0.png").write_bytes(b"AppleDouble: not a png")
+    again = load_dataset(DataConfig(source="image_folder", path=image_folder, image_size=8, channels=3), seed=0)
+    assert again.X.shape == (60, 3, 8, 8) and again.classes == ["horizontal", "vertical"]
 
 
 def test_broken_image_folders_are_named(tmp_path):
