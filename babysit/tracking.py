@@ -227,6 +227,12 @@ def set_tags(run: RunRef, tags: dict[str, str]) -> None:
         _client(run.uri).log_batch(run.run_id, tags=_run_tags(tags))
 
 
+def delete_tags(run: RunRef, keys: list[str]) -> None:
+    client = _client(run.uri)
+    for key in keys:
+        client.delete_tag(run.run_id, key)
+
+
 def log_text(run: RunRef, text: str, artifact_file: str) -> None:
     _client(run.uri).log_text(run.run_id, text, artifact_file)
 

@@ -75,8 +75,9 @@ def search_hash(exp: SearchExperiment, data_version: str = "") -> str:
     # where trials run (workers, runner, device, threads) does not change results, as in trial keys (tasks.trial.make_spec)
     tree = exp.model_dump(mode="json", exclude={"tracking": True, "search": {"workers", "runner", "dask_address"}, "train": {"device", "threads"}})
     # as parsed: loguniform(1e-4, 1e-1) and loguniform(0.0001, 0.1) are one range
-    tree["search"]["space"] = {field: [dist.kind, dist.low, dist.high, dist.options] for field, dist in
-                               ((field, parse_dist(field, spec)) for field, spec in exp.search.space.items())}
+    # in the file's order, which the samplers follow: the same ranges in another order sample other trials
+    tree["search"]["space"] = [[field, dist.kind, dist.low, dist.high, dist.options] for field, dist in
+                               ((field, parse_dist(field, spec)) for field, spec in exp.search.space.items())]
     if data_version:
         tree["data_version"] = data_version
     return hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -103,6 +104,8 @@ def open_parent(exp: SearchExperiment, uri: str, named: list, recurrence: dict[s
     previous = [run for run in named if all(run.data.tags.get(k) == identity.get(k) for k in identity.keys() | RECURRENCE_TAGS)] if exp.search.resume else []
     if previous:
         parent = tracking.reopen_run(uri, previous[0])
+        # its edges are written afresh when it ends: a field whose edge this run does not reach keeps no tag of the last one
+        tracking.delete_tags(parent, [key for key in previous[0].data.tags if key.startswith("edge.")])
         finished = finished_trials(uri, experiment_id, [parent.run_id], own=True)
     else:
         versioned = {"babysit.data_version": data_version} if data_version else {}

@@ -106,6 +106,7 @@ def test_rerunning_a_search_reuses_finished_trials_and_redoes_interrupted_ones(f
     never_started = next(k for k in kids if k.data.tags["babysit.stage"] == "coarse" and k.info.run_id != interrupted.info.run_id)
     client.delete_run(never_started.info.run_id)
     client.set_tag(finished_search.parent_run_id, "babysit.failure", "interrupted")  # as Ctrl-C leaves the parent
+    client.set_tag(finished_search.parent_run_id, "edge.model.dropout", "high")  # an edge of an earlier run of it, which this one does not reach
     client.update_run(finished_search.parent_run_id, "FAILED")
 
     again = search_flow(config="conf/search_digits.yaml", overrides=SMALL)
@@ -118,6 +119,7 @@ def test_rerunning_a_search_reuses_finished_trials_and_redoes_interrupted_ones(f
     assert marked.info.status == "FAILED" and marked.data.tags["babysit.status"] == "failed"
     parent = tracking.get_run(tracking_uri, again.parent_run_id)
     assert parent.info.status == "FINISHED" and "babysit.failure" not in parent.data.tags  # the resumed search finished
+    assert {k for k in parent.data.tags if k.startswith("edge.")} == {f"edge.{f}" for f in ([e.split("=")[0].removeprefix("edge:") for e in again.edges])}
     finished_keys = pd.Series([k.data.tags["babysit.trial_key"] for k in after if k.info.status == "FINISHED"])
     assert finished_keys.is_unique and len(finished_keys) == 4 + 3 + 1
     assert again.best_val_acc == pytest.approx(finished_search.best_val_acc)
@@ -198,6 +200,10 @@ def test_a_search_is_the_same_search_however_its_ranges_are_spelled_and_wherever
     assert spelled == hashed("search.space.optim.lr='loguniform(1e-5, 1e-1)'", "search.space.model.hidden='choice([[32],[64,64]])'")
     assert hashed() == hashed("train.device=cpu", "train.threads=1", "search.workers=1", "search.runner=threads")
     assert hashed() != hashed("search.space.optim.lr='loguniform(1e-5, 1e-2)'") and hashed() != hashed("search.final.epochs=31")
+    # the samplers go through the fields in the file's order: the same ranges reordered sample other trials
+    space = load_config("conf/search_digits.yaml", model=SearchExperiment).search.space
+    reordered = "{" + ", ".join(f"{field}: '{spec}'" for field, spec in reversed(space.items())) + "}"
+    assert hashed(f"search.space={reordered}") != hashed()
 
 
 def test_a_scheduled_search_reuses_no_trial_of_earlier_runs(prefect_harness, fresh_uri):
