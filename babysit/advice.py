@@ -114,12 +114,14 @@ def blame(trials: pd.DataFrame, bad: pd.Series, params: list[str], never: tuple[
     categorical column: every bad trial has the same value. The purest range wins. A range needs
     good trials to stand against: when every trial is bad, or a column has one value, it blames nothing.
     `never` = (field, side) is a range the problem cannot come from (lr_too_low at the highest
-    learning rates: the cure, a higher rate, would point the wrong way). Between equally pure
-    ranges, `prefer`'s wins (the learning rate, for a learning-rate flag), then the first field's.
+    learning rates: the cure, a higher rate, would point the wrong way). A range of `prefer` (the
+    learning rate, for a learning-rate flag) that is pure enough wins over purer ranges of other
+    fields, which the few trials of a stage can make pure by chance; else the purest range, then
+    the first field's.
     """
     if bad.sum() < 2 or bad.all():
         return None
-    best: tuple[tuple[float, bool], tuple[str, str, str]] | None = None
+    best: tuple[tuple[bool, float], tuple[str, str, str]] | None = None
     for column in params:
         values = trials[column]
         field = column.removeprefix("param.")
@@ -131,10 +133,10 @@ def blame(trials: pd.DataFrame, bad: pd.Series, params: list[str], never: tuple[
             shared = values[bad].unique()
             candidates = [("is", values == shared[0], shared[0])] if len(shared) == 1 else []
         for side, inside, threshold in candidates:
-            if (field, side) == never:
+            if (field, side) == never or bad[inside].mean() < BLAME_PURITY:
                 continue
-            rank = (bad[inside].mean(), field == prefer)
-            if rank[0] >= BLAME_PURITY and (best is None or rank > best[0]):
+            rank = (field == prefer, bad[inside].mean())
+            if best is None or rank > best[0]:
                 best = (rank, (field, side, _fmt(threshold)))
     return best[1] if best else None
 

@@ -298,6 +298,16 @@ def test_search_advice_blames_the_learning_rate_for_a_learning_rate_flag_over_an
     assert "all with optim.lr <= 0.005: raise the lower bound of optim.lr" in search_advice(trials, [])
 
 
+def test_search_advice_blames_the_learning_rate_for_lr_too_low_even_when_another_field_separates_the_trials_better():
+    # a stage whose whole lr range is too low: 3 of 4 barely learned. Their weight decays happen to be
+    # the 3 highest (a pure range by chance); their rates are the 3 lowest but one (3 of 4 trials: pure enough)
+    trials = pd.DataFrame({"stage": "s2", "status": "finished", "val_acc": [0.12, 0.11, 0.13, 0.17], "flags": ["lr_too_low"] * 3 + [""],
+                           "param.optim.lr": [2e-6, 9e-6, 4e-5, 5e-6], "param.optim.weight_decay": [5e-5, 1e-4, 3e-3, 1e-6]})
+    text = search_advice(trials, [])
+    assert "lr_too_low in 3 of 4 s2 trials, all with optim.lr <= 4e-05: raise the lower bound of optim.lr" in text
+    assert "bound of optim.weight_decay" not in text
+
+
 def test_a_loss_that_rose_is_a_rate_too_high_never_too_low():
     assert F.lr_too_low([3.47], 2.31, [], 3, 0.1, 1e-5) is None  # after 1 epoch, 50% above the initial loss
     flags = F.run_flags(history([3.47], [0.1]), 2.31, CFG)
