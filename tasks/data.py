@@ -20,7 +20,7 @@ from sklearn.model_selection import train_test_split
 
 from babysit.config import DataConfig
 from babysit.errors import BabysitError
-from tasks.images import digits_images, image_files, read_image_folder, read_torchvision
+from tasks.images import TORCHVISION_FOLDERS, digits_images, image_files, read_image_folder, read_torchvision
 
 PATH_SOURCES = ("csv", "parquet", "npz", "image_folder", "cifar10", "mnist", "fashion_mnist")  # the sources that read `data.path`
 
@@ -218,8 +218,9 @@ def data_fingerprint(cfg: DataConfig) -> str:
         return ""
     if cfg.source == "image_folder":
         files = [path for _, path in image_files(cfg.path)] if cfg.path.is_dir() else []
-    elif cfg.path.is_dir():  # a torchvision dataset's root
-        files = sorted(p for p in cfg.path.rglob("*") if p.is_file())
+    elif cfg.source in TORCHVISION_FOLDERS:  # the dataset's own folder under the root, which may hold others
+        folder = cfg.path / TORCHVISION_FOLDERS[cfg.source]
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")) if folder.is_dir() else []
     else:
         files = [cfg.path]
     digest = hashlib.sha1()

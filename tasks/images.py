@@ -11,6 +11,7 @@ The predefined train/test files are pooled; babysit makes its own seeded stratif
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 from pathlib import Path
 
@@ -29,23 +30,42 @@ def digits_images() -> tuple[np.ndarray, np.ndarray]:
     return (digits.images[:, None] / 16.0).astype(np.float32), digits.target
 
 
+def image_classes(root: Path) -> list[str]:
+    """An image folder's classes: its sub-folders, but hidden ones (.ipynb_checkpoints)."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def image_files(root: Path) -> list[tuple[str, Path]]:
-    """(class, file) for every image of an image folder: the files with an image suffix under
-    root/<class>/, in order. Hidden ones are left out (.DS_Store, macOS's ._x.png, a
-    .ipynb_checkpoints folder), which are not images, and not classes."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return [(label, path) for label in classes for path in sorted((root / label).rglob("*"))
-            if path.suffix.lower() in IMAGE_SUFFIXES and not any(part.startswith(".") for part in path.relative_to(root / label).parts)]
+    """(class, file) for every image of an image folder: the files with an image suffix anywhere
+    under root/<class>/ (symlinked folders followed, as torchvision's ImageFolder does), in order.
+    Hidden files and folders are left out (.DS_Store, macOS's ._x.png, .ipynb_checkpoints)."""
+    found = []
+    for label in image_classes(root):
+        seen = set()  # the real folders walked: a symlink back up the tree is walked once
+        for folder, subfolders, files in os.walk(root / label, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:
+                subfolders[:] = []
+                continue
+            seen.add(real)
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            found += [(label, Path(folder) / f) for f in sorted(files) if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return found
 
 
 def read_image_folder(root: Path, size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
     """Every image under root/<class>/ resized to size×size, grey (1 channel) or RGB (3)."""
     if not root.is_dir():
         raise BabysitError(f"{root}: image folder not found (`data.path`; expected one sub-folder per class).")
-    if not any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
+    classes = image_classes(root)
+    if not classes:
         raise BabysitError(f"{root}: no class sub-folders; an image folder holds one sub-folder of images per class.")
+    files = image_files(root)
+    if empty := sorted(set(classes) - {label for label, _ in files}):
+        raise BabysitError(f"{root}: class folder(s) {', '.join(empty)} hold no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}; "
+                           f"hidden files do not count); add images or remove the folder(s), so that the model has the classes the folder shows.")
     images, labels = [], []
-    for label, path in image_files(root):
+    for label, path in files:
         try:
             with Image.open(path) as image:
                 image = image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)

@@ -281,3 +281,14 @@ def test_the_data_fingerprint_changes_when_user_data_is_rewritten_in_place(tmp_p
     assert data_fingerprint(as_folder) != first
     assert data_fingerprint(DataConfig(source="digits")) == ""  # built in: nothing to version
     assert data_fingerprint(DataConfig(source="digits", path=csv)) == ""  # a path that digits does not read
+    root = tmp_path / "torchvision"  # a root that holds several datasets: only MNIST's own files count for mnist
+    (root / "MNIST" / "raw").mkdir(parents=True)
+    (root / "MNIST" / "raw" / "train-images-idx3-ubyte").write_bytes(b"1")
+    mnist = DataConfig(source="mnist", path=root)
+    before = data_fingerprint(mnist)
+    (root / "cifar-10-batches-py").mkdir()
+    (root / "cifar-10-batches-py" / "readme.html").write_text("r")
+    (root / "MNIST" / "raw" / ".DS_Store").write_bytes(b"finder")
+    assert data_fingerprint(mnist) == before
+    (root / "MNIST" / "raw" / "t10k-images-idx3-ubyte").write_bytes(b"2")
+    assert data_fingerprint(mnist) != before

@@ -53,6 +53,16 @@ def test_image_folder_reads_one_class_per_subfolder(image_folder):
     (image_folder / "vertical" / "._0.png").write_bytes(b"AppleDouble: not a png")
     again = load_dataset(DataConfig(source="image_folder", path=image_folder, image_size=8, channels=3), seed=0)
     assert again.X.shape == (60, 3, 8, 8) and again.classes == ["horizontal", "vertical"]
+    # images in a symlinked folder inside a class count, as in torchvision's ImageFolder; a link back up is walked once
+    elsewhere = image_folder.parent / "more"
+    elsewhere.mkdir()
+    for i in range(3):
+        (image_folder / "vertical" / f"{i}.png").rename(elsewhere / f"{i}.png")
+    (image_folder / "vertical" / "linked").symlink_to(elsewhere)
+    (elsewhere / "loop").symlink_to(image_folder / "vertical")
+    (image_folder / "vertical" / "folder.png").mkdir()  # a folder named like an image is a folder
+    linked = load_dataset(DataConfig(source="image_folder", path=image_folder, image_size=8, channels=3), seed=0)
+    assert linked.X.shape == (60, 3, 8, 8)
 
 
 def test_broken_image_folders_are_named(tmp_path):
@@ -61,6 +71,12 @@ def test_broken_image_folders_are_named(tmp_path):
     (tmp_path / "empty" / "a").mkdir(parents=True)
     with pytest.raises(BabysitError, match="hold no images"):
         load_dataset(DataConfig(source="image_folder", path=tmp_path / "empty"), seed=0)
+    (tmp_path / "some" / "a").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "some" / "a" / "0.png")
+    (tmp_path / "some" / "b").mkdir()
+    (tmp_path / "some" / "b" / ".DS_Store").write_bytes(b"finder")
+    with pytest.raises(BabysitError, match=r"class folder\(s\) b hold no images"):  # not a model with a class fewer than the folder shows
+        load_dataset(DataConfig(source="image_folder", path=tmp_path / "some"), seed=0)
     (tmp_path / "bad" / "a").mkdir(parents=True)
     (tmp_path / "bad" / "a" / "x.png").write_bytes(b"not a png")
     with pytest.raises(BabysitError, match="x.png"):
