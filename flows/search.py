@@ -105,7 +105,7 @@ def open_parent(exp: SearchExperiment, uri: str, named: list, recurrence: dict[s
     if previous:
         parent = tracking.reopen_run(uri, previous[0])
         # its edges are written afresh when it ends: a field whose edge this run does not reach keeps no tag of the last one
-        tracking.delete_tags(parent, [key for key in previous[0].data.tags if key.startswith("edge.")])
+        tracking.delete_tags(parent, [key for key in previous[0].data.tags if key.startswith("edge.") or key == "babysit.flags"])
         finished = finished_trials(uri, experiment_id, [parent.run_id], own=True)
     else:
         versioned = {"babysit.data_version": data_version} if data_version else {}

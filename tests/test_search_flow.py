@@ -107,6 +107,7 @@ def test_rerunning_a_search_reuses_finished_trials_and_redoes_interrupted_ones(f
     client.delete_run(never_started.info.run_id)
     client.set_tag(finished_search.parent_run_id, "babysit.failure", "interrupted")  # as Ctrl-C leaves the parent
     client.set_tag(finished_search.parent_run_id, "edge.model.dropout", "high")  # an edge of an earlier run of it, which this one does not reach
+    client.set_tag(finished_search.parent_run_id, "babysit.flags", "edge:model.dropout=high")
     client.update_run(finished_search.parent_run_id, "FAILED")
 
     again = search_flow(config="conf/search_digits.yaml", overrides=SMALL)
@@ -120,6 +121,7 @@ def test_rerunning_a_search_reuses_finished_trials_and_redoes_interrupted_ones(f
     parent = tracking.get_run(tracking_uri, again.parent_run_id)
     assert parent.info.status == "FINISHED" and "babysit.failure" not in parent.data.tags  # the resumed search finished
     assert {k for k in parent.data.tags if k.startswith("edge.")} == {f"edge.{f}" for f in ([e.split("=")[0].removeprefix("edge:") for e in again.edges])}
+    assert parent.data.tags["babysit.flags"] == (",".join(again.edges) or "none")
     finished_keys = pd.Series([k.data.tags["babysit.trial_key"] for k in after if k.info.status == "FINISHED"])
     assert finished_keys.is_unique and len(finished_keys) == 4 + 3 + 1
     assert again.best_val_acc == pytest.approx(finished_search.best_val_acc)
@@ -225,6 +227,8 @@ def test_a_scheduled_search_reuses_no_trial_of_earlier_runs(prefect_harness, fre
     assert named[0].info.run_id == tonight.run_id
     parent, _, _ = open_parent(same, fresh_uri, named)
     assert parent.run_id == first.parent_run_id
+    reopened_tags = tracking.get_run(fresh_uri, parent.run_id).data.tags  # until it ends again, it claims no edges of its last run
+    assert "babysit.flags" not in reopened_tags and not [k for k in reopened_tags if k.startswith("edge.")]
 
 
 def test_a_stage_whose_every_trial_failed_stops_the_search_with_the_first_failure(prefect_harness, fresh_uri):
