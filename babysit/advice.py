@@ -106,7 +106,8 @@ def _fmt(value: object) -> str:
     return "null" if value is None else str(value)
 
 
-def blame(trials: pd.DataFrame, bad: pd.Series, params: list[str], never: tuple[str, str] | None = None, prefer: str | None = None) -> tuple[str, str, str] | None:
+def blame(trials: pd.DataFrame, bad: pd.Series, params: list[str], never: tuple[str, str] | None = None, prefer: str | None = None,
+          keep: pd.Series | None = None) -> tuple[str, str, str] | None:
     """The parameter range that holds the `bad` trials: (field, 'above'|'below'|'is', threshold).
 
     For a numeric column: every bad trial has field ≥ t (t = the smallest bad value), and at
@@ -117,7 +118,8 @@ def blame(trials: pd.DataFrame, bad: pd.Series, params: list[str], never: tuple[
     learning rates: the cure, a higher rate, would point the wrong way). A range of `prefer` (the
     learning rate, for a learning-rate flag) that is pure enough wins over purer ranges of other
     fields, which the few trials of a stage can make pure by chance; else the purest range, then
-    the first field's.
+    the first field's. A range that holds a `keep` trial (the stage's best, see clearly_best) is
+    never blamed: cutting it off would cut off the best trial.
     """
     if bad.sum() < 2 or bad.all():
         return None
@@ -133,12 +135,27 @@ def blame(trials: pd.DataFrame, bad: pd.Series, params: list[str], never: tuple[
             shared = values[bad].unique()
             candidates = [("is", values == shared[0], shared[0])] if len(shared) == 1 else []
         for side, inside, threshold in candidates:
-            if (field, side) == never or bad[inside].mean() < BLAME_PURITY:
+            if (field, side) == never or bad[inside].mean() < BLAME_PURITY or keep is not None and (inside & keep).any():
                 continue
             rank = (field == prefer, bad[inside].mean())
             if best is None or rank > best[0]:
                 best = (rank, (field, side, _fmt(threshold)))
     return best[1] if best else None
+
+
+# a best trial this much validation accuracy above every flagged one learned something they did not
+CLEARLY_BETTER = 0.1
+
+
+def clearly_best(trials: pd.DataFrame, bad: pd.Series) -> pd.Series | None:
+    """The stage's best trial, if it is not `bad` and scored CLEARLY_BETTER than every bad trial:
+    evidence that its settings work, which no advice should cut off. A best trial barely above
+    the flagged ones (a stage that is bad everywhere) is no such evidence."""
+    scores = trials["val_acc"].astype(float) if "val_acc" in trials else None
+    if scores is None or scores.isna().all():
+        return None
+    best, flagged_best = (scores == scores.max()) & ~bad, scores[bad].max()  # NaN: the flagged trials scored nothing (exploded)
+    return best if best.any() and (pd.isna(flagged_best) or scores.max() - flagged_best >= CLEARLY_BETTER) else None
 
 
 def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, params: list[str], everywhere: str, never: tuple[str, str] | None = None,
@@ -148,7 +165,7 @@ def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, p
     found = f"{what} in {int(bad.sum())} of {len(trials)} {stage} trials"
     if bad.all() and len(trials) > 1:
         return f"{what} in all {len(trials)} {stage} trials: {everywhere}."
-    culprit = blame(trials, bad, params, never, prefer)
+    culprit = blame(trials, bad, params, never, prefer, clearly_best(trials, bad))
     if culprit is None:
         return f"{found}, with no single parameter range to blame."
     field, side, threshold = culprit

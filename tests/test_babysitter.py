@@ -308,6 +308,17 @@ def test_search_advice_blames_the_learning_rate_for_lr_too_low_even_when_another
     assert "bound of optim.weight_decay" not in text
 
 
+def test_search_advice_never_blames_a_range_that_holds_the_best_trial():
+    # the best trial (xavier, lr 3e-5) sits among the low rates: raising lr's floor past it would cut it off; the init is to blame
+    trials = pd.DataFrame({"stage": "coarse", "status": "finished", "val_acc": [0.2, 0.2, 0.97, 0.2, 0.9, 0.9, 0.85, 0.8],
+                           "flags": ["lr_too_low", "lr_too_low", "", "lr_too_low", "", "", "", ""],
+                           "param.optim.lr": [1e-5, 2e-5, 3e-5, 4e-5, 1e-3, 2e-3, 5e-3, 1e-2],
+                           "param.model.init": ["small", "small", "xavier", "small", "xavier", "xavier", "xavier", "xavier"]})
+    text = search_advice(trials, [])
+    assert "lr_too_low in 3 of 8 coarse trials, all with model.init = small: drop that choice" in text
+    assert "bound of optim.lr" not in text
+
+
 def test_a_loss_that_rose_is_a_rate_too_high_never_too_low():
     assert F.lr_too_low([3.47], 2.31, [], 3, 0.1, 1e-5) is None  # after 1 epoch, 50% above the initial loss
     flags = F.run_flags(history([3.47], [0.1]), 2.31, CFG)
