@@ -227,12 +227,6 @@ def set_tags(run: RunRef, tags: dict[str, str]) -> None:
         _client(run.uri).log_batch(run.run_id, tags=_run_tags(tags))
 
 
-def delete_tags(run: RunRef, keys: list[str]) -> None:
-    client = _client(run.uri)
-    for key in keys:
-        client.delete_tag(run.run_id, key)
-
-
 def log_text(run: RunRef, text: str, artifact_file: str) -> None:
     _client(run.uri).log_text(run.run_id, text, artifact_file)
 
@@ -347,12 +341,14 @@ def find_runs(uri: str, experiment_id: str, tags: dict[str, str], newest_first: 
             return runs
 
 
-def reopen_run(uri: str, run: Any) -> RunRef:
+def reopen_run(uri: str, run: Any, stale: tuple[str, ...] = ()) -> RunRef:
     """Mark an earlier run (as find_runs returned it) RUNNING again, to resume it: why it failed
-    then no longer holds."""
+    then no longer holds, nor its tags named or prefixed by `stale` (what the resumed run writes
+    afresh when it ends)."""
     client = _client(uri)
-    if "babysit.failure" in run.data.tags:
-        client.delete_tag(run.info.run_id, "babysit.failure")
+    for key in run.data.tags:
+        if key == "babysit.failure" or key.startswith(stale):
+            client.delete_tag(run.info.run_id, key)
     client.update_run(run.info.run_id, status="RUNNING")
     return RunRef(uri, run.info.run_id, run.info.experiment_id)
 

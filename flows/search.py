@@ -103,9 +103,8 @@ def open_parent(exp: SearchExperiment, uri: str, named: list, recurrence: dict[s
     # a run by hand never takes over a scheduled one, nor one warm-started from another run: all of these tags must agree
     previous = [run for run in named if all(run.data.tags.get(k) == identity.get(k) for k in identity.keys() | RECURRENCE_TAGS)] if exp.search.resume else []
     if previous:
-        parent = tracking.reopen_run(uri, previous[0])
         # its edges are written afresh when it ends: a field whose edge this run does not reach keeps no tag of the last one
-        tracking.delete_tags(parent, [key for key in previous[0].data.tags if key.startswith("edge.") or key == "babysit.flags"])
+        parent = tracking.reopen_run(uri, previous[0], stale=("edge.", "babysit.flags"))
         finished = finished_trials(uri, experiment_id, [parent.run_id], own=True)
     else:
         versioned = {"babysit.data_version": data_version} if data_version else {}
@@ -435,13 +434,13 @@ def recurrence_of(exp: SearchExperiment, uri: str) -> tuple[list, dict[str, str]
     and its parent run's name."""
     experiment_id = tracking.open_store(uri, exp.tracking.experiment)
     named = tracking.find_runs(uri, experiment_id, {"babysit.kind": "search", "babysit.search_name": exp.name})
-    past = [run for run in named if run.info.status == "FINISHED"]
+    latest = next((run for run in named if run.info.status == "FINISHED"), None)
     context = FlowRunContext.get()  # not runtime.deployment.id: outside deployments that asks the API for the flow run
     in_deployment = context is not None and context.flow_run is not None and context.flow_run.deployment_id is not None
     scheduled = runtime.flow_run.scheduled_start_time if in_deployment else None
     recurrence = recurring.schedule_identity(runtime.deployment.name if in_deployment else None, scheduled)
-    if exp.search.warm_start == "latest" and past:
-        recurrence["babysit.warm_from"] = past[0].info.run_id
+    if exp.search.warm_start == "latest" and latest is not None:
+        recurrence["babysit.warm_from"] = latest.info.run_id
     return named, recurrence, recurring.run_name(exp.tracking.run_name or exp.name, recurrence)
 
 
