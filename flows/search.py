@@ -78,8 +78,9 @@ def search_hash(exp: SearchExperiment, data_version: str = "") -> str:
     # in the file's order, which the samplers follow: the same ranges in another order sample other trials
     tree["search"]["space"] = [[field, dist.kind, dist.low, dist.high, dist.options] for field, dist in
                                ((field, parse_dist(field, spec)) for field, spec in exp.search.space.items())]
-    if data_version:
+    if data_version:  # in place of the path, as in trial keys
         tree["data_version"] = data_version
+        tree["data"].pop("path")
     return hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -75,6 +75,8 @@ def make_spec(base: dict[str, Any], stage: str, index: int, params: dict[str, An
     # search on other hardware still finds its finished trials
     keyed = {k: v for k, v in config.items() if k != "tracking"}
     keyed["train"] = {k: v for k, v in config["train"].items() if k not in ("threads", "device")}
+    if data_version:  # it names the files read: one file given by a relative and by an absolute path, or a moved project, is the same data
+        keyed["data"] = {k: v for k, v in config["data"].items() if k != "path"}
     digest = hashlib.sha1(json.dumps([stage, keyed, data_version] if data_version else [stage, keyed], sort_keys=True).encode()).hexdigest()[:16]
     return TrialSpec(stage, index, {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}, config, digest)
 

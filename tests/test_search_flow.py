@@ -186,6 +186,9 @@ def test_a_search_on_data_rewritten_in_place_trains_again(prefect_harness, fresh
     first = search_flow(config="conf/search_digits.yaml", overrides=overrides)
     again = search_flow(config="conf/search_digits.yaml", overrides=overrides)
     assert again.parent_run_id == first.parent_run_id and again.trials_reused == 2  # the same data: resumed
+    relative = [f"data.path={os.path.relpath(csv)}" if o.startswith("data.path=") else o for o in overrides]
+    moved = search_flow(config="conf/search_digits.yaml", overrides=relative)  # the same file by another path
+    assert moved.parent_run_id == first.parent_run_id and moved.trials_reused == 2
     table.assign(target=table["target"].sample(frac=1.0, random_state=0).to_numpy()).to_csv(csv, index=False)  # labels shuffled, same path
     changed = search_flow(config="conf/search_digits.yaml", overrides=overrides)
     assert changed.parent_run_id != first.parent_run_id and (changed.trials_run, changed.trials_reused) == (2, 0)
