@@ -36,7 +36,7 @@ from flows.train import provenance_tags
 from tasks.check import overfit_tiny_subset
 from tasks.data import data_fingerprint, load_data_task
 from tasks.preprocess import Prepared, preprocess_task
-from tasks.train import training_device
+from tasks.train import pick_device, training_device
 from tasks.trial import TrialResult, TrialSpec, forks_workers, gpu_for, make_spec, result_from_run, stop_flag, trial_task, worker_processes
 
 
@@ -159,6 +159,17 @@ def run_stage(specs: list[TrialSpec], finished: dict, prepared: Prepared, parent
     return [reused.get(s.key) or fresh[s.key] for s in specs]
 
 
+def check_searched_devices(exp: SearchExperiment) -> None:
+    """Every `train.device` the search may sample trains here, or the search stops before it starts."""
+    if "train.device" not in exp.search.space:
+        return
+    for option in parse_dist("train.device", exp.search.space["train.device"]).options or []:
+        try:
+            pick_device(str(option))
+        except BabysitError as err:
+            raise BabysitError(f"search.space `train.device` offers '{option}', which no trial could train on: {err}") from None
+
+
 def threads_per_trial(workers: int) -> int:
     """workers × threads ≤ cores: more threads than cores only makes trials fight for them."""
     return max(1, (os.cpu_count() or 1) // workers)
@@ -251,8 +262,9 @@ def check_before_searching(name: str, base_tree: dict, space: dict, prepared: Pr
 def run_search(exp: SearchExperiment) -> SearchSummary:
     logger = get_run_logger()
     base = exp.base_config()
-    if not exp.search.dask_address:  # trials train here: a base config that cannot train stops the search before it starts
+    if not exp.search.dask_address:  # trials train here: a base config, or a searched device, that cannot train stops the search before it starts
         training_device(base)
+        check_searched_devices(exp)
     base_tree = trial_base(exp)
     splits = load_data_task(base.data, base.seed)
     prepared = preprocess_task(splits, base.preprocess)

@@ -235,20 +235,26 @@ def test_a_scheduled_search_reuses_no_trial_of_earlier_runs(prefect_harness, fre
 
 
 def test_a_stage_whose_every_trial_failed_stops_the_search_with_the_first_failure(prefect_harness, fresh_uri):
-    import torch
-
     from babysit.errors import BabysitError
 
-    if torch.cuda.is_available():
-        pytest.skip("needs a machine without CUDA, where device=cuda fails")
+    # the base config trains; every sampled one asks batch norm of single-row batches
     with pytest.raises(BabysitError, match=r"all 2 trials of stage coarse failed with an error, so the search stopped there; the first failure: "
-                                           r"BabysitError: train.device 'cuda' is not available here"):
-        small_search(fresh_uri, "search.space={optim.lr: 'loguniform(1e-3, 1e-2)', train.device: 'choice([cuda])'}",
+                                           r"BabysitError: train.batch_size 1 with model.batchnorm: true"):
+        small_search(fresh_uri, "train.batch_size=1", "search.space={optim.lr: 'loguniform(1e-3, 1e-2)', model.batchnorm: 'choice([true])'}",
                      "search.stages=[{name: coarse, trials: 2, epochs: 1}, {name: fine, trials: 2, epochs: 1}]")
     client = tracking._client(fresh_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert {r.data.tags.get("babysit.stage") for r in runs if r.data.tags.get("babysit.kind") != "search"} == {"coarse"}  # fine never ran
     assert all(r.info.status == "FAILED" for r in runs)
+
+
+def test_a_searched_device_that_cannot_train_here_stops_the_search_before_mlflow_has_a_run(prefect_harness, fresh_uri):
+    from babysit.errors import BabysitError
+
+    with pytest.raises(BabysitError, match=r"search.space `train.device` offers 'cuda:99', which no trial could train on: train.device 'cuda:99' is not available here"):
+        small_search(fresh_uri, "search.space={optim.lr: 'loguniform(1e-3, 1e-2)', train.device: 'choice([cpu, cuda:99])'}")
+    client = tracking._client(fresh_uri)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
 def test_a_config_that_cannot_train_here_stops_a_run_before_mlflow_has_one(prefect_harness, fresh_uri):
