@@ -206,6 +206,7 @@ def serve(args: argparse.Namespace) -> int:
         raise BabysitError("schedules need a Prefect server (the temporary one Prefect starts when PREFECT_API_URL is unset runs no scheduler): "
                            + (f"`babysit server up` started one; run `{servers.exports(running)[0]}` and try again." if running
                               else "start one with `babysit server up`, run the `export PREFECT_API_URL=...` line it prints, and try again."))
+    servers.check_prefect_api(api)
     with console.status("loading the flow..."):
         flow = deploy.flow_of(search)
     console.print(f"serving {args.config} as deployment '{flow.name}/{args.name or name}' on the Prefect server at {api}; Ctrl-C stops serving and pauses the schedule", highlight=False)

@@ -134,7 +134,8 @@ def temporary_server_settings() -> Iterator[None]:
     from prefect.context import SettingsContext, get_settings_context
     from prefect.settings import PREFECT_API_URL
 
-    if PREFECT_API_URL.value():
+    if api := PREFECT_API_URL.value():
+        check_prefect_api(api)
         yield
         return
     context = get_settings_context()
@@ -181,6 +182,28 @@ def start_temporary_server_apart() -> None:
         server.start()
     finally:
         subprocess.Popen = popen
+
+
+def answers(url: str, timeout: float = 5.0) -> bool:
+    """Whether a server answers at `url` at all: any HTTP status, an error or a login page included."""
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):  # refused, unknown host, timed out
+        return False
+
+
+def check_prefect_api(api: str) -> None:
+    """A PREFECT_API_URL where nothing answers is a BabysitError before a flow starts; Prefect itself
+    would retry for a while and end in a traceback."""
+    if not answers(f"{api.rstrip('/')}/health"):
+        raise BabysitError(f"PREFECT_API_URL is {api}, where no Prefect server answers: start it (`babysit server up`, then run the "
+                           "`export` lines that `babysit server env` prints), or unset PREFECT_API_URL to run on a temporary server "
+                           "that each command starts and stops itself.")
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:

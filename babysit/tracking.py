@@ -121,6 +121,14 @@ def _find_experiment(uri: str, experiment: str) -> Any:
         db = sqlite_path(uri)
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
+            _check_writable(db)
+        elif is_remote(uri) and urlparse(uri).scheme != "databricks":
+            from babysit.servers import answers
+
+            if not answers(uri):  # MLflow would retry for minutes before saying so
+                raise BabysitError(f"`tracking.uri` '{uri}' (or $MLFLOW_TRACKING_URI when the config leaves it unset): no MLflow tracking server "
+                                   "answers there; start it (`babysit server up`), or unset MLFLOW_TRACKING_URI to use the local store "
+                                   f"{DEFAULT_URI}.")
         return _client(uri).get_experiment_by_name(experiment)
     except (MlflowException, OSError) as err:
         raise BabysitError(
@@ -128,6 +136,17 @@ def _find_experiment(uri: str, experiment: str) -> Any:
             f"({_mlflow_reason(err, uri)}); expected sqlite:///path/to/mlflow.db (the default is {DEFAULT_URI}), "
             "an MLflow tracking server such as http://127.0.0.1:5000 (`babysit server up`), or a database URL (postgresql://..., mysql://...)."
         ) from None
+
+
+def _check_writable(db: Path) -> None:
+    """SQLite writes the database and, beside it, its -wal and -shm files: a folder or file this
+    process cannot write is a BabysitError now, not minutes of MLflow's retries and a traceback."""
+    from babysit.errors import BabysitError
+
+    unwritable = db if db.exists() and not os.access(db, os.R_OK | os.W_OK) else db.parent if not os.access(db.parent, os.W_OK | os.X_OK) else None
+    if unwritable is not None:
+        raise BabysitError(f"the MLflow store {db} cannot be written here: {'the file' if unwritable == db else 'its folder'} {unwritable} is not writable by "
+                           "this user; choose a store in a writable folder (--set tracking.uri=sqlite:///path/to/mlflow.db, or MLFLOW_TRACKING_URI).")
 
 
 def _mlflow_reason(err: Exception, uri: str) -> str:

@@ -133,6 +133,44 @@ def test_an_unusable_tracking_uri_names_the_field_and_what_is_accepted(tmp_path,
     assert not (tmp_path / "filestore").exists()  # no store was made, so no run can be RUNNING
 
 
+def test_a_tracking_server_that_does_not_answer_is_said_at_once():
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(BabysitError, match=r"`tracking.uri` 'http://127.0.0.1:1' .*no MLflow tracking server answers there; start it"):
+        tracking.open_store("http://127.0.0.1:1", "babysit")
+    assert time.perf_counter() - started < 30  # MLflow's own retries took minutes
+
+
+def test_a_store_in_a_folder_this_user_cannot_write_is_said_at_once(tmp_path):
+    import os
+    import subprocess
+
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # root writes anyway, unless the folder is immutable
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("needs a folder this user cannot write: a user other than root, or chattr")
+    try:
+        with pytest.raises(BabysitError, match=r"the MLflow store .*locked/mlflow.db cannot be written here: its folder .*locked is not writable"):
+            tracking.open_store(f"sqlite:///{folder}/mlflow.db", "babysit")
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+        folder.chmod(0o755)
+
+
+def test_a_prefect_api_that_does_not_answer_is_said_before_a_flow_starts():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from babysit import servers
+
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:1/api"}):
+        with pytest.raises(BabysitError, match=r"PREFECT_API_URL is http://127.0.0.1:1/api, where no Prefect server answers"):
+            with servers.temporary_server_settings():
+                pass
+
+
 # 3 and 4 through the CLI: the error is raised inside the train flow and still reads as one paragraph.
 
 
