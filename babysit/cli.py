@@ -43,6 +43,17 @@ class HideUserErrorTracebacks(logging.Filter):
         return True
 
 
+def port_number(text: str) -> int:
+    """argparse type for TCP ports: 1 to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 1 to 65535, got {text!r}")
+    return value
+
+
 def at_least_one(text: str) -> int:
     """argparse type for counts (members, epochs, examples): a whole number ≥ 1."""
     try:
@@ -199,6 +210,7 @@ def serve(args: argparse.Namespace) -> int:
 
     schedule = deploy.schedule_for(args.cron, args.interval, args.timezone)
     search, name = deploy.check_config(args.config, args.set)
+    deploy.check_name(args.name or name, "--name" if args.name else f"the `name` of {args.config}")
     if not (api := os.environ.get("PREFECT_API_URL")):
         from pathlib import Path
 
@@ -321,8 +333,8 @@ def parser() -> argparse.ArgumentParser:
     server_cmd.add_argument("--only", choices=["prefect", "mlflow"], default=None, help="just this server")
     server_cmd.add_argument("--state", default=".babysit", metavar="DIR", help="PIDs and logs (default .babysit)")
     server_cmd.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes them)")
-    server_cmd.add_argument("--prefect-port", type=int, default=4200)
-    server_cmd.add_argument("--mlflow-port", type=int, default=5000)
+    server_cmd.add_argument("--prefect-port", type=port_number, default=4200)
+    server_cmd.add_argument("--mlflow-port", type=port_number, default=5000)
     server_cmd.add_argument("--prefect-db", default=None, metavar="URL", help="Prefect's database (default SQLite under --state; postgresql+asyncpg://...)")
     server_cmd.add_argument("--backend-store-uri", default=None, metavar="URL", help="MLflow's store: any SQLAlchemy URL (default sqlite:///mlruns/mlflow.db, the local store)")
     server_cmd.add_argument("--artifacts-destination", default=None, metavar="URI", help="where the MLflow server keeps artifacts it serves (default mlruns/served-artifacts; s3://...)")
@@ -338,7 +350,7 @@ def parser() -> argparse.ArgumentParser:
     ui_cmd = commands.add_parser("ui", help="open the MLflow UI on the local store (127.0.0.1)")
     ui_cmd.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
     ui_cmd.add_argument("--host", default="127.0.0.1")
-    ui_cmd.add_argument("--port", type=int, default=5000)
+    ui_cmd.add_argument("--port", type=port_number, default=5000)
     ui_cmd.set_defaults(handler=ui)
     return root
 

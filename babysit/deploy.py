@@ -45,6 +45,13 @@ def check_config(config: str, overrides: list[str]) -> tuple[bool, str]:
     return search, cfg.name
 
 
+def check_name(name: str, given_by: str) -> None:
+    """Prefect refuses deployment names with '/' or '%' (they are path separators in its API)."""
+    if bad := [c for c in "/%" if c in name]:
+        raise BabysitError(f"deployment name '{name}' ({given_by}) contains {' and '.join(repr(c) for c in bad)}, which Prefect does not allow "
+                           "in a deployment's name; choose another with --name NAME.")
+
+
 def flow_of(search: bool) -> Any:
     """The flow that runs a search file or a training config (imports torch, Prefect, MLflow)."""
     if search:

@@ -16,6 +16,8 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
@@ -140,8 +142,24 @@ def test_flows_on_a_temporary_prefect_server_send_no_heartbeats():
 
     with temporary_settings(restore_defaults={PREFECT_API_URL}), servers.temporary_server_settings():
         assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None  # nothing could read them; each flow would wait ≤ 1 s for the thread
-    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}, restore_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY}), servers.temporary_server_settings():
+    with answering_server() as api, temporary_settings(updates={PREFECT_API_URL: api}, restore_defaults={PREFECT_FLOWS_HEARTBEAT_FREQUENCY}), \
+            servers.temporary_server_settings():
         assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 180  # a real server detects crashed runs by them
+
+
+@contextmanager
+def answering_server() -> Iterator[str]:
+    """An HTTP server that answers every request (with 501): a PREFECT_API_URL that is up, for
+    settings that only read it."""
+    import http.server
+    import threading
+
+    with http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler) as answering:
+        threading.Thread(target=answering.serve_forever, daemon=True).start()
+        try:
+            yield f"http://127.0.0.1:{answering.server_port}/api"
+        finally:
+            answering.shutdown()
 
 
 FAN_OUT = """
@@ -287,6 +305,27 @@ def test_serve_without_a_prefect_server_says_how_to_get_one(tmp_path, monkeypatc
     assert cli.main(["serve", str(ROOT / "conf/digits_mlp.yaml"), "--cron", "0 3 * * *"]) == 2
     out = " ".join(capsys.readouterr().out.split())
     assert "no scheduler" in out and "start one with `babysit server up`" in out
+
+
+def test_serve_refuses_a_name_prefect_cannot_deploy_and_a_server_that_does_not_answer(tmp_path, monkeypatch, capsys):
+    from babysit import cli
+
+    named = tmp_path / "named.yaml"
+    named.write_text((ROOT / "conf/search_digits.yaml").read_text().replace("name: search_digits", "name: team/search-digits"))
+    assert "team/search-digits" in named.read_text()
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")
+    assert cli.main(["serve", str(named), "--cron", "0 3 * * *"]) == 2
+    assert f"deployment name 'team/search-digits' (the `name` of {named}) contains '/'" in " ".join(capsys.readouterr().out.split())
+    assert cli.main(["serve", str(named), "--cron", "0 3 * * *", "--name", "nightly"]) == 2
+    assert "PREFECT_API_URL is http://127.0.0.1:1/api, where no Prefect server answers" in " ".join(capsys.readouterr().out.split())
+
+
+def test_ports_outside_1_to_65535_are_refused_before_anything_starts(capsys):
+    from babysit import cli
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["ui", "--port", "99999"])
+    assert exit_.value.code == 2 and "expected a port number from 1 to 65535, got '99999'" in capsys.readouterr().err
 
 
 # ---- helpers for real servers ------------------------------------------------------------------
