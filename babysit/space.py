@@ -332,11 +332,11 @@ def _rebuild(field: str, dist: Dist, lo_u: float, hi_u: float, is_valid: Any) ->
     low, high = value(lo_u), value(hi_u)
     if dist.kind == "int":
         low, high = math.floor(low + 1e-9), math.ceil(high - 1e-9)
-    # a bound moved past a hard limit of its field (e.g. dropout below 0) stays where it was
+    # a bound moved past a hard limit of its field (dropout below 0, a batch of 0 rows) stops at the limit
     if low < dist.low and is_valid is not None and not is_valid(field, low):
-        low = dist.low
+        low = _furthest_valid(field, dist.low, low, dist.kind == "int", is_valid)
     if high > dist.high and is_valid is not None and not is_valid(field, high):
-        high = dist.high
+        high = _furthest_valid(field, dist.high, high, dist.kind == "int", is_valid)
     if high <= low and dist.kind != "int":  # all top trials at one value: keep a sliver around it, within the field's limits
         value = low
         low, high = (value / 1.5, value * 1.5) if dist.kind == "loguniform" else (value - 1e-6, value + 1e-6)
@@ -345,6 +345,19 @@ def _rebuild(field: str, dist: Dist, lo_u: float, hi_u: float, is_valid: Any) ->
         if is_valid is not None and not is_valid(field, high):
             high = value
     return replace(dist, low=float(low), high=float(max(high, low)))
+
+
+def _furthest_valid(field: str, start: float, target: float, whole: bool, is_valid: Any) -> float:
+    """The value nearest `target`, from valid `start` toward invalid `target`, that is still valid:
+    the field's limit (a bisection; `whole`: integers only)."""
+    good, bad = start, target
+    for _ in range(60):
+        middle = (good + bad) // 2 if whole else (good + bad) / 2
+        if middle in (good, bad):
+            break
+        good, bad = (middle, bad) if is_valid(field, int(middle) if whole else middle) else (good, middle)
+    snapped = round(good, 9)  # a limit of 0 is 0, not the 1e-19 that bisection ends at
+    return snapped if not whole and abs(snapped - bad) <= abs(good - bad) and is_valid(field, snapped) else good
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -202,6 +202,28 @@ def test_narrowing_to_one_value_neither_crashes_nor_leaves_the_fields_limits():
     assert new["optim.momentum"].low < 0.8 <= new["optim.momentum"].high < 1  # 0.8 × 1.5 would be 1.2
 
 
+def test_a_linear_range_whose_best_value_sits_at_its_edge_moves_as_far_as_the_field_allows():
+    from babysit.config import Config, field_problem
+
+    base = Config().model_dump(mode="json")
+    is_valid = lambda field, value: field_problem(base, field, value) is None  # noqa: E731
+    narrowing = Narrowing(top_k=2, pad=0.0)
+    # one width down would be a batch of -300 rows, or a dropout of -0.35: they stop at 1 row, and at 0
+    space = space_of(train__batch_size="int(300, 600)", model__dropout="uniform(0.3, 0.95)")
+    points = [{"train.batch_size": b, "model.dropout": d} for b, d in [(304, 0.31), (450, 0.6), (590, 0.9), (320, 0.33)]]
+    new, edges = narrow(space, trials_for(points, lambda p: -p["train.batch_size"] - p["model.dropout"]), narrowing, is_valid)
+    assert edges == {"train.batch_size": "low", "model.dropout": "low"}
+    assert new["train.batch_size"].low == 1 and new["model.dropout"].low == 0.0
+    # at the limit already, nothing moves: no edge
+    at_limit = space_of(model__dropout="uniform(0.0, 0.5)")
+    _, edges = narrow(at_limit, trials_for([{"model.dropout": 0.01}, {"model.dropout": 0.4}], lambda p: -p["model.dropout"]), narrowing, is_valid)
+    assert edges == {}
+    # every trial diverged on a linear learning rate: the range moves down toward 0 (lr > 0)
+    lr = space_of(optim__lr="uniform(1.0, 100.0)")
+    moved, edges = narrow(lr, trials_for([{"optim.lr": v} for v in (5.0, 40.0, 90.0)], lambda p: 0.0, diverged=lambda p: True), narrowing, is_valid)
+    assert edges == {"optim.lr": "low"} and 0 < moved["optim.lr"].low < 1e-6 and moved["optim.lr"].high == 5.0
+
+
 def test_narrowing_shrinks_around_the_top_trials_in_log_space():
     space = space_of(lr="loguniform(1e-6, 1e-0)")
     points = [{"lr": 10.0**e} for e in np.linspace(-5.5, -0.5, 11)]
