@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -114,7 +114,7 @@ class OptimConfig(Section):
     lr: float = Field(1e-3, gt=0)  # peak learning rate; unset: DEFAULT_LR of the optimizer
     momentum: float = Field(0.9, ge=0, lt=1)  # momentum / nesterov; rmsprop's momentum is 0
     weight_decay: float = Field(0.0, ge=0)  # L2 strength (decoupled for adamw)
-    betas: tuple[float, float] = (0.9, 0.999)  # adam / adamw
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)  # adam / adamw; as torch checks them
     alpha: float = Field(0.99, gt=0, lt=1)  # rmsprop's decay rate of the squared-gradient average
     schedule: Schedule = "constant"
     warmup_epochs: int = Field(0, ge=0)  # linear warmup from lr/100

@@ -88,6 +88,8 @@ def test_flat_config_has_dotted_keys():
         ({"optim": {"name": "lbfgs"}}, [], "optim.name"),
         ({"train": {"device": "tpu"}}, [], "train.device"),
         ({"data": {"source": "csv"}}, [], "data.path"),  # a file source needs a path
+        ({}, ["optim.betas=[0.5, 2.0]"], "optim.betas.1"),  # torch's Adam takes each in [0, 1)
+        ({"optim": {"betas": [-0.1, 0.9]}}, [], "optim.betas.0"),
     ],
 )
 def test_invalid_field_names_file_and_dotted_field(tmp_path, tree, overrides, field):
