@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import nullcontext
@@ -19,6 +20,7 @@ from typing import NoReturn
 
 import numpy as np
 import pandas as pd
+import psutil
 import torch
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -103,13 +105,21 @@ def open_parent(exp: SearchExperiment, uri: str, named: list, recurrence: dict[s
     identity = {"babysit.kind": "search", "babysit.search_name": exp.name, "babysit.search_hash": search_hash(exp, data_version), **(recurrence or {})}
     # a run by hand never takes over a scheduled one, nor one warm-started from another run: all of these tags must agree
     previous = [run for run in named if all(run.data.tags.get(k) == identity.get(k) for k in identity.keys() | RECURRENCE_TAGS)] if exp.search.resume else []
+    owner = {"babysit.owner": process_identity()}  # the process running the search: another one must not resume it meanwhile
     if previous:
+        if previous[0].info.status == "RUNNING" and alive_here(previous[0].data.tags.get("babysit.owner", "")):
+            _, pid, _ = previous[0].data.tags["babysit.owner"].rsplit(":", 2)
+            raise BabysitError(f"search {exp.name} is running now, in process {pid} on this machine (MLflow run {previous[0].info.run_id}): "
+                               "two runs of one search would train its trials twice. Wait for it to end, or stop it (Ctrl-C) and run "
+                               "the same command again to resume it.")
         # its edges are written afresh when it ends: a field whose edge this run does not reach keeps no tag of the last one
         parent = tracking.reopen_run(uri, previous[0], stale=("edge.", "babysit.flags"))
+        tracking.set_tags(parent, owner)
         finished = finished_trials(uri, experiment_id, [parent.run_id], own=True)
     else:
         versioned = {"babysit.data_version": data_version} if data_version else {}
-        parent = tracking.start_run(uri, exp.tracking.experiment, run_name or exp.tracking.run_name or exp.name, exp.flat(), {**identity, **versioned, **provenance_tags(exp)})
+        parent = tracking.start_run(uri, exp.tracking.experiment, run_name or exp.tracking.run_name or exp.name, exp.flat(),
+                                    {**identity, **versioned, **provenance_tags(exp), **owner})
         finished = {}
     if exp.search.resume and "babysit.schedule" not in identity:
         earlier = [run.info.run_id for run in named if run.info.run_id != parent.run_id and "babysit.schedule" not in run.data.tags]
@@ -117,6 +127,20 @@ def open_parent(exp: SearchExperiment, uri: str, named: list, recurrence: dict[s
             if run.data.tags.get("babysit.status") != "pruned":
                 finished.setdefault(key, run)
     return parent, finished, previous[0] if previous else None
+
+
+def process_identity(pid: int | None = None) -> str:
+    """'host:pid:start time' of a process (this one by default): a pid alone may since name another process."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}:{psutil.Process(pid or os.getpid()).create_time():.0f}"
+
+
+def alive_here(identity: str) -> bool:
+    """Whether `identity` (process_identity) is a process running now on this machine, other than this one."""
+    try:
+        host, pid, _ = identity.rsplit(":", 2)
+        return host == socket.gethostname() and int(pid) != os.getpid() and process_identity(int(pid)) == identity
+    except (ValueError, psutil.Error):  # no tag (a search from before the tag existed), or the process is gone
+        return False
 
 
 def finished_trials(uri: str, experiment_id: str, parent_ids: list[str], own: bool = False) -> dict[str, object]:

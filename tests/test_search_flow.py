@@ -234,6 +234,29 @@ def test_a_scheduled_search_reuses_no_trial_of_earlier_runs(prefect_harness, fre
     assert "babysit.flags" not in reopened_tags and not [k for k in reopened_tags if k.startswith("edge.")]
 
 
+def test_a_search_running_now_in_another_process_is_not_resumed_until_that_process_is_gone(prefect_harness, fresh_uri):
+    from babysit.errors import BabysitError
+    from flows.search import open_parent, process_identity, recurrence_of
+
+    overrides = [*EDITABLE[:3], "search.stages=[{name: coarse, trials: 2, epochs: 1}]", "search.final=null"]
+    exp = load_config("conf/search_digits.yaml", overrides, model=SearchExperiment)
+    named, _, _ = recurrence_of(exp, fresh_uri)
+    parent, _, _ = open_parent(exp, fresh_uri, named)
+    assert tracking.get_run(fresh_uri, parent.run_id).data.tags["babysit.owner"] == process_identity()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tracking.set_tags(parent, {"babysit.owner": process_identity(other.pid)})  # as if that process ran it
+        named, _, _ = recurrence_of(exp, fresh_uri)
+        with pytest.raises(BabysitError, match=rf"is running now, in process {other.pid} on this machine \(MLflow run {parent.run_id}\)"):
+            open_parent(exp, fresh_uri, named)
+    finally:
+        other.kill()
+        other.wait()
+    resumed, _, reopened = open_parent(exp, fresh_uri, named)  # gone, as a killed search's process is: resumed
+    assert resumed.run_id == parent.run_id and reopened is not None
+    assert tracking.get_run(fresh_uri, parent.run_id).data.tags["babysit.owner"] == process_identity()
+
+
 def test_a_stage_whose_every_trial_failed_stops_the_search_with_the_first_failure(prefect_harness, fresh_uri):
     from babysit.errors import BabysitError
 
