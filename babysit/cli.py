@@ -70,6 +70,27 @@ def quiet_user_errors() -> None:
         handler.addFilter(HideUserErrorTracebacks(terminal=isinstance(handler, logging.StreamHandler)))
 
 
+def summary_table(title: str) -> Table:
+    table = Table(title=title, show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")  # a link or run id too long for the terminal wraps, whole, instead of ending in '…'
+    return table
+
+
+def with_uri(command: str, uri: str) -> str:
+    """`command` as the user can run it: with --uri when the store is not the one it reads by default."""
+    from babysit import tracking
+
+    return command if uri == tracking.resolve_uri(None) else f"{command} --uri {uri}"
+
+
+def see_it(url: str, uri: str) -> str:
+    """Where to look at a run: a tracking server's own UI, or `babysit ui` on the local store."""
+    from babysit import tracking
+
+    return url if tracking.is_remote(uri) else f"{with_uri('babysit ui', uri)}  →  {url}"
+
+
 def train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     with console.status("starting Prefect (ephemeral server unless PREFECT_API_URL is set)..."):
@@ -78,7 +99,7 @@ def train(args: argparse.Namespace) -> int:
     with servers.temporary_server_settings():
         summary = train_flow(config=args.config, overrides=args.set)
 
-    table = Table(title=f"babysit train: {cfg.name}", show_header=False)
+    table = summary_table(f"babysit train: {cfg.name}")
     table.add_row("best validation accuracy", f"{summary.best_val_acc:.4f} (epoch {summary.best_epoch} of {summary.epochs_run})")
     table.add_row("test accuracy", f"{summary.test_acc:.4f}")
     table.add_row("initial loss", f"{summary.initial_loss:.3f}")
@@ -86,8 +107,8 @@ def train(args: argparse.Namespace) -> int:
     if summary.stop_reason:
         table.add_row("stopped", escape(summary.stop_reason))
     table.add_row("MLflow run", f"{summary.run_id} ({summary.tracking_uri})")
-    table.add_row("see it", f"babysit ui  →  {summary.url}")
-    table.add_row("what next", f"babysit report {summary.run_id}")
+    table.add_row("see it", see_it(summary.url, summary.tracking_uri))
+    table.add_row("what next", with_uri(f"babysit report {summary.run_id}", summary.tracking_uri))
     console.print(table)
     return 0
 
@@ -102,7 +123,7 @@ def search(args: argparse.Namespace) -> int:
     with servers.temporary_server_settings():
         summary = search_flow(config=args.config, overrides=args.set)
 
-    table = Table(title=f"babysit search: {exp.name}", show_header=False)
+    table = summary_table(f"babysit search: {exp.name}")
     for stage, space in summary.ranges.items():
         # escaped: rich takes "[false, true]" for a markup tag and prints "choice()"
         table.add_row(f"stage {stage}", escape("\n".join(f"{field} ~ {dist}" for field, dist in space.items())))
@@ -118,7 +139,7 @@ def search(args: argparse.Namespace) -> int:
     if summary.advice:
         table.add_row("report", escape(summary.advice.strip()))
     table.add_row("MLflow parent run", f"{summary.parent_run_id} ({summary.tracking_uri})")
-    table.add_row("see it", f"babysit ui  →  {summary.url}")
+    table.add_row("see it", see_it(summary.url, summary.tracking_uri))
     console.print(table)
     return 0
 
@@ -274,7 +295,7 @@ def ensemble(args: argparse.Namespace) -> int:
     quiet_user_errors()
     with servers.temporary_server_settings():
         summary = ensemble_flow(search_run_id=args.run_id, top=args.top, epochs=args.epochs, tracking_uri=args.uri)
-    table = Table(title=f"babysit ensemble: top {args.top} of search {args.run_id}", show_header=False)
+    table = summary_table(f"babysit ensemble: top {args.top} of search {args.run_id}")
     table.add_row("members (test acc)", "\n".join(f"{run} ({acc:.4f})" for run, acc in zip(summary.members, summary.member_test_acc)))
     table.add_row("best single model", f"test acc {summary.best_single_test_acc:.4f}")
     table.add_row("ensemble (mean of probabilities)", f"test acc {summary.ensemble_test_acc:.4f}")

@@ -429,8 +429,9 @@ def read_run(uri: str, run_id: str, history_keys: tuple[str, ...] = ()) -> RunRe
 
 
 def run_url(run: RunRef, host: str = "127.0.0.1", port: int = 5000) -> str:
-    """Where `babysit ui` shows this run."""
-    return f"http://{host}:{port}/#/experiments/{run.experiment_id}/runs/{run.run_id}?{UI_VIEW}"
+    """Where a tracking server's UI, or else `babysit ui`, shows this run."""
+    ui = run.uri.rstrip("/") if urlparse(run.uri).scheme in ("http", "https") else f"http://{host}:{port}"
+    return f"{ui}/#/experiments/{run.experiment_id}/runs/{run.run_id}?{UI_VIEW}"
 
 
 def is_remote(uri: str) -> bool:

@@ -162,3 +162,23 @@ def test_counts_on_the_command_line_are_at_least_one(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2 and "expected a whole number of at least 1" in capsys.readouterr().err
+
+
+def test_summary_hints_name_the_store_and_a_tracking_servers_own_ui(monkeypatch):
+    from rich.console import Console
+
+    from babysit import tracking
+    from babysit.cli import see_it, summary_table, with_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert with_uri("babysit report abc", tracking.DEFAULT_URI) == "babysit report abc"
+    assert with_uri("babysit report abc", "sqlite:////tmp/x.db") == "babysit report abc --uri sqlite:////tmp/x.db"  # else it reads mlruns/
+    served = tracking.RunRef("http://127.0.0.1:5099/", "r1", "2")
+    assert see_it(tracking.run_url(served), served.uri) == f"http://127.0.0.1:5099/#/experiments/2/runs/r1?{tracking.UI_VIEW}"
+    local = tracking.RunRef("sqlite:////tmp/x.db", "r1", "2")
+    assert see_it(tracking.run_url(local), local.uri) == f"babysit ui --uri sqlite:////tmp/x.db  →  http://127.0.0.1:5000/#/experiments/2/runs/r1?{tracking.UI_VIEW}"
+    console = Console(width=60, record=True)
+    table = summary_table("babysit search: narrow terminal")
+    table.add_row("see it", see_it(tracking.run_url(local), local.uri))
+    console.print(table)
+    assert "…" not in console.export_text()  # wrapped whole, not cut
