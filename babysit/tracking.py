@@ -107,6 +107,14 @@ def open_store(uri: str, experiment: str) -> str:
             f"and MLflow creates no runs in a deleted experiment: restore it with `MLFLOW_TRACKING_URI={uri} mlflow experiments restore "
             f"--experiment-id {found.experiment_id}`, or choose another name (--set tracking.experiment=NAME)."
         )
+    if found.artifact_location.startswith("mlflow-artifacts:") and not is_remote(uri):
+        from babysit.errors import BabysitError
+
+        raise BabysitError(
+            f"`tracking.experiment` '{experiment}' in {uri} keeps its artifacts on an MLflow tracking server ({found.artifact_location}: "
+            "it was created through one, such as `babysit server up`'s), which this store cannot reach: start that server and use it "
+            "(`babysit server up`, then the `export` lines of `babysit server env`), or choose another experiment (--set tracking.experiment=NAME)."
+        )
     return found.experiment_id
 
 

@@ -117,6 +117,15 @@ def test_a_deleted_experiment_says_how_to_restore_it_and_creates_no_run(tmp_path
     assert MlflowClient(tracking_uri=uri).search_runs([experiment_id], run_view_type=ViewType.ALL) == []
 
 
+def test_an_experiment_whose_artifacts_live_on_a_stopped_tracking_server_is_refused_before_a_run(tmp_path):
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    tracking.open_store(uri, "babysit")  # the store's tables
+    experiment_id = MlflowClient(tracking_uri=uri).create_experiment("served", artifact_location="mlflow-artifacts:/1")  # as `mlflow server` makes them
+    with pytest.raises(BabysitError, match=r"`tracking.experiment` 'served' in .* keeps its artifacts on an MLflow tracking server \(mlflow-artifacts:/1"):
+        tracking.start_run(uri, "served", None, {"lr": 0.1}, {})
+    assert MlflowClient(tracking_uri=uri).search_runs([experiment_id], run_view_type=ViewType.ALL) == []
+
+
 # 4. A tracking URI MLflow refuses: its exception is translated where the store is first opened.
 
 
