@@ -167,6 +167,10 @@ def _start_worker(prepared: Prepared, reports: SharedReports, stop: Any, slots: 
     # holding the pool's result-queue lock, and the pool then waits for it forever; the flow
     # stops its workers instead, through `stop`, which they read between epochs
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # and SIGTERM, which `timeout`, systemd and process managers send to the whole group: the flow's
+    # process turns it into an interruption (Prefect's handler, which a fork would otherwise inherit
+    # and raise in the middle of a trial, with a traceback)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if sys.platform == "linux":
         # die with the flow's process, kill -9 included: an orphan that went on to finish its
         # trial would add a second finished run to a key the resumed search runs again

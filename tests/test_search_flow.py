@@ -418,6 +418,33 @@ def test_leaving_the_worker_processes_early_ends_a_running_trial_as_failed_and_s
     assert isinstance(running.exception(), KeyboardInterrupt)
 
 
+def test_worker_processes_leave_a_sigterm_to_the_flows_process_which_stops_them_between_epochs(tmp_path):
+    import dataclasses
+    import signal
+
+    import psutil
+
+    from tasks.trial import _trial_in_worker, worker_processes
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec, prepared, parent = one_trial(uri)
+    long = dataclasses.replace(spec, config={**spec.config, "train": {**spec.config["train"], "epochs": 2000}})
+    before = {p.pid for p in psutil.Process().children()}
+    with pytest.raises(KeyboardInterrupt), worker_processes(1, prepared) as (pool, _):
+        running = pool.submit(_trial_in_worker, long, parent, None)
+        experiment = tracking.get_run(uri, parent.run_id).info.experiment_id
+        while not tracking.find_runs(uri, experiment, {"mlflow.parentRunId": parent.run_id}):
+            time.sleep(0.1)
+        workers = [p for p in psutil.Process().children() if p.pid not in before]
+        for worker in workers:  # as `timeout` or systemd signal the whole process group
+            worker.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert workers and all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers) and not running.done()
+        raise KeyboardInterrupt  # what the flow's process makes of its own SIGTERM
+    (child,) = tracking.find_runs(uri, experiment, {"mlflow.parentRunId": parent.run_id})
+    assert child.info.status == "FAILED" and child.data.tags["babysit.failure"] == "interrupted"
+
+
 def test_leaving_the_stop_flag_early_ends_a_trial_training_in_a_thread_as_failed(tmp_path):
     import dataclasses
     import threading
