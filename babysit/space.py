@@ -201,14 +201,15 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
 
     `trials`: dicts with 'params' (field -> value), 'score' (higher is better; None if the trial
     failed), 'diverged' (bool) and optionally 'too_slow' (bool: the loss barely moved, the
-    lr_too_low flag). Numeric ranges shrink to the top-k span plus padding (in log space for
+    lr_too_low flag) and 'too_fast' (bool: the lr_too_high flag). Numeric ranges shrink to the top-k span plus padding (in log space for
     loguniform); if the best trial lies within `edge` of a bound, that bound moves outwards
     instead (by `widen`), unless a diverged trial already lies beyond it — diverged trials cap the
     upper bound (too-high values) from above: the learning rate's, when theirs was above every top
     trial's (_divergence_explained_by_lr), else every field's. The learning rate (`cfg.learning_rate`) has the
     mirror image: too-slow trials below the top trials raise its lower bound. When most of the
     top trials were too slow themselves, or every trial diverged, only the learning rate's range
-    moves (up or down, past the edge); see _above_what_barely_learned and _below_what_diverged.
+    moves (up or down, past the edge); see _above_what_barely_learned and _below_what_diverged, which
+    also moves it down when every trial that finished learned too fast.
     `is_valid(field, value)` says whether a moved bound is still a legal config value; a bound
     that cannot move stays put and is not reported as an edge.
     Choices keep the options that appear among the top-k. Trials tied with the k-th best count
@@ -219,8 +220,8 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
     read it, and stays as it was when none did.
     """
     scored = sorted((t for t in trials if t["score"] is not None and not t.get("diverged")), key=lambda t: -t["score"])
-    if not scored:
-        return _below_what_diverged(space, trials, cfg, is_valid)
+    if not scored or all(t.get("too_fast") for t in scored) and cfg.learning_rate in space and space[cfg.learning_rate].numeric:
+        return _below_what_diverged(space, trials, cfg, is_valid)  # or every trial that finished learned too fast
     cut = scored[min(top_count(cfg.top_k, len(scored)), len(scored)) - 1]["score"]
     top = [t for t in scored if t["score"] >= cut]  # every trial tied at the cut: which of them ran first is no evidence
     learning_rate = space.get(cfg.learning_rate)
@@ -312,10 +313,12 @@ def _above_what_barely_learned(space: Space, trials: list[dict[str, Any]], cfg: 
 
 
 def _below_what_diverged(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid: Any) -> tuple[Space, dict[str, str]]:
-    """No trial finished: if some diverged, the learning rate's range moves below the lowest of
-    them, past its low edge (the lecture: an exploding loss means the learning rate is too high)."""
+    """No trial finished, or every one that did learned too fast (lr_too_high: its loss rose, or its
+    updates were large for its weights): the learning rate's range moves below the lowest of
+    them, past its low edge (the lecture: a loss that rises or explodes means the rate is too high)."""
     field, dist = cfg.learning_rate, space.get(cfg.learning_rate)
-    diverged = [dist.to_unit(t["params"][field]) for t in trials if t.get("diverged")] if dist is not None and dist.numeric else []
+    too_high = [t for t in trials if t.get("diverged") or t.get("too_fast")]
+    diverged = [dist.to_unit(t["params"][field]) for t in too_high] if dist is not None and dist.numeric else []
     if not diverged:
         return space, {}
     moved = _rebuild(field, dist, -_edge_shift(dist, cfg.widen), min(diverged), is_valid)

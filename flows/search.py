@@ -213,7 +213,8 @@ def review_stage(stage: str, space_text: dict[str, str], space: dict, results: l
     log_stage(stage, space_text, results)
     best = max((r.val_acc for r in results if r.val_acc is not None), default=None)
     get_run_logger().info("stage %s: %d trials (%d reused), best val acc %s", stage, len(results), sum(r.reused for r in results), f"{best:.4f}" if best is not None else "n/a")
-    trials = [{"params": r.params, "score": r.val_acc, "diverged": r.status == "diverged", "too_slow": "lr_too_low" in r.flags} for r in results]
+    trials = [{"params": r.params, "score": r.val_acc, "diverged": r.status == "diverged", "too_slow": "lr_too_low" in r.flags,
+               "too_fast": "lr_too_high" in r.flags} for r in results]
     return narrow(space, trials, narrowing, is_valid, lambda field, params: reads_field(field, params, base_tree))
 
 
@@ -250,12 +251,14 @@ def warn_edge(stage: str, last: bool, field: str, side: str, cause: str, narrowe
 
 def edge_cause(field: str, side: str, dist, results: list[TrialResult], edge: float, base_tree: dict) -> str:
     """Why narrow() moved `field`'s range past its `side` edge, for the log and report.md: the best trial that
-    trained with the field had its value there; or, for the learning rate, every trial diverged
-    (down) or most of the best trials barely learned (up)."""
+    trained with the field had its value there; or, for the learning rate, every trial diverged or
+    learned too fast (down), or most of the best trials barely learned (up)."""
     scored = [r for r in results if r.val_acc is not None and reads_field(field, r.params, base_tree)]
     if not scored:
         return "every trial diverged: the learning rate is too high"
     best = max(scored, key=lambda r: r.val_acc).params[field]
+    if side == "low" and all("lr_too_high" in r.flags for r in scored):
+        return f"every trial that finished learned too fast (lr_too_high), the best at {best:.4g}: the learning rate is too high"
     if edge_side(dist, best, edge) == side:
         return f"the best value, {best:.4g}, sat at that edge"
     return f"most of the best trials barely learned (lr_too_low), the best at {best:.4g}: the learning rate is too low"

@@ -611,6 +611,10 @@ def test_the_log_says_why_a_range_moves_past_an_edge():
     slow = edge_cause("optim.lr", "high", lr, [trial(1e-4, 0.2), trial(1e-3, 0.1)], 0.1, tree)
     assert slow.startswith("most of the best trials barely learned (lr_too_low), the best at 0.0001")
     assert edge_cause("optim.lr", "low", lr, [trial(0.05, None)], 0.1, tree).startswith("every trial diverged")
+    fast = [trial(0.01, 0.6), trial(0.05, 0.4)]
+    for result in fast:
+        result.flags["lr_too_high"] = "training loss rose"
+    assert edge_cause("optim.lr", "low", lr, fast, 0.1, tree) == "every trial that finished learned too fast (lr_too_high), the best at 0.01: the learning rate is too high"
 
 
 def test_ensemble_of_the_top_trials_averages_their_probabilities(finished_search, tracking_uri):

@@ -224,6 +224,19 @@ def test_a_linear_range_whose_best_value_sits_at_its_edge_moves_as_far_as_the_fi
     assert edges == {"optim.lr": "low"} and 0 < moved["optim.lr"].low < 1e-6 and moved["optim.lr"].high == 5.0
 
 
+def test_a_stage_where_every_finished_trial_learned_too_fast_moves_the_learning_rate_down():
+    space = space_of(optim__lr="loguniform(0.1, 10.0)", model__dropout="uniform(0.0, 0.5)")
+    points = [{"optim.lr": lr, "model.dropout": d} for lr, d in [(0.3, 0.1), (0.5, 0.2), (2.0, 0.3), (8.0, 0.4)]]
+    trials = [{"params": p, "score": 0.5 - p["optim.lr"] / 100, "diverged": p["optim.lr"] > 5, "too_fast": True} for p in points]
+    moved, edges = narrow(space, trials, Narrowing(top_k=2, pad=0.0))
+    assert edges == {"optim.lr": "low"}
+    assert moved["optim.lr"].low == pytest.approx(0.01) and moved["optim.lr"].high == pytest.approx(0.3)  # a decade below, up to the lowest
+    assert moved["model.dropout"] == space["model.dropout"]  # the scores of trials that all learned too fast rank nothing
+    trials[0]["too_fast"] = False  # one learned at a sound pace: the usual narrowing, around the best
+    narrowed, _ = narrow(space, trials, Narrowing(top_k=2, pad=0.0))
+    assert narrowed["optim.lr"].low == pytest.approx(0.3) and narrowed["optim.lr"].high == pytest.approx(0.5)
+
+
 def test_narrowing_shrinks_around_the_top_trials_in_log_space():
     space = space_of(lr="loguniform(1e-6, 1e-0)")
     points = [{"lr": 10.0**e} for e in np.linspace(-5.5, -0.5, 11)]
