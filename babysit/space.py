@@ -212,7 +212,7 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
     also moves it down when every trial that finished learned too fast.
     `is_valid(field, value)` says whether a moved bound is still a legal config value; a bound
     that cannot move stays put and is not reported as an edge.
-    Choices keep the options that appear among the top-k. Trials tied with the k-th best count
+    Choices keep the options that appear among the top-k, and those no trial tried. Trials tied with the k-th best count
     among the top too; when every trial scored the same (all at chance), only diverged and
     barely-learning trials narrow anything.
     `reads(field, params)` says whether a trial trained with `field` at all (momentum only with
@@ -235,8 +235,9 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
         if not field_top or tied and not dist.numeric:  # no evidence either way
             new_space[field] = dist
             continue
-        if not dist.numeric:
-            kept = [o for o in dist.options if any(_same(t["params"][field], o) for t in field_top)]
+        if not dist.numeric:  # an option no trial tried is no evidence either way: it stays
+            tried = [t["params"][field] for t in trials if field in t["params"] and (reads is None or reads(field, t["params"]))]
+            kept = [o for o in dist.options if any(_same(t["params"][field], o) for t in field_top) or not any(_same(v, o) for v in tried)]
             new_space[field] = replace(dist, options=tuple(kept) or dist.options)
             continue
         positions = [dist.to_unit(t["params"][field]) for t in field_top]

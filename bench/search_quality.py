@@ -54,11 +54,11 @@ from tasks.trial import make_spec
 
 class Evaluator:
     """Trains one sampled config with the plain functions; returns the flow's trial record
-    {'params', 'score' (best val acc, None if diverged or failed), 'diverged', 'too_slow'}."""
+    {'params', 'score' (best val acc, None if diverged or failed), 'diverged', 'too_slow', 'too_fast'}."""
 
     def __init__(self, base_tree: dict[str, Any], prepared: Prepared, epochs: int, threads: int):
         self.base_tree, self.prepared, self.epochs, self.threads = base_tree, prepared, epochs, threads
-        self.cache: dict[str, tuple[float | None, bool, bool]] = {}
+        self.cache: dict[str, tuple[float | None, bool, bool, bool]] = {}
         self.trainings = 0  # fresh trainings, cache hits excluded
         self.seconds = 0.0  # wall time of those trainings
         self.failures: list[str] = []
@@ -69,22 +69,22 @@ class Evaluator:
         key = json.dumps(spec.config, sort_keys=True)
         if key not in self.cache:
             self.cache[key] = self._train(Config.model_validate(spec.config))
-        score, diverged, too_slow = self.cache[key]
-        return {"params": params, "score": score, "diverged": diverged, "too_slow": too_slow}
+        score, diverged, too_slow, too_fast = self.cache[key]
+        return {"params": params, "score": score, "diverged": diverged, "too_slow": too_slow, "too_fast": too_fast}
 
-    def _train(self, cfg: Config) -> tuple[float | None, bool, bool]:
+    def _train(self, cfg: Config) -> tuple[float | None, bool, bool, bool]:
         started = time.perf_counter()
         self.trainings += 1
         try:
             result, _ = train_and_test(cfg, self.prepared, test=False)
         except Exception as err:  # a failed trial scores None, as in tasks/trial.py
             self.failures.append(f"{type(err).__name__}: {err}")
-            return None, False, False
+            return None, False, False, False
         finally:
             self.seconds += time.perf_counter() - started
         flags = run_flags(result.history, result.initial_loss, cfg.flags, result.diagnostics, n_classes=self.prepared.splits.n_classes)
         acc = result.best_val_acc
-        return (None if "diverged" in flags or math.isnan(acc) else acc), "diverged" in flags, "lr_too_low" in flags
+        return (None if "diverged" in flags or math.isnan(acc) else acc), "diverged" in flags, "lr_too_low" in flags, "lr_too_high" in flags
 
 
 def best_score(trials: list[dict[str, Any]]) -> float:

@@ -237,6 +237,13 @@ def test_a_stage_where_every_finished_trial_learned_too_fast_moves_the_learning_
     assert narrowed["optim.lr"].low == pytest.approx(0.3) and narrowed["optim.lr"].high == pytest.approx(0.5)
 
 
+def test_a_choice_keeps_the_options_of_the_top_trials_and_those_no_trial_tried():
+    space = space_of(model__activation="choice([relu, tanh, sigmoid, elu])")
+    points = [{"model.activation": a} for a in ("relu", "relu", "tanh", "sigmoid")]  # elu never sampled
+    new, _ = narrow(space, trials_for(points, lambda p: {"relu": 0.9, "tanh": 0.5, "sigmoid": 0.3}[p["model.activation"]]), Narrowing(top_k=2, pad=0.0))
+    assert new["model.activation"].options == ("relu", "elu")
+
+
 def test_narrowing_shrinks_around_the_top_trials_in_log_space():
     space = space_of(lr="loguniform(1e-6, 1e-0)")
     points = [{"lr": 10.0**e} for e in np.linspace(-5.5, -0.5, 11)]
