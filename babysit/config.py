@@ -336,18 +336,23 @@ def _index(node: list, part: str, item: str, source: str) -> int:
     return int(part)
 
 
-def validate(model: type[BaseModel], tree: dict[str, Any], source: str) -> Any:
-    """Validate `tree` into `model`, turning pydantic's errors into one readable paragraph."""
+def validate(model: type[BaseModel], tree: dict[str, Any], source: str, overridden: frozenset[str] = frozenset()) -> Any:
+    """Validate `tree` into `model`, turning pydantic's errors into one readable paragraph; a field
+    that `overridden` (the fields of --set overrides) set is said to come from --set."""
     try:
         return model.model_validate(tree)
     except ValidationError as err:
-        raise BabysitError(f"{source}: invalid config: " + "; ".join(_describe(e, model, source) for e in err.errors()) + ".") from None
+        raise BabysitError(f"{source}: invalid config: " + "; ".join(_describe(e, model, source, overridden) for e in err.errors()) + ".") from None
 
 
-def _describe(error: dict[str, Any], model: type[BaseModel], source: str) -> str:
+def _describe(error: dict[str, Any], model: type[BaseModel], source: str, overridden: frozenset[str] = frozenset()) -> str:
     if not error["loc"]:  # a check across sections, e.g. the search space: its message names the fields
         return error["msg"].removeprefix("Value error, ")
     field = ".".join(str(part) for part in error["loc"])
+    if any(field == o or field.startswith(o + ".") or o.startswith(field + ".") for o in overridden):
+        if error["loc"] == ("search",) and error["type"] == "extra_forbidden":
+            return "`search` (from --set): `babysit train` and `check` read a training config; search settings go with `babysit search` and a search file"
+        return _describe(error, model, source) + ", from --set"
     if error["type"] == "extra_forbidden" and error["loc"] == ("search",):  # a search file given to `babysit train` or `check`
         return (f"unknown field `search`: this is a search file (a training config plus a `search` section); "
                 f"run it with `babysit search {source}`, or drop the `search` section to train or check this config once")
@@ -386,7 +391,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Read a YAML experiment file, apply `--set` overrides, validate. Raises BabysitError."""
     tree = read_yaml(path) if path is not None else {}
     tree = apply_overrides(tree, list(overrides or []))
-    return validate(model, tree, str(path) if path is not None else "config")
+    overridden = frozenset(item.split("=", 1)[0].strip() for item in overrides or [])
+    return validate(model, tree, str(path) if path is not None else "config", overridden)
 
 
 class StageConfig(Section):

@@ -188,3 +188,15 @@ def test_top_k_is_a_count_or_a_share_never_a_boolean(value):
 
     with pytest.raises(BabysitError, match="search.top_k"):
         load_config(CONF / "search_digits.yaml", [f"search.top_k={value}"], model=SearchExperiment)
+
+
+def test_a_bad_value_from_set_is_said_to_come_from_set(tmp_path):
+    path = write_yaml(tmp_path, {"optim": {"lr": 0.01}})
+    with pytest.raises(BabysitError, match=r"`optim.lr`: Input should be a valid number, unable to parse string as a number \(got 'abc'\), from --set"):
+        load_config(path, ["optim.lr=abc"])
+    with pytest.raises(BabysitError, match=r"`search` \(from --set\): `babysit train` and `check` read a training config"):
+        load_config(path, ["search.workers=2"])
+    bad_in_file = write_yaml(tmp_path, {"optim": {"lr": "abc"}})
+    with pytest.raises(BabysitError) as err:
+        load_config(bad_in_file, ["train.epochs=2"])
+    assert "`optim.lr`: " in str(err.value) and "--set" not in str(err.value)
