@@ -91,10 +91,22 @@ def see_it(url: str, uri: str) -> str:
     return url if tracking.is_remote(uri) else f"{with_uri('babysit ui', uri)}  →  {url}"
 
 
+def before_starting(cfg) -> None:
+    """What a run cannot start without, checked before Prefect's server starts (15-25 s): its data
+    and its device. The flows check them again, for deployments."""
+    from tasks.data import check_data_path
+    from tasks.train import training_device
+
+    check_data_path(cfg.data)
+    training_device(cfg)
+
+
 def train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     with console.status("starting Prefect (ephemeral server unless PREFECT_API_URL is set)..."):
         from flows.train import train_flow
+
+        before_starting(cfg)
     quiet_user_errors()
     with servers.temporary_server_settings():
         summary = train_flow(config=args.config, overrides=args.set)
@@ -118,7 +130,11 @@ def search(args: argparse.Namespace) -> int:
 
     exp = load_config(args.config, args.set, model=SearchExperiment)
     with console.status("starting Prefect (ephemeral server unless PREFECT_API_URL is set)..."):
-        from flows.search import search_flow
+        from flows.search import check_searched_devices, search_flow
+
+        if not exp.search.dask_address:  # trials train here
+            before_starting(exp.base_config())
+            check_searched_devices(exp)
     quiet_user_errors()
     with servers.temporary_server_settings():
         summary = search_flow(config=args.config, overrides=args.set)

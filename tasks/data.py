@@ -208,6 +208,15 @@ def thin_training(splits: Splits, fraction: float, seed: int) -> Splits:
     return replace(splits, X_train=splits.X_train[keep], y_train=splits.y_train[keep])
 
 
+def check_data_path(cfg: DataConfig) -> None:
+    """A `data.path` that does not exist is a BabysitError at once, before a Prefect server starts
+    (the CLI's check; loading says the same inside the flow, for deployments)."""
+    if cfg.source not in PATH_SOURCES or cfg.path is None or cfg.path.exists() or cfg.source in TORCHVISION_FOLDERS and cfg.download:
+        return
+    what = "image folder" if cfg.source == "image_folder" else "dataset root" if cfg.source in TORCHVISION_FOLDERS else "data file"
+    raise BabysitError(f"{cfg.path}: {what} not found (`data.path`, source '{cfg.source}').")
+
+
 def data_fingerprint(cfg: DataConfig) -> str:
     """The version of the user's data that `data.path` names: a hash of the names, sizes and
     modification times of the files the source reads (a table, or an image folder's images; a

@@ -15,6 +15,7 @@ from babysit.cli import main, parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "conf" / "digits_mlp.yaml")
+SEARCH = str(ROOT / "conf" / "search_digits.yaml")
 
 
 def store_is_empty(uri: str) -> bool:
@@ -95,14 +96,27 @@ def test_console_script_exits_2_without_traceback(tmp_path, tracking_uri):
     assert not (tmp_path / "mlruns").exists()
 
 
-def test_bad_data_file_exits_2_without_traceback(prefect_harness, tracking_uri, tmp_path, capfd, monkeypatch):
-    # the data file is only read inside the flow: the error crosses Prefect and still reads as one paragraph
-    monkeypatch.chdir(tmp_path)
+def test_a_missing_data_file_or_device_stops_a_search_before_prefect_starts(tmp_path, tracking_uri):
+    # the installed `babysit`, as a user runs it: no temporary Prefect server is started for a run that cannot start
+    script = Path(sys.executable).parent / "babysit"
     missing = tmp_path / "absent.csv"
-    code = main(["train", DIGITS, "--set", "data.source=csv", "--set", f"data.path={missing}", "--set", "data.target=label"])
+    for problem, said in [(["--set", "data.source=csv", "--set", f"data.path={missing}", "--set", "data.target=label"], f"{missing}: data file not found"),
+                          (["--set", "search.space.train.device=choice([cpu, cuda:99])"], "`train.device` offers 'cuda:99'")]:
+        done = subprocess.run([str(script), "search", SEARCH, *problem], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert done.returncode == 2 and said in " ".join(done.stdout.split())
+        assert "Starting temporary server" not in done.stdout + done.stderr and "Traceback" not in done.stdout + done.stderr
+    assert store_is_empty(tracking_uri)
+
+
+def test_bad_data_file_exits_2_without_traceback(prefect_harness, tracking_uri, tmp_path, capfd, monkeypatch):
+    # a file that exists but cannot be used is read inside the flow: the error crosses Prefect and still reads as one paragraph
+    monkeypatch.chdir(tmp_path)
+    unlabelled = tmp_path / "unlabelled.csv"
+    unlabelled.write_text("a,b\n1,2\n3,4\n")
+    code = main(["train", DIGITS, "--set", "data.source=csv", "--set", f"data.path={unlabelled}", "--set", "data.target=label"])
     out, err = capfd.readouterr()
     assert code == 2
-    assert str(missing) in " ".join(out.split())
+    assert str(unlabelled) in " ".join(out.split()) and "label" in out
     assert "Traceback" not in out + err
     assert "failed with exception" not in out + err and "Encountered exception" not in out + err  # said once, at the end
     assert store_is_empty(tracking_uri)
