@@ -201,8 +201,8 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
 
     `trials`: dicts with 'params' (field -> value), 'score' (higher is better; None if the trial
     failed), 'diverged' (bool) and optionally 'too_slow' (bool: the loss barely moved, the
-    lr_too_low flag) and 'too_fast' (bool: the lr_too_high flag). Numeric ranges shrink to the top-k span plus padding (in log space for
-    loguniform); if the best trial lies within `edge` of a bound, that bound moves outwards
+    lr_too_low flag) and 'too_fast' (bool: the lr_too_high flag). Numeric ranges shrink to the
+    top-k span plus padding (in log space for loguniform); if the best trial lies within `edge` of a bound, that bound moves outwards
     instead (by `widen`), unless a diverged trial already lies beyond it — diverged trials cap the
     upper bound (too-high values) from above: the learning rate's, when theirs was above every top
     trial's (_divergence_explained_by_lr), else every field's. The learning rate (`cfg.learning_rate`) has the
@@ -210,10 +210,10 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
     top trials were too slow themselves, or every trial diverged, only the learning rate's range
     moves (up or down, past the edge); see _above_what_barely_learned and _below_what_diverged, which
     also moves it down when every trial that finished learned too fast.
-    `is_valid(field, value)` says whether a moved bound is still a legal config value; a bound
-    that cannot move stays put and is not reported as an edge.
-    Choices keep the options that appear among the top-k, and those no trial tried. Trials tied with the k-th best count
-    among the top too; when every trial scored the same (all at chance), only diverged and
+    `is_valid(field, value)` says whether a moved bound is still a legal config value: a bound
+    moved past the field's limit stops at it, and one already there stays put and is not reported
+    as an edge. Choices keep the options that appear among the top-k, and those no trial tried.
+    Trials tied with the k-th best count among the top too; when every trial scored the same (all at chance), only diverged and
     barely-learning trials narrow anything.
     `reads(field, params)` says whether a trial trained with `field` at all (momentum only with
     SGD momentum, see babysit.config.READ_ONLY_WHEN): a field narrows on the top-k trials that
