@@ -77,18 +77,23 @@ def summary_table(title: str) -> Table:
     return table
 
 
-def with_uri(command: str, uri: str) -> str:
-    """`command` as the user can run it: with --uri when the store is not the one it reads by default."""
-    from babysit import tracking
+def print_links(*lines: tuple[str, str]) -> None:
+    """Commands and links below a summary, each on one line, never wrapped nor cut: to copy or click."""
+    for label, text in lines:
+        console.print(f"{label}: {escape(text)}", soft_wrap=True, highlight=False)
 
-    return command if uri == tracking.resolve_uri(None) else f"{command} --uri {uri}"
+
+def with_uri(command: str, uri: str, default: str) -> str:
+    """`command` as the user can run it: with --uri when the store is not `default`, the one it
+    reads when given none (resolved before a flow runs: logging a model sets MLflow's URI here)."""
+    return command if uri == default else f"{command} --uri {uri}"
 
 
-def see_it(url: str, uri: str) -> str:
+def see_it(url: str, uri: str, default: str) -> str:
     """Where to look at a run: a tracking server's own UI, or `babysit ui` on the local store."""
     from babysit import tracking
 
-    return url if tracking.is_remote(uri) else f"{with_uri('babysit ui', uri)}  →  {url}"
+    return url if tracking.is_remote(uri) else f"{with_uri('babysit ui', uri, default)}  →  {url}"
 
 
 def before_starting(cfg) -> None:
@@ -102,7 +107,10 @@ def before_starting(cfg) -> None:
 
 
 def train(args: argparse.Namespace) -> int:
+    from babysit import tracking
+
     cfg = load_config(args.config, args.set)
+    default_uri = tracking.resolve_uri(None)
     with console.status("starting Prefect (ephemeral server unless PREFECT_API_URL is set)..."):
         from flows.train import train_flow
 
@@ -119,16 +127,18 @@ def train(args: argparse.Namespace) -> int:
     if summary.stop_reason:
         table.add_row("stopped", escape(summary.stop_reason))
     table.add_row("MLflow run", f"{summary.run_id} ({summary.tracking_uri})")
-    table.add_row("see it", see_it(summary.url, summary.tracking_uri))
-    table.add_row("what next", with_uri(f"babysit report {summary.run_id}", summary.tracking_uri))
     console.print(table)
+    print_links(("see it", see_it(summary.url, summary.tracking_uri, default_uri)),
+                ("what next", with_uri(f"babysit report {summary.run_id}", summary.tracking_uri, default_uri)))
     return 0
 
 
 def search(args: argparse.Namespace) -> int:
+    from babysit import tracking
     from babysit.config import SearchExperiment
 
     exp = load_config(args.config, args.set, model=SearchExperiment)
+    default_uri = tracking.resolve_uri(None)
     with console.status("starting Prefect (ephemeral server unless PREFECT_API_URL is set)..."):
         from flows.search import check_searched_devices, search_flow
 
@@ -155,8 +165,8 @@ def search(args: argparse.Namespace) -> int:
     if summary.advice:
         table.add_row("report", escape(summary.advice.strip()))
     table.add_row("MLflow parent run", f"{summary.parent_run_id} ({summary.tracking_uri})")
-    table.add_row("see it", see_it(summary.url, summary.tracking_uri))
     console.print(table)
+    print_links(("see it", see_it(summary.url, summary.tracking_uri, default_uri)))
     return 0
 
 

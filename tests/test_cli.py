@@ -139,6 +139,22 @@ def test_train_prints_the_summary(prefect_harness, tracking_uri, tmp_path, capsy
     assert "babysit ui" in out
 
 
+def test_train_on_another_store_hints_at_it_even_after_logging_a_model(prefect_harness, tracking_uri, tmp_path, capsys, monkeypatch):
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.chdir(tmp_path)
+    other = f"sqlite:///{tmp_path}/other.db"  # logging the model sets MLflow's URI in this process: the hint must not follow it
+    code = main(["train", DIGITS, "--set", "train.epochs=1", "--set", "model.hidden=[16]", "--set", "train.threads=1", "--set", f"tracking.uri={other}"])
+    torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    (run,) = MlflowClient(tracking_uri=other).search_runs([e.experiment_id for e in MlflowClient(tracking_uri=other).search_experiments()])
+    assert code == 0
+    # each on a line of its own, whole however narrow the terminal: to copy
+    assert any(line.startswith(f"see it: babysit ui --uri {other}  →  http://127.0.0.1:5000/#/experiments/") and run.info.run_id in line for line in lines)
+    assert f"what next: babysit report {run.info.run_id} --uri {other}" in lines
+
+
 def test_ui_arguments():
     args = parser().parse_args(["ui", "--port", "5001"])
     assert (args.command, args.port, args.host, args.uri) == ("ui", 5001, "127.0.0.1", None)
@@ -185,14 +201,14 @@ def test_summary_hints_name_the_store_and_a_tracking_servers_own_ui(monkeypatch)
     from babysit.cli import see_it, summary_table, with_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert with_uri("babysit report abc", tracking.DEFAULT_URI) == "babysit report abc"
-    assert with_uri("babysit report abc", "sqlite:////tmp/x.db") == "babysit report abc --uri sqlite:////tmp/x.db"  # else it reads mlruns/
+    assert with_uri("babysit report abc", tracking.DEFAULT_URI, tracking.DEFAULT_URI) == "babysit report abc"
+    assert with_uri("babysit report abc", "sqlite:////tmp/x.db", tracking.DEFAULT_URI) == "babysit report abc --uri sqlite:////tmp/x.db"  # else it reads mlruns/
     served = tracking.RunRef("http://127.0.0.1:5099/", "r1", "2")
-    assert see_it(tracking.run_url(served), served.uri) == f"http://127.0.0.1:5099/#/experiments/2/runs/r1?{tracking.UI_VIEW}"
+    assert see_it(tracking.run_url(served), served.uri, tracking.DEFAULT_URI) == f"http://127.0.0.1:5099/#/experiments/2/runs/r1?{tracking.UI_VIEW}"
     local = tracking.RunRef("sqlite:////tmp/x.db", "r1", "2")
-    assert see_it(tracking.run_url(local), local.uri) == f"babysit ui --uri sqlite:////tmp/x.db  →  http://127.0.0.1:5000/#/experiments/2/runs/r1?{tracking.UI_VIEW}"
+    assert see_it(tracking.run_url(local), local.uri, tracking.DEFAULT_URI) == f"babysit ui --uri sqlite:////tmp/x.db  →  http://127.0.0.1:5000/#/experiments/2/runs/r1?{tracking.UI_VIEW}"
     console = Console(width=60, record=True)
     table = summary_table("babysit search: narrow terminal")
-    table.add_row("see it", see_it(tracking.run_url(local), local.uri))
+    table.add_row("MLflow parent run", "0123456789abcdef0123456789abcdef (sqlite:////a/long/path/to/a/store/mlflow.db)")
     console.print(table)
     assert "…" not in console.export_text()  # wrapped whole, not cut
