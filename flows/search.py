@@ -106,12 +106,14 @@ def open_parent(exp: SearchExperiment, uri: str, named: list, recurrence: dict[s
     # a run by hand never takes over a scheduled one, nor one warm-started from another run: all of these tags must agree
     previous = [run for run in named if all(run.data.tags.get(k) == identity.get(k) for k in identity.keys() | RECURRENCE_TAGS)] if exp.search.resume else []
     owner = {"babysit.owner": process_identity()}  # the process running the search: another one must not resume it meanwhile
+    # the run this one would resume, or (by hand) an earlier run whose trials it would reuse or train again
+    shared = previous[:1] + ([run for run in named if "babysit.schedule" not in run.data.tags] if "babysit.schedule" not in identity else [])
+    if held := [run for run in shared if run.info.status == "RUNNING" and alive_here(run.data.tags.get("babysit.owner", ""))]:
+        _, pid, _ = held[0].data.tags["babysit.owner"].rsplit(":", 2)
+        raise BabysitError(f"search {exp.name} is running now, in process {pid} on this machine (MLflow run {held[0].info.run_id}): "
+                           "two runs of one search would train its trials twice. Wait for it to end, or stop it (Ctrl-C) and run "
+                           "the command again to resume it.")
     if previous:
-        if previous[0].info.status == "RUNNING" and alive_here(previous[0].data.tags.get("babysit.owner", "")):
-            _, pid, _ = previous[0].data.tags["babysit.owner"].rsplit(":", 2)
-            raise BabysitError(f"search {exp.name} is running now, in process {pid} on this machine (MLflow run {previous[0].info.run_id}): "
-                               "two runs of one search would train its trials twice. Wait for it to end, or stop it (Ctrl-C) and run "
-                               "the same command again to resume it.")
         # its edges are written afresh when it ends: a field whose edge this run does not reach keeps no tag of the last one
         parent = tracking.reopen_run(uri, previous[0], stale=("edge.", "babysit.flags"))
         tracking.set_tags(parent, owner)

@@ -249,6 +249,9 @@ def test_a_search_running_now_in_another_process_is_not_resumed_until_that_proce
         named, _, _ = recurrence_of(exp, fresh_uri)
         with pytest.raises(BabysitError, match=rf"is running now, in process {other.pid} on this machine \(MLflow run {parent.run_id}\)"):
             open_parent(exp, fresh_uri, named)
+        edited = load_config("conf/search_digits.yaml", [*overrides, "search.top_k=0.5"], model=SearchExperiment)  # a new parent, the same trials
+        with pytest.raises(BabysitError, match=rf"is running now, in process {other.pid}"):
+            open_parent(edited, fresh_uri, named)
     finally:
         other.kill()
         other.wait()
