@@ -58,7 +58,24 @@ class Dist:
         if self.kind == "choice":
             options = [list(o) if isinstance(o, tuple) else o for o in self.options]
             return f"choice({yaml.safe_dump(options, default_flow_style=True, width=1_000_000).strip()})"  # [64, 64], null, true
-        return f"{self.kind}({self.low:.4g}, {self.high:.4g})"
+        if self.kind == "int":
+            return f"int({int(self.low)}, {int(self.high)})"
+        low, high = _inward(self.low, up=True), _inward(self.high, up=False)
+        if float(low) >= float(high):  # a sliver: 4 digits would close it
+            low, high = repr(self.low), repr(self.high)
+        return f"{self.kind}({low}, {high})"
+
+
+def _inward(value: float, up: bool) -> str:
+    """`value` in 4 significant digits, rounded into its range (low bounds up, high bounds down): the
+    text reads back as a range inside the field's limits (0.9999999 is not written as 1, which a
+    momentum or a dropout cannot take)."""
+    text = f"{value:.4g}"
+    rounded = float(text)
+    if rounded == value or (rounded > value if up else rounded < value):
+        return text
+    step = 10.0 ** (math.floor(math.log10(abs(value))) - 3)  # one unit in the 4th digit
+    return f"{rounded + step if up else rounded - step:.4g}"
 
 
 Space = dict[str, Dist]
@@ -247,6 +264,8 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
         side = sides.pop() if len(sides) == 1 and not tied else None  # the best trials (tied or one) agree on an edge
         if field == cfg.learning_rate and side == "low" and any(t.get("too_slow") for t in best):
             side = None  # a best trial that barely learned asks for a higher rate, not a lower one
+        if field == cfg.learning_rate and side == "high" and any(t.get("too_fast") for t in best):
+            side = None  # and one that learned too fast, for a lower one, not a higher one
         if side is not None:
             edges[field] = side
         if side == "low":

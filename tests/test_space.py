@@ -12,7 +12,7 @@ import pytest
 from babysit.config import SearchExperiment, load_config
 from babysit.errors import BabysitError
 from babysit.pruning import Pruner, SharedReports
-from babysit.space import Narrowing, grid_shortfall, inside_declared, narrow, parse_dist, sample, top_count
+from babysit.space import Dist, Narrowing, grid_shortfall, inside_declared, narrow, parse_dist, sample, top_count
 
 
 def space_of(**specs):
@@ -242,6 +242,29 @@ def test_a_choice_keeps_the_options_of_the_top_trials_and_those_no_trial_tried()
     points = [{"model.activation": a} for a in ("relu", "relu", "tanh", "sigmoid")]  # elu never sampled
     new, _ = narrow(space, trials_for(points, lambda p: {"relu": 0.9, "tanh": 0.5, "sigmoid": 0.3}[p["model.activation"]]), Narrowing(top_k=2, pad=0.0))
     assert new["model.activation"].options == ("relu", "elu")
+
+
+def test_a_best_trial_that_learned_too_fast_at_the_high_edge_does_not_move_the_learning_rate_up():
+    space = space_of(optim__lr="loguniform(0.01, 1.0)")
+    points = [{"optim.lr": lr} for lr in (0.9, 0.5, 0.05, 0.02)]
+    trials = [{"params": p, "score": p["optim.lr"], "diverged": False, "too_fast": p["optim.lr"] > 0.8} for p in points]
+    new, edges = narrow(space, trials, Narrowing(top_k=2, pad=0.0))
+    assert edges == {} and new["optim.lr"].high == pytest.approx(0.9)
+    trials[0]["too_fast"] = False  # the same best at a sound pace: past the edge
+    _, edges = narrow(space, trials, Narrowing(top_k=2, pad=0.0))
+    assert edges == {"optim.lr": "high"}
+
+
+def test_a_range_reads_back_from_its_text_inside_the_fields_limits():
+    from babysit.config import Config, field_problem
+
+    base = Config().model_dump(mode="json")
+    for field, dist in [("optim.momentum", Dist("uniform", 0.8185, 0.9999999999999999)), ("model.dropout", Dist("loguniform", 0.3, 0.99999999)),
+                        ("optim.lr", Dist("loguniform", 1e-5, 0.1)), ("train.batch_size", Dist("int", 16, 12345))]:
+        back = parse_dist(field, dist.describe())
+        assert dist.low <= back.low < back.high <= dist.high  # never outside the range it describes
+        assert field_problem(base, field, back.high) is None and field_problem(base, field, back.low) is None
+    assert Dist("loguniform", 1e-5, 0.1).describe() == "loguniform(1e-05, 0.1)" and Dist("int", 16, 12345).describe() == "int(16, 12345)"
 
 
 def test_narrowing_shrinks_around_the_top_trials_in_log_space():
