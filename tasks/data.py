@@ -103,6 +103,7 @@ def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     """Load the configured source into a validated `Dataset`. Raises BabysitError on bad data."""
+    check_data_path(cfg)
     columns = None  # the features' names: a table's header
     if cfg.source == "digits":
         digits = load_digits()
@@ -123,8 +124,6 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         path = Path(cfg.path)
         if path.is_dir():
             raise BabysitError(f"{path}: is a folder; `data.path` with source '{cfg.source}' names one {cfg.source} file (a folder of images: source image_folder).")
-        if not path.is_file():
-            raise BabysitError(f"{path}: data file not found (`data.path`, source '{cfg.source}').")
         try:
             if cfg.source == "npz":
                 X, labels = read_npz(path)
@@ -209,8 +208,8 @@ def thin_training(splits: Splits, fraction: float, seed: int) -> Splits:
 
 
 def check_data_path(cfg: DataConfig) -> None:
-    """A `data.path` that does not exist is a BabysitError at once, before a Prefect server starts
-    (the CLI's check; loading says the same inside the flow, for deployments)."""
+    """A `data.path` that does not exist is a BabysitError, said before anything is read (and by
+    the CLI before a Prefect server starts)."""
     if cfg.source not in PATH_SOURCES or cfg.path is None or cfg.path.exists() or cfg.source in TORCHVISION_FOLDERS and cfg.download:
         return
     what = "image folder" if cfg.source == "image_folder" else "dataset root" if cfg.source in TORCHVISION_FOLDERS else "data file"
