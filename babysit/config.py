@@ -347,7 +347,9 @@ def validate(model: type[BaseModel], tree: dict[str, Any], source: str, overridd
 
 def _describe(error: dict[str, Any], model: type[BaseModel], source: str, overridden: frozenset[str] = frozenset()) -> str:
     if not error["loc"]:  # a check across sections, e.g. the search space: its message names the fields
-        return error["msg"].removeprefix("Value error, ")
+        message = error["msg"].removeprefix("Value error, ")
+        searched = (o.removeprefix("search.space.") for o in overridden if o.startswith("search.space."))
+        return message + (", from --set" if any(f"`{field}`" in message for field in searched) else "")
     field = ".".join(str(part) for part in error["loc"])
     if any(field == o or field.startswith(o + ".") or o.startswith(field + ".") for o in overridden):
         if error["loc"] == ("search",) and error["type"] == "extra_forbidden":

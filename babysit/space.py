@@ -372,15 +372,20 @@ def _rebuild(field: str, dist: Dist, lo_u: float, hi_u: float, is_valid: Any) ->
 
 def _furthest_valid(field: str, start: float, target: float, whole: bool, is_valid: Any) -> float:
     """The value nearest `target`, from valid `start` toward invalid `target`, that is still valid:
-    the field's limit (a bisection; `whole`: integers only)."""
+    the field's limit (a bisection; `whole`: integers only). A real value stops within 1e-4 of the
+    way there, rounded to that precision when the rounded value is valid: the limit 0 of dropout is
+    0, and a learning rate (> 0) moved down from 0.5 by 4.5 stops at 0.0003, not at 1e-19."""
     good, bad = start, target
-    for _ in range(60):
+    close_enough = 1 if whole else abs(target - start) * 1e-4
+    while abs(good - bad) > close_enough:
         middle = (good + bad) // 2 if whole else (good + bad) / 2
         if middle in (good, bad):
             break
         good, bad = (middle, bad) if is_valid(field, int(middle) if whole else middle) else (good, middle)
-    snapped = round(good, 9)  # a limit of 0 is 0, not the 1e-19 that bisection ends at
-    return snapped if not whole and abs(snapped - bad) <= abs(good - bad) and is_valid(field, snapped) else good
+    if whole:
+        return good
+    snapped = round(good, -math.ceil(math.log10(close_enough)))
+    return snapped if abs(snapped - bad) <= abs(good - bad) and is_valid(field, snapped) else good
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -305,6 +305,12 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     # one task runner for all stages and the final retrain
     runner = scaleout.task_runner(exp.search.runner, exp.search.workers, exp.search.dask_address, prefect_api_for_dask(exp) if dask else None)
     named, recurrence, parent_name = recurrence_of(exp, uri)
+    if exp.search.warm_start == "latest" and "babysit.warm_from" not in recurrence:
+        logger.info("search.warm_start latest: no finished run of search %s yet, so the first stage samples the file's ranges", exp.name)
+    for stage in exp.search.stages[:-1]:  # the last one's top trials narrow nothing
+        if isinstance(exp.search.top_k, int) and exp.search.top_k >= stage.trials:
+            logger.warning("search.top_k %d: stage %s has %d trials, so every trial counts as a top one and its ranges narrow around "
+                           "all of them; use fewer (or a share such as 0.25)", exp.search.top_k, stage.name, stage.trials)
     parent, finished, reopened = open_parent(exp, uri, named, recurrence, parent_name, version)  # the store and experiment exist before any fan-out
     past = [run for run in named if run.info.status == "FINISHED"]
     if stale := [run.info.run_id for run in named if run.info.status == "RUNNING" and run.info.run_id != parent.run_id]:

@@ -196,6 +196,15 @@ def test_a_bad_value_from_set_is_said_to_come_from_set(tmp_path):
         load_config(path, ["optim.lr=abc"])
     with pytest.raises(BabysitError, match=r"`search` \(from --set\): `babysit train` and `check` read a training config"):
         load_config(path, ["search.workers=2"])
+    from babysit.config import SearchExperiment
+
+    with pytest.raises(BabysitError, match=r"`model.dropout` cannot take 'a' .*, from --set"):
+        load_config(CONF / "search_digits.yaml", ["search.space.model.dropout=choice([a, b])"], model=SearchExperiment)
+    searched = yaml.safe_load((CONF / "search_digits.yaml").read_text())
+    searched["search"]["space"]["optim.lr"] = "loguniform(0, 1)"
+    with pytest.raises(BabysitError) as err:  # a range from the file, while --set changed another
+        load_config(write_yaml(tmp_path, searched), ["search.space.model.dropout=uniform(0, 0.5)"], model=SearchExperiment)
+    assert "`optim.lr`" in str(err.value) and "--set" not in str(err.value)
     bad_in_file = write_yaml(tmp_path, {"optim": {"lr": "abc"}})
     with pytest.raises(BabysitError) as err:
         load_config(bad_in_file, ["train.epochs=2"])

@@ -789,3 +789,18 @@ def worker_slot(pause: float) -> int:
 
     time.sleep(pause)  # long enough that both workers take some
     return _WORKER["slot"]
+
+
+def test_a_top_k_as_large_as_a_stage_and_a_warm_start_with_nothing_to_start_from_are_said(prefect_harness, fresh_uri, caplog):
+    flow_log = logging.getLogger("prefect.flow_runs")  # Prefect's loggers do not propagate to caplog's
+    flow_log.addHandler(caplog.handler)
+    try:
+        search_flow(config="conf/search_digits.yaml", overrides=[
+            "model.hidden=[16]", "search.workers=1", "search.top_k=3", "search.warm_start=latest", "search.final=null", "search.sanity_check=false",
+            "search.stages=[{name: coarse, trials: 3, epochs: 1}, {name: fine, trials: 2, epochs: 1}]"])
+    finally:
+        flow_log.removeHandler(caplog.handler)
+    text = " ".join(caplog.text.split())
+    assert "search.top_k 3: stage coarse has 3 trials, so every trial counts as a top one" in text
+    assert "stage fine has" not in text  # the last stage narrows nothing
+    assert "search.warm_start latest: no finished run of search search_digits yet" in text
