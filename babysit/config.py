@@ -30,6 +30,23 @@ class Section(BaseModel):
     # search trials (which set fields on a copy) cannot smuggle in bad values.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: Any) -> Any:
+        # pydantic reads YAML's true as the number 1: `workers: true` is a slip, not one worker
+        kinds = _kinds(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and kinds & {int, float} and not kinds & {bool, Any}:
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
+
+
+def _kinds(annotation: Any) -> set:
+    """The plain types an annotation admits, looking inside ... | None, Annotated and Literal."""
+    args = get_args(annotation)
+    if not args:
+        return {annotation}
+    return set().union(*(_kinds(arg) if get_args(arg) or isinstance(arg, type) or arg is Any else {type(arg)} for arg in args))
+
 
 class DataConfig(Section):
     source: DataSource = "digits"
@@ -210,7 +227,7 @@ class Config(Section):
     """One training run, exactly as it is logged to MLflow."""
 
     name: str = "experiment"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's and scikit-learn's seeds
     data: DataConfig = Field(default_factory=DataConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -478,7 +495,7 @@ class SearchExperiment(Config):
             dist = parse_dist(field, spec)
             values = dist.options if not dist.numeric else (int(dist.low), int(dist.high)) if dist.kind == "int" else (dist.low, dist.high)
             if dist.kind in ("uniform", "loguniform"):  # they sample fractions: an integer field needs int(low, high)
-                values = (*values, dist.low + (dist.high - dist.low) / 3)
+                values = (*values, dist.low + (dist.high - dist.low) * 0.381966)  # a fraction no whole bounds turn whole
             for value in values:
                 problem = field_problem(base, field, value)
                 if problem:
@@ -550,7 +567,8 @@ def field_problem(base: dict[str, Any], field: str, value: Any) -> str | None:
     except (ValidationError, AttributeError, TypeError) as err:
         detail = err.errors()[0] if isinstance(err, ValidationError) else {"msg": str(err), "loc": ()}
         where = ".".join(map(str, detail["loc"])) or field
-        return f"`{field}` cannot take {value!r} (`{where}`: {detail['msg']})"
+        shown = f"{value:.10g}" if isinstance(value, float) else repr(value)
+        return f"`{field}` cannot take {shown} (`{where}`: {detail['msg']})"
     return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,17 @@ def test_a_bad_value_from_set_is_said_to_come_from_set(tmp_path):
     with pytest.raises(BabysitError) as err:
         load_config(bad_in_file, ["train.epochs=2"])
     assert "`optim.lr`: " in str(err.value) and "--set" not in str(err.value)
+
+
+@pytest.mark.parametrize("item", ["search.workers=true", "train.epochs=false", "search.stages.0.trials=true", "model.dropout=true", "seed=-1", "seed=4294967296"])
+def test_a_boolean_for_a_number_and_a_seed_numpy_cannot_take_fail_at_load(item):
+    from babysit.config import SearchExperiment
+
+    field = item.split("=")[0]
+    with pytest.raises(BabysitError, match=rf"`{re.escape(field)}`: .*from --set"):
+        load_config(CONF / "search_digits.yaml", [item], model=SearchExperiment)
+
+
+def test_booleans_still_go_where_a_boolean_or_anything_goes():
+    cfg = load_config(CONF / "digits_mlp.yaml", ["model.batchnorm=true", "seed=4294967295"])
+    assert cfg.model.batchnorm is True and cfg.seed == 2**32 - 1

@@ -61,6 +61,10 @@ def write_search(tmp_path, space: str):
         ("    flags.overfit_gap: uniform(0.05, 0.2)", "`flags.overfit_gap` cannot be searched"),
         ("    train.batch_size: uniform(8, 64)", "train.batch_size takes whole numbers: use int(8, 64)"),
         ("    train.batch_size: loguniform(8, 256)", "use int(8, 256)"),
+        # bounds whose third (the old probe) is whole: 16 + 48/3 = 32, 1 + 999/3 = 334, 0 + 3/3 = 1
+        ("    train.batch_size: uniform(16, 64)", "use int(16, 64)"),
+        ("    train.batch_size: loguniform(1, 1000)", "use int(1, 1000)"),
+        ("    optim.warmup_epochs: uniform(0, 3)", "use int(0, 3)"),
         ("    optim.lr: loguniform(1e-4, .inf)", "bounds must be finite"),
         ("    optim.lr: loguniform(1e-4, 1e-1", "a ')' is missing"),
     ],
