@@ -122,6 +122,7 @@ def _find_experiment(uri: str, experiment: str) -> Any:
     """The experiment named `experiment` (deleted ones too), or None; this is the first use of the
     store, so MLflow's refusal of the URI itself (unknown scheme, file store) surfaces here."""
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
     from babysit.errors import BabysitError
 
@@ -130,20 +131,57 @@ def _find_experiment(uri: str, experiment: str) -> Any:
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
             _check_writable(db)
-        elif is_remote(uri) and urlparse(uri).scheme != "databricks":
-            from babysit.servers import answers
-
-            if not answers(uri):  # MLflow would retry for minutes before saying so
-                raise BabysitError(f"`tracking.uri` '{uri}' (or $MLFLOW_TRACKING_URI when the config leaves it unset): no MLflow tracking server "
-                                   "answers there; start it (`babysit server up`), or unset MLFLOW_TRACKING_URI to use the local store "
-                                   f"{DEFAULT_URI}.")
+        else:
+            check_reachable(uri)
         return _client(uri).get_experiment_by_name(experiment)
-    except (MlflowException, OSError) as err:
+    except (MlflowException, OSError, SQLAlchemyError) as err:
         raise BabysitError(
             f"`tracking.uri` '{uri}' (or $MLFLOW_TRACKING_URI when the config leaves it unset): MLflow cannot use it as a tracking store "
             f"({_mlflow_reason(err, uri)}); expected sqlite:///path/to/mlflow.db (the default is {DEFAULT_URI}), "
             "an MLflow tracking server such as http://127.0.0.1:5000 (`babysit server up`), or a database URL (postgresql://..., mysql://...)."
         ) from None
+
+
+def check_reachable(uri: str) -> None:
+    """A tracking server or database where nothing answers is a BabysitError at once: MLflow would
+    retry for minutes, then fail with a traceback. Local stores pass."""
+    from babysit.errors import BabysitError
+
+    said = f"`tracking.uri` '{uri}' (or $MLFLOW_TRACKING_URI when the config leaves it unset)"
+    if is_remote(uri) and urlparse(uri).scheme != "databricks":
+        from babysit.servers import answers
+
+        if not answers(uri):
+            raise BabysitError(f"{said}: no MLflow tracking server answers there; start it (`babysit server up`), or unset "
+                               f"MLFLOW_TRACKING_URI to use the local store {DEFAULT_URI}.")
+    elif (address := database_address(uri)) is not None and not _answers(*address):
+        raise BabysitError(f"{said}: no database answers at {address[0]}:{address[1]}; start it, or unset MLFLOW_TRACKING_URI "
+                           f"to use the local store {DEFAULT_URI}.")
+
+
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}  # the servers' defaults, for URLs that name none
+
+
+def database_address(uri: str) -> tuple[str, int] | None:
+    """(host, port) of a database server URL (postgresql://user@host/db), None for anything else."""
+    backend = urlparse(uri).scheme.split("+")[0]
+    if backend not in DATABASE_PORTS:
+        return None
+    from sqlalchemy.engine import make_url
+
+    url = make_url(uri)
+    return (url.host, url.port or DATABASE_PORTS[backend]) if url.host else None  # no host: a local socket
+
+
+def _answers(host: str, port: int, timeout: float = 5.0) -> bool:
+    """Whether anything accepts a connection there: MLflow would retry a refused database for minutes."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _check_writable(db: Path) -> None:

@@ -145,6 +145,31 @@ def alive_here(identity: str) -> bool:
         return False
 
 
+def gone_here(identity: str) -> bool:
+    """Whether `identity` (process_identity) names a process of this machine that has ended (killed)."""
+    try:
+        host, pid, _ = identity.rsplit(":", 2)
+        return host == socket.gethostname() and int(pid) != os.getpid() and (not psutil.pid_exists(int(pid)) or process_identity(int(pid)) != identity)
+    except ValueError:  # no tag: a search from before the tag existed, nothing is known
+        return False
+    except psutil.Error:  # it ended between the two questions
+        return True
+
+
+def fail_abandoned(uri: str, named: list, keep: str) -> set[str]:
+    """Mark FAILED the parent runs among `named` (but `keep`, the one this search resumes) that a
+    killed process of this machine left RUNNING, and their trials left RUNNING with them; their
+    ids. A rerun with an edited file starts a new parent, and nothing else would end them."""
+    ended = set()
+    for run in named:
+        if run.info.status == "RUNNING" and run.info.run_id != keep and gone_here(run.data.tags.get("babysit.owner", "")):
+            finished_trials(uri, run.info.experiment_id, [run.info.run_id], own=True)  # its RUNNING trials become FAILED
+            tracking.set_tags(tracking.RunRef(uri, run.info.run_id, run.info.experiment_id), {"babysit.failure": "interrupted: its process is gone"})
+            tracking.end_run(tracking.RunRef(uri, run.info.run_id, run.info.experiment_id), "FAILED")
+            ended.add(run.info.run_id)
+    return ended
+
+
 def finished_trials(uri: str, experiment_id: str, parent_ids: list[str], own: bool = False) -> dict[str, object]:
     """The FINISHED trial runs of the parents `parent_ids` by trial key; a key found under several
     parents is taken from the first. With `own` (the search's own parent, reopened), its children
@@ -313,7 +338,10 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
                            "all of them; use fewer (or a share such as 0.25)", exp.search.top_k, stage.name, stage.trials)
     parent, finished, reopened = open_parent(exp, uri, named, recurrence, parent_name, version)  # the store and experiment exist before any fan-out
     past = [run for run in named if run.info.status == "FINISHED"]
-    if stale := [run.info.run_id for run in named if run.info.status == "RUNNING" and run.info.run_id != parent.run_id]:
+    ended = fail_abandoned(uri, named, keep=parent.run_id)
+    if ended:
+        logger.info("search %s: earlier runs %s, left RUNNING by a process that was killed, are now FAILED, with their unfinished trials", exp.name, ", ".join(sorted(ended)))
+    if stale := [run.info.run_id for run in named if run.info.status == "RUNNING" and run.info.run_id not in ended | {parent.run_id}]:
         logger.warning("search %s: earlier runs %s are still RUNNING in MLflow. Unless they are running now, a killed process left them: "
                        "rerunning the file that started them resumes them and marks their interrupted trials FAILED", exp.name, ", ".join(stale))
     before = recurring.latest_before(past, reopened)

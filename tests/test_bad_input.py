@@ -3,6 +3,7 @@ field and what was expected; never a traceback, never an MLflow run left RUNNING
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,18 @@ def test_a_tracking_server_that_does_not_answer_is_said_at_once():
     with pytest.raises(BabysitError, match=r"`tracking.uri` 'http://127.0.0.1:1' .*no MLflow tracking server answers there; start it"):
         tracking.open_store("http://127.0.0.1:1", "babysit")
     assert time.perf_counter() - started < 30  # MLflow's own retries took minutes
+
+
+@pytest.mark.parametrize("uri, address", [("postgresql://babysit@127.0.0.1:1/runs", "127.0.0.1:1"), ("mysql+pymysql://u:p@127.0.0.1:1/runs", "127.0.0.1:1")])
+def test_a_tracking_database_that_does_not_answer_is_said_at_once(uri, address):
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(BabysitError, match=rf"`tracking.uri` '{re.escape(uri)}' .*no database answers at {address}; start it"):
+        tracking.open_store(uri, "babysit")
+    assert time.perf_counter() - started < 30  # MLflow's own retries took ~2 minutes, then a traceback
+    assert tracking.database_address("postgresql://u@db.example/runs") == ("db.example", 5432)  # the server's default port
+    assert tracking.database_address("postgresql:///runs") is None and tracking.database_address("sqlite:///x.db") is None
 
 
 def test_a_store_in_a_folder_this_user_cannot_write_is_said_at_once(tmp_path):

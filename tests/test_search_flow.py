@@ -260,6 +260,33 @@ def test_a_search_running_now_in_another_process_is_not_resumed_until_that_proce
     assert tracking.get_run(fresh_uri, parent.run_id).data.tags["babysit.owner"] == process_identity()
 
 
+def test_runs_a_killed_process_of_this_machine_left_running_are_failed_when_an_edited_search_starts_anew(prefect_harness, fresh_uri):
+    from flows.search import fail_abandoned, open_parent, process_identity, recurrence_of
+
+    overrides = [*EDITABLE[:3], "search.stages=[{name: coarse, trials: 2, epochs: 1}]", "search.final=null"]
+    exp = load_config("conf/search_digits.yaml", overrides, model=SearchExperiment)
+    killed, alive = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2))
+    try:
+        owners = {"killed": process_identity(killed.pid), "alive": process_identity(alive.pid), "unknown": ""}
+        killed.kill()
+        killed.wait()
+        parents = {}
+        for who, owner in owners.items():  # three earlier runs of the search, each left RUNNING with a trial RUNNING
+            named, _, _ = recurrence_of(exp, fresh_uri)
+            parent, _, _ = open_parent(exp, fresh_uri, [])
+            tracking.set_tags(parent, {"babysit.owner": owner})
+            trial = tracking.start_run(fresh_uri, exp.tracking.experiment, "coarse-000", {}, {"babysit.trial_key": who}, parent=parent)
+            parents[who] = (parent.run_id, trial.run_id)
+        named, _, _ = recurrence_of(exp, fresh_uri)
+        assert fail_abandoned(fresh_uri, named, keep=parents["unknown"][0]) == {parents["killed"][0]}
+        statuses = {who: [tracking.get_run(fresh_uri, run_id).info.status for run_id in ids] for who, ids in parents.items()}
+        assert statuses == {"killed": ["FAILED", "FAILED"], "alive": ["RUNNING", "RUNNING"], "unknown": ["RUNNING", "RUNNING"]}
+        assert tracking.get_run(fresh_uri, parents["killed"][0]).data.tags["babysit.failure"] == "interrupted: its process is gone"
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 def test_a_stage_whose_every_trial_failed_stops_the_search_with_the_first_failure(prefect_harness, fresh_uri):
     from babysit.errors import BabysitError
 
