@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -71,7 +72,7 @@ def quiet_user_errors() -> None:
 
 
 def summary_table(title: str) -> Table:
-    table = Table(title=title, show_header=False)
+    table = Table(title=escape(title), show_header=False)  # a config's name is text: run[/b] is not markup
     table.add_column()
     table.add_column(overflow="fold")  # a link or run id too long for the terminal wraps, whole, instead of ending in '…'
     return table
@@ -181,13 +182,15 @@ def check(args: argparse.Namespace) -> int:
     from tasks.preprocess import fit_preprocess
 
     cfg = load_config(args.config, args.set)
+    if args.plots:  # before the checks run, not after
+        plots_folder(args.plots)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     splits = split_dataset(load_dataset(cfg.data, cfg.seed), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
     prepared = fit_preprocess(splits, cfg.preprocess)
     results = preflight(cfg, prepared, n=args.subset, budget_epochs=args.budget)
     architecture = next((r.data["report"].architecture for r in results if "report" in r.data), "")
-    console.print(f"babysit check: {cfg.name} ({architecture})", highlight=False)
+    console.print(escape(f"babysit check: {cfg.name} ({architecture})"), highlight=False)
     for result in results:
         verdict = "[green]PASS[/]" if result.passed else "[bold red]FAIL[/]"
         console.print(f"{verdict}  {result.name}: {escape(result.reason)}", highlight=False)
@@ -199,13 +202,24 @@ def check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def plots_folder(folder: str) -> Path:
+    """`--plots FOLDER`, made if missing; one this user cannot make or write is a BabysitError."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise BabysitError(f"--plots {folder}: cannot make that folder ({err.strerror}); give a folder this user can write.") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise BabysitError(f"--plots {folder}: this user cannot write in that folder; give one it can write.")
+    return path
+
+
 def save_check_plots(results: list, folder: str, name: str) -> list[str]:
     """The activation histograms at init and the tiny-subset loss curve, as PNGs in `folder`."""
-    from pathlib import Path
 
     from babysit import plots
 
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    plots_folder(folder)
     saved = []
     for result in results:
         if result.curve:
@@ -261,7 +275,6 @@ def serve(args: argparse.Namespace) -> int:
     search, name = deploy.check_config(args.config, args.set)
     deploy.check_name(args.name or name, "--name" if args.name else f"the `name` of {args.config}")
     if not (api := os.environ.get("PREFECT_API_URL")):
-        from pathlib import Path
 
         running = [r for r, alive, ok in servers.status(Path(".babysit")) if r.name == "prefect" and alive and ok]
         raise BabysitError("schedules need a Prefect server (the temporary one Prefect starts when PREFECT_API_URL is unset runs no scheduler): "
@@ -278,7 +291,6 @@ def serve(args: argparse.Namespace) -> int:
 
 def server(args: argparse.Namespace) -> int:
     """babysit server up|down|status|env (babysit.servers)."""
-    from pathlib import Path
 
     state = Path(args.state)
     names = [args.only] if args.only else ["prefect", "mlflow"]

@@ -127,7 +127,8 @@ def test_train_prints_the_summary(prefect_harness, tracking_uri, tmp_path, capsy
 
     threads = torch.get_num_threads()
     monkeypatch.chdir(tmp_path)
-    code = main(["train", DIGITS, "--set", "train.epochs=1", "--set", "model.hidden=[16]", "--set", "train.threads=1", "--set", "tracking.log_model=false"])
+    code = main(["train", DIGITS, "--set", "train.epochs=1", "--set", "model.hidden=[16]", "--set", "train.threads=1", "--set", "tracking.log_model=false",
+                 "--set", "name=digits[/b]"])  # a name that reads as console markup is printed as written
     torch.set_num_threads(threads)
     out = " ".join(capsys.readouterr().out.split())
     assert code == 0
@@ -136,7 +137,7 @@ def test_train_prints_the_summary(prefect_harness, tracking_uri, tmp_path, capsy
     assert run.info.status == "FINISHED"
     assert run.info.run_id in out
     assert "test accuracy" in out and f"{run.data.metrics['test_acc']:.4f}" in out
-    assert "babysit ui" in out
+    assert "babysit ui" in out and "babysit train: digits[/b]" in out
 
 
 def test_train_on_another_store_hints_at_it_even_after_logging_a_model(prefect_harness, tracking_uri, tmp_path, capsys, monkeypatch):
@@ -212,3 +213,9 @@ def test_summary_hints_name_the_store_and_a_tracking_servers_own_ui(monkeypatch)
     table.add_row("MLflow parent run", "0123456789abcdef0123456789abcdef (sqlite:////a/long/path/to/a/store/mlflow.db)")
     console.print(table)
     assert "…" not in console.export_text()  # wrapped whole, not cut
+
+
+def test_check_plots_in_a_folder_it_cannot_make_is_said_before_the_checks_run(capsys):
+    assert main(["check", DIGITS, "--plots", "/proc/babysit-plots"]) == 2
+    message = one_paragraph(capsys.readouterr().out)
+    assert "--plots /proc/babysit-plots: cannot make that folder" in message and "PASS" not in message
