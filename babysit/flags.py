@@ -122,11 +122,12 @@ def lr_too_high(train_loss: list[float], initial_loss: float, update_ratio: list
     return None
 
 
-def lr_too_low(train_loss: list[float], initial_loss: float, update_ratio: list[float], early_epochs: int, min_drop: float, ratio_low: float) -> str | None:
+def lr_too_low(train_loss: list[float], initial_loss: float, update_ratio: list[float], early_epochs: int, min_drop: float, ratio_low: float,
+               loss_rise: float = 0.05) -> str | None:
     """Too low when the training loss of epoch `early_epochs` (or of the last epoch, if fewer ran)
-    is not below (1 − `min_drop`) × the initial loss, nor above it (a loss that rose is a rate too
-    high); or when the median over the first
-    `early_epochs` epochs of the update ratio is below `ratio_low` (rule of thumb ≈ 1e-3).
+    is not below (1 − `min_drop`) × the initial loss: barely lower, or as high or a little higher
+    (up to (1 + `loss_rise`) ×; beyond that it rose, which is lr_too_high's); or when the median
+    over the first `early_epochs` epochs of the update ratio is below `ratio_low` (rule of thumb ≈ 1e-3).
     """
     if not train_loss or not math.isfinite(initial_loss):
         return None
@@ -135,9 +136,11 @@ def lr_too_low(train_loss: list[float], initial_loss: float, update_ratio: list[
         return f"update/weight ratio {ratio:.1e} in the first {len(early)} epoch(s), below {ratio_low:.0e} (rule of thumb: about 1e-3)"
     epoch = min(early_epochs, len(train_loss))
     loss = train_loss[epoch - 1]
-    if math.isfinite(loss) and (1 - min_drop) * initial_loss < loss <= initial_loss:  # above the initial: it rose (lr_too_high)
+    if not (math.isfinite(loss) and (1 - min_drop) * initial_loss < loss <= (1 + loss_rise) * initial_loss):
+        return None
+    if loss <= initial_loss:
         return f"training loss {loss:.3g} after {epoch} epoch(s) is only {1 - loss / initial_loss:.1%} below the initial {initial_loss:.3g} (expected a drop of at least {min_drop:.0%})"
-    return None
+    return f"training loss {loss:.6g} after {epoch} epoch(s) is no lower than the initial {initial_loss:.6g}: the network is not learning (expected a drop of at least {min_drop:.0%})"
 
 
 def plateau(train_loss: list[float], train_acc: list[float], window: int, min_drop: float, max_acc: float) -> str | None:
@@ -180,27 +183,40 @@ def layer_series(diagnostics: dict[str, list[float]], prefix: str) -> list[list[
     return [values for _, values in layers]
 
 
+def ratios_at_full_rate(base_lr: float, update_ratio: list[float], step_lr: list[float]) -> list[float]:
+    """The epochs' update ratios, NaN (not judged) where the epoch's last step, on which it was
+    measured, ran below a tenth of `base_lr`: a schedule that has decayed there (cosine's last step
+    ≈ 0) says nothing about the rate chosen. Judged anyway, a 1-epoch cosine run that learned well
+    read as lr_too_low."""
+    return [r if lr >= 0.1 * base_lr else math.nan for r, lr in zip(update_ratio, step_lr)]
+
+
 def run_flags(
     history: dict[str, list[float]], initial_loss: float, cfg: FlagsConfig,
     diagnostics: dict[str, list[float]] | None = None, init_stats: dict[str, list[float]] | None = None, n_classes: int | None = None,
+    base_lr: float | None = None,
 ) -> dict[str, str]:
     """All flags that fire for a finished run: {flag name: reason}.
 
     `diagnostics` (TrainResult.diagnostics), `init_stats` (InitReport.layer_stats) and `n_classes`
     enable the flags that need them. A diverged run is not also called lr_too_low, plateau or
     underfitting (its curves are garbage), and a run with lr_too_low is not also a plateau.
-    dead_relu is judged at init and, if it did not fire there, after the last epoch.
+    dead_relu is judged at init and, if it did not fire there, after the last epoch. With `base_lr`
+    (optim.lr), update ratios measured while a schedule ran far below it are not judged.
     """
     diagnostics = diagnostics or {}
     found = init_flags(init_stats or {}, cfg)
     if n_classes is not None:
         found["initial_loss_off"] = initial_loss_off(initial_loss, n_classes, cfg.initial_loss_tolerance)
     ratio = diagnostics.get("update_ratio", [])
+    if base_lr and history.get("lr"):
+        ratio = ratios_at_full_rate(base_lr, ratio, history["lr"])
     found["diverged"] = diverged(history["train_loss"], initial_loss, cfg.diverge_factor)
     found["lr_too_high"] = lr_too_high(history["train_loss"], initial_loss, ratio, cfg.early_epochs, cfg.early_loss_rise, cfg.update_ratio_high)
     if not found["diverged"]:
         # a loss that rose is a rate too high, never one too low (the cures point opposite ways)
-        found["lr_too_low"] = None if found["lr_too_high"] else lr_too_low(history["train_loss"], initial_loss, ratio, cfg.early_epochs, cfg.min_loss_drop, cfg.update_ratio_low)
+        found["lr_too_low"] = None if found["lr_too_high"] else lr_too_low(
+            history["train_loss"], initial_loss, ratio, cfg.early_epochs, cfg.min_loss_drop, cfg.update_ratio_low, cfg.early_loss_rise)
         if not found["lr_too_low"]:
             found["plateau"] = plateau(history["train_loss"], history["train_acc"], cfg.plateau_epochs, cfg.plateau_min_drop, cfg.plateau_max_acc)
         found["underfitting"] = underfitting(history, cfg.underfit_acc, cfg.underfit_gap)

@@ -82,7 +82,7 @@ class Evaluator:
             return None, False, False, False
         finally:
             self.seconds += time.perf_counter() - started
-        flags = run_flags(result.history, result.initial_loss, cfg.flags, result.diagnostics, n_classes=self.prepared.splits.n_classes)
+        flags = run_flags(result.history, result.initial_loss, cfg.flags, result.diagnostics, n_classes=self.prepared.splits.n_classes, base_lr=cfg.optim.lr)
         acc = result.best_val_acc
         return (None if "diverged" in flags or math.isnan(acc) else acc), "diverged" in flags, "lr_too_low" in flags, "lr_too_high" in flags
 

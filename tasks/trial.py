@@ -100,7 +100,7 @@ def run_trial(spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, prun
 
     try:
         result, model = train_and_test(cfg, prepared, on_epoch, test=final)
-        flags = run_flags(result.history, result.initial_loss, cfg.flags, result.diagnostics, n_classes=prepared.splits.n_classes)
+        flags = run_flags(result.history, result.initial_loss, cfg.flags, result.diagnostics, n_classes=prepared.splits.n_classes, base_lr=cfg.optim.lr)
         reason = result.stop_reason
         status = "diverged" if "diverged" in flags else "pruned" if reason and reason.startswith("pruned") else "finished"
         if final:

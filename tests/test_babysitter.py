@@ -76,6 +76,21 @@ def test_lr_too_low_on_flat_loss_and_on_tiny_update_ratios():
     assert F.lr_too_low([2.0, 1.5, 1.0], 2.3, [1e-7, 1e-7, 1e-7], 3, 0.1, 1e-5) is not None
     assert F.lr_too_low([2.0, 1.5, 1.0], 2.3, [1e-3, 1e-3, 1e-3], 3, 0.1, 1e-5) is None
     assert F.lr_too_low([2.2], 2.3, [], 3, 0.1, 1e-5) is not None  # one epoch ran: judged on it
+    # stuck at the initial loss, a hair above it (a deep sigmoid net at chance): not learning, yet not a loss that rose
+    assert "no lower than the initial 2.30257: the network is not learning" in F.lr_too_low([2.3169, 2.30271, 2.30262], 2.30257, [], 3, 0.1, 1e-5, 0.05)
+    assert F.lr_too_low([2.45], 2.30257, [], 3, 0.1, 1e-5, 0.05) is None  # 6% above: it rose, lr_too_high's
+
+
+def test_update_ratios_measured_where_a_schedule_ran_far_below_the_rate_are_not_judged():
+    # 1 epoch of cosine: the ratio is measured on the last step, at lr ≈ 0, while the loss fell from 2.33 to 0.55
+    learned = history([0.548], [0.85], val_acc=[0.95])
+    learned["lr"] = [1.19e-6]
+    assert "lr_too_low" in F.run_flags(learned, 2.33, CFG, {"update_ratio": [2.2e-6]})  # judged raw
+    assert "lr_too_low" not in F.run_flags(learned, 2.33, CFG, {"update_ratio": [2.2e-6]}, base_lr=3e-3)
+    learned["lr"] = [3e-3]  # the same ratio at the full rate is a rate too low
+    assert "update/weight ratio 2.2e-06" in F.run_flags(learned, 2.33, CFG, {"update_ratio": [2.2e-6]}, base_lr=3e-3)["lr_too_low"]
+    ratios = F.ratios_at_full_rate(1e-2, [1e-3, 2e-3, 3e-3], [1e-2, 9e-4, 1e-3])  # the second ran below a tenth of the rate
+    assert ratios[0] == 1e-3 and math.isnan(ratios[1]) and ratios[2] == 3e-3
 
 
 def test_plateau_and_underfitting_rules():
