@@ -145,9 +145,29 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
 
 
 def subsample(data: Dataset, rows: int, seed: int) -> Dataset:
-    """A stratified random subset of `rows` rows (to train on a slice of a big set on a CPU)."""
-    keep, _ = train_test_split(np.arange(len(data.y)), train_size=rows, stratify=data.y, random_state=seed)
-    return Dataset(data.X[np.sort(keep)], data.y[np.sort(keep)], data.classes, f"{data.origin} ({rows} rows)")
+    """A stratified random subset of `rows` rows (to train on a slice of a big set on a CPU). The
+    stratified train/val/test split that follows needs 3 rows of each class, so a sample that cannot
+    keep them is a BabysitError naming `data.max_rows`, as is a class too rare to sample at all."""
+    counts, n_classes = np.bincount(data.y), len(data.classes)
+    rare = [f"'{data.classes[c]}' ({counts[c]} row{'s' if counts[c] > 1 else ''})" for c in np.flatnonzero(counts < 3)]
+    if rare:  # sklearn cannot stratify a class of one row, and the split needs 3 of each in any case
+        raise BabysitError(f"{data.origin}: `data.max_rows` {rows} cannot sample class(es) {', '.join(rare)}: a stratified sample and the train/val/test split "
+                           f"after it need at least 3 rows of each class. Add rows of them, merge them into another class, or leave them out with data.keep_classes.")
+    if rows < 3 * n_classes:
+        raise BabysitError(f"{data.origin}: `data.max_rows` {rows} is too few rows for {n_classes} classes; a stratified train/val/test split needs at least 3 rows of each class "
+                           f"({3 * n_classes} rows): raise data.max_rows to at least {3 * n_classes} or keep fewer classes (data.keep_classes).")
+    if len(data.y) - rows < n_classes:  # sklearn stratifies the rows left out too; leaving out fewer rows than classes, a plain random pick is as good
+        keep = np.random.default_rng(seed).choice(len(data.y), size=rows, replace=False)
+    else:
+        keep, _ = train_test_split(np.arange(len(data.y)), train_size=rows, stratify=data.y, random_state=seed)
+    keep = np.sort(keep)
+    kept = np.bincount(data.y[keep], minlength=n_classes)
+    if kept.min() < 3:  # a class kept in proportion to its share, rounded down to under 3 rows
+        short, enough = int(kept.argmin()), int(np.ceil(3 * len(data.y) / counts.min()))  # enough: 3 rows of the rarest class's share
+        advice = f"raise data.max_rows to at least {enough} or leave it unset" if enough < len(data.y) else "leave data.max_rows unset"
+        raise BabysitError(f"{data.origin}: `data.max_rows` {rows} keeps {kept[short]} of the {counts[short]} rows of class '{data.classes[short]}' "
+                           f"(a stratified sample keeps each class's share), but the train/val/test split needs at least 3 rows of each class: {advice}.")
+    return Dataset(data.X[keep], data.y[keep], data.classes, f"{data.origin} ({rows} rows)")
 
 
 def validate_dataset(X: np.ndarray, labels: np.ndarray, origin: str, columns: list[str] | None = None) -> Dataset:

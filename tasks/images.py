@@ -11,8 +11,10 @@ The predefined train/test files are pooled; babysit makes its own seeded stratif
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,10 @@ from sklearn.datasets import load_digits
 from babysit.errors import BabysitError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+# The value that means white in Pillow's high-bit-depth grey modes, which convert("L") would clip at
+# 255 (all white): 16-bit PNGs and TIFFs open as I;16 (I;16B big-endian), or as I (32-bit ints holding
+# the 16-bit values); 32-bit float TIFFs open as F, which by the usual convention hold 0..1.
+HIGH_BIT_WHITE = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I": 65535.0, "F": 1.0}
 TORCHVISION_FOLDERS = {"cifar10": "cifar-10-batches-py", "mnist": "MNIST/raw", "fashion_mnist": "FashionMNIST/raw"}
 
 
@@ -68,15 +74,32 @@ def read_image_folder(root: Path, size: int, channels: int) -> tuple[np.ndarray,
     for label, path in files:
         try:
             with Image.open(path) as image:
-                image = image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
-                pixels = np.asarray(image, dtype=np.float32) / 255.0
+                images.append(read_pixels(image, size, channels, path))
         except (UnidentifiedImageError, OSError) as err:
             raise BabysitError(f"{path}: not a readable image ({err}).") from None
-        images.append(pixels[None] if channels == 1 else pixels.transpose(2, 0, 1))
         labels.append(label)
     if not images:
         raise BabysitError(f"{root}: the class folders hold no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
     return np.stack(images), np.array(labels)
+
+
+def read_pixels(image: Image.Image, size: int, channels: int, path: Path) -> np.ndarray:
+    """One image as (channels, size, size) float32 in [0, 1]. 8-bit values are divided by 255 and
+    16-bit ones by 65535 (= /257 then /255), so an 8-bit and a 16-bit copy of a picture read alike;
+    a high-bit grey image is replicated into 3 channels when `channels` is 3."""
+    if image.mode not in HIGH_BIT_WHITE:
+        image = image.convert("L" if channels == 1 else "RGB").resize((size, size), Image.BILINEAR)
+        pixels = np.asarray(image, dtype=np.float32) / 255.0
+        return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+    white = HIGH_BIT_WHITE[image.mode]
+    values = np.asarray(image, dtype=np.float32)
+    outside = ~np.isfinite(values) | (values < 0) | (values > white)
+    if outside.any():
+        raise BabysitError(f"{path}: {int(outside.sum())} pixel values outside 0..{white:g} (found {values.min():g}..{values.max():g}); "
+                           f"babysit reads a mode {image.mode} image with 0 as black and {white:g} as white; rescale it to that range "
+                           f"or save it as an 8- or 16-bit PNG.")
+    grey = Image.fromarray(values / white).resize((size, size), Image.BILINEAR)  # mode F: resized as floats, no levels lost
+    return np.repeat(np.asarray(grey)[None], channels, axis=0)
 
 
 def read_torchvision(name: str, root: Path, download: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -113,23 +136,44 @@ def read_cifar10(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (MNIST's format): magic (2 zero bytes, dtype 0x08, ndim), big-endian dims, uint8 data."""
+    """An IDX file (MNIST's format): magic (2 zero bytes, dtype 0x08, ndim), big-endian dims, uint8 data.
+    A file cut short or damaged (an interrupted download) is a BabysitError naming it."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        raw = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError, zlib.error) as err:  # gzip's complaints about a cut-off or damaged .gz
+        raise BabysitError(f"{path}: cannot be read ({err}), as happens to a truncated or corrupt download: {refetch_advice(path.parent)}.") from None
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or len(raw) < 4 + 4 * raw[3]:
+        raise BabysitError(f"{path}: not an IDX file of bytes (MNIST's format, which starts 0x00 0x00 0x08, then the number and sizes of the dimensions); "
+                           f"it is corrupt: {refetch_advice(path.parent)}.")
     ndim = raw[3]
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4)
+    expected, found = math.prod(int(d) for d in dims), len(raw) - 4 - 4 * ndim
+    if found != expected:
+        raise BabysitError(f"{path}: truncated or corrupt; its header says {' x '.join(map(str, dims))} = {expected} bytes of data, found {found}; "
+                           f"{refetch_advice(path.parent)}.")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def read_idx_pair(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     X, y = [], []
     for split in ("train", "t10k"):
-        images = _one(folder, f"{split}-images-idx3-ubyte")
-        labels = _one(folder, f"{split}-labels-idx1-ubyte")
-        X.append(read_idx(images)[:, None].astype(np.float32) / 255.0)
-        y.append(read_idx(labels))
+        images_file = _one(folder, f"{split}-images-idx3-ubyte")
+        labels_file = _one(folder, f"{split}-labels-idx1-ubyte")
+        images, labels = read_idx(images_file), read_idx(labels_file)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):  # each file whole, but not a pair
+            raise BabysitError(f"{folder}: {images_file.name} has shape {images.shape} and {labels_file.name} {labels.shape}; expected (N, height, width) "
+                               f"images and (N,) labels, so one of them is truncated, corrupt or from another download: "
+                               f"{refetch_advice(folder)}.")
+        X.append(images[:, None].astype(np.float32) / 255.0)
+        y.append(labels)
     return np.concatenate(X), np.concatenate(y)
+
+
+def refetch_advice(folder: Path) -> str:
+    # read_torchvision fetches only when the folder is missing, and torchvision skips files that exist
+    return f"delete {folder} and load again with `data.download: true` (or copy the files there again)"
 
 
 def _one(folder: Path, stem: str) -> Path:

@@ -197,6 +197,39 @@ def test_unreadable_parquet_names_file(tmp_path):
     raises_naming(DataConfig(source="parquet", path=path, target="y"), str(path), "parquet")
 
 
+def test_max_rows_fewer_than_the_classes_need_names_the_field_and_the_least_value(tmp_path):
+    path = tmp_path / "fifty.csv"
+    pd.DataFrame({"x": np.arange(200.0), "y": np.arange(200) % 50}).to_csv(path, index=False)
+    raises_naming(DataConfig(source="csv", path=path, target="y", max_rows=30), str(path), "`data.max_rows` 30", "50 classes", "at least 150")
+    assert len(load_dataset(DataConfig(source="csv", path=path, target="y", max_rows=150), seed=0).y) == 150
+
+
+def test_max_rows_with_a_class_of_one_row_names_the_class(tmp_path):
+    path = tmp_path / "rare.csv"
+    pd.DataFrame({"x": np.arange(61.0), "y": ["a"] * 30 + ["b"] * 30 + ["c"]}).to_csv(path, index=False)
+    raises_naming(DataConfig(source="csv", path=path, target="y", max_rows=20), str(path), "`data.max_rows` 20", "'c' (1 row)", "data.keep_classes")
+    assert load_dataset(DataConfig(source="csv", path=path, target="y", max_rows=20, keep_classes=["a", "b"]), seed=0).classes == ["a", "b"]
+
+
+def test_max_rows_that_would_sample_a_class_below_three_rows_says_how_many_rows_keep_it(tmp_path):
+    path = tmp_path / "skewed.csv"
+    pd.DataFrame({"x": np.arange(1000.0), "y": ["a"] * 495 + ["b"] * 495 + ["c"] * 10}).to_csv(path, index=False)
+    raises_naming(DataConfig(source="csv", path=path, target="y", max_rows=100), str(path), "`data.max_rows` 100 keeps 1 of the 10 rows of class 'c'", "at least 300")
+    split = load_data_task.fn(DataConfig(source="csv", path=path, target="y", max_rows=300), seed=0)  # the advice works
+    assert len(split.y_train) + len(split.y_val) + len(split.y_test) == 300
+
+
+def test_max_rows_just_under_the_row_count_leaves_out_fewer_rows_than_classes(tmp_path):
+    path = tmp_path / "ten.csv"
+    pd.DataFrame({"x": np.arange(100.0), "y": np.arange(100) % 10}).to_csv(path, index=False)
+    cfg = DataConfig(source="csv", path=path, target="y", max_rows=95)
+    a, b = load_dataset(cfg, seed=0), load_dataset(cfg, seed=0)
+    assert len(a.y) == 95 and len(set(a.X[:, 0].tolist())) == 95 and a.classes == [str(c) for c in range(10)]
+    np.testing.assert_array_equal(a.X, b.X)  # seeded
+    split = load_data_task.fn(cfg, seed=0)
+    assert len(split.y_train) + len(split.y_val) + len(split.y_test) == 95
+
+
 def data_of(n_rows: int, weights: list[float], seed: int = 0) -> Dataset:
     rng = np.random.default_rng(seed)
     y = rng.choice(len(weights), size=n_rows, p=weights)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -83,6 +84,48 @@ def test_broken_image_folders_are_named(tmp_path):
         load_dataset(DataConfig(source="image_folder", path=tmp_path / "bad"), seed=0)
 
 
+# 16-bit PNGs open as I;16, big-endian 16-bit TIFFs as I;16B, 32-bit int TIFFs as I, float TIFFs as F (0..1)
+HIGH_BIT = {"I;16": (".png", lambda v8: (v8 * 257).astype(np.uint16)), "I;16B": (".tif", lambda v8: (v8 * 257).astype(">u2")),
+            "I": (".tif", lambda v8: (v8 * 257).astype(np.int32)), "F": (".tif", lambda v8: (v8 / 255).astype(np.float32))}
+
+
+@pytest.mark.parametrize("mode", HIGH_BIT)
+def test_high_bit_grey_images_read_like_their_8_bit_copies(tmp_path, mode):
+    suffix, widen = HIGH_BIT[mode]
+    rng = np.random.default_rng(3)
+    for label in ("a", "b"):
+        for folder in ("8bit", "wide"):
+            (tmp_path / folder / label).mkdir(parents=True)
+        for i in range(3):
+            v8 = rng.integers(0, 256, (10, 10))
+            Image.fromarray(v8.astype(np.uint8)).save(tmp_path / "8bit" / label / f"{i}.png")
+            Image.fromarray(widen(v8)).save(tmp_path / "wide" / label / f"{i}{suffix}")
+    with Image.open(tmp_path / "wide" / "a" / f"0{suffix}") as image:
+        assert image.mode == mode  # the mode under test is the one Pillow reads back
+    for channels in (1, 3):
+        reference = load_dataset(DataConfig(source="image_folder", path=tmp_path / "8bit", image_size=6, channels=channels), seed=0)
+        wide = load_dataset(DataConfig(source="image_folder", path=tmp_path / "wide", image_size=6, channels=channels), seed=0)
+        assert wide.X.shape == reference.X.shape == (6, channels, 6, 6)
+        np.testing.assert_allclose(wide.X, reference.X, atol=1 / 255)  # the 8-bit copy is resized in whole levels
+
+
+def test_16_bit_classes_keep_their_levels_instead_of_clipping_to_white(tmp_path):
+    # QA's case: convert("L") clipped both classes to 255, so they read as the same all-white image
+    rng = np.random.default_rng(4)
+    for label, level in (("dark", 8000), ("bright", 50000)):
+        (tmp_path / label).mkdir()
+        for i in range(4):
+            Image.fromarray((level + rng.integers(0, 100, (8, 8))).astype(np.uint16)).save(tmp_path / label / f"{i}.png")
+    data = load_dataset(DataConfig(source="image_folder", path=tmp_path, image_size=8, channels=1), seed=0)
+    for label, level in (("dark", 8000), ("bright", 50000)):
+        pixels = data.X[data.y == data.classes.index(label)]
+        assert pixels.min() >= level / 65535 and pixels.max() <= (level + 99) / 65535
+    (tmp_path / "dark" / "0.png").unlink()
+    Image.fromarray(np.full((8, 8), 2.0, dtype=np.float32)).save(tmp_path / "dark" / "hdr.tif")  # a float image beyond 0..1
+    with pytest.raises(BabysitError, match=r"hdr.tif: 64 pixel values outside 0..1 \(found 2..2\)"):
+        load_dataset(DataConfig(source="image_folder", path=tmp_path, image_size=8, channels=1), seed=0)
+
+
 def write_idx(path, array: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + np.array(array.shape, dtype=">u4").tobytes()
     with gzip.open(path, "wb") as handle:
@@ -103,6 +146,33 @@ def test_mnist_style_files_in_torchvisions_layout(tmp_path, name, folder):
     data = load_dataset(DataConfig(source=name, path=tmp_path), seed=0)
     assert data.X.shape == (42, 1, 28, 28) and data.classes == ["0", "1", "2"]
     assert np.allclose(data.X[0, 0] * 255, images["train"][0])
+
+
+def test_truncated_or_mismatched_idx_files_name_the_file_and_say_to_fetch_again(tmp_path):
+    rng = np.random.default_rng(5)
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, rows in (("train", 40), ("t10k", 10)):
+        write_idx(raw / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (rows, 24, 24)))
+        write_idx(raw / f"{split}-labels-idx1-ubyte.gz", np.arange(rows) % 4)
+    cfg = DataConfig(source="mnist", path=tmp_path)
+    assert load_dataset(cfg, seed=0).X.shape == (50, 1, 24, 24)
+    images = raw / "train-images-idx3-ubyte.gz"
+    whole = gzip.decompress(images.read_bytes())
+    images.unlink()
+    plain = raw / "train-images-idx3-ubyte"
+    plain.write_bytes(whole[: len(whole) // 2])  # half of an unpacked download
+    expected = 40 * 24 * 24
+    with pytest.raises(BabysitError, match=rf"{re.escape(str(plain))}: truncated or corrupt; its header says 40 x 24 x 24 = {expected} bytes of data, found {len(whole) // 2 - 16}; delete {re.escape(str(raw))}"):
+        load_dataset(cfg, seed=0)
+    plain.unlink()
+    images.write_bytes(gzip.compress(whole)[:-100])  # a download cut off inside the gzip stream
+    with pytest.raises(BabysitError, match=rf"{re.escape(str(images))}: cannot be read .* truncated or corrupt download: delete {re.escape(str(raw))}"):
+        load_dataset(cfg, seed=0)
+    images.write_bytes(gzip.compress(whole))
+    write_idx(raw / "train-labels-idx1-ubyte.gz", np.arange(30) % 4)  # labels of another download
+    with pytest.raises(BabysitError, match=r"train-images-idx3-ubyte.gz has shape \(40, 24, 24\) and train-labels-idx1-ubyte.gz \(30,\); expected \(N, height, width\)"):
+        load_dataset(cfg, seed=0)
 
 
 def test_cifar10_python_batches(tmp_path):
