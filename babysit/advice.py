@@ -102,7 +102,7 @@ def _flag_sets(trials: pd.DataFrame) -> pd.Series:
 
 def _fmt(value: object) -> str:
     if isinstance(value, float):
-        return "null" if math.isnan(value) else f"{value:.2g}"  # a None option became NaN in the trials table
+        return "null" if math.isnan(value) else f"{value:.4g}"  # a None option became NaN in the trials table; 4 digits, as ranges: 0.9976 is not 1
     return "null" if value is None else str(value)
 
 
@@ -206,6 +206,9 @@ def search_advice(trials: pd.DataFrame, edges: list[tuple[str, str]], unmoved: d
         summary = ", ".join(f"{counts[s]} {s}" for s in ("finished", "diverged", "pruned", "failed") if s in counts)
         best_acc = group["val_acc"].max() if "val_acc" in group else math.nan
         lines.append(f"{stage}: {len(group)} trials ({summary})" + (f"; best validation accuracy {best_acc:.1%}." if pd.notna(best_acc) else "."))
+        # a trial that failed with an error (a batch of 1 row under batch norm) says nothing of the rate: the flags are weighed among those that trained
+        trained = group_status != "failed"
+        group, group_flags, group_status = group[trained], group_flags[trained], group_status[trained]
         exploded = (group_status == "diverged") | group_flags.map(lambda f: "diverged" in f)
         if exploded.any():
             lines.append(_problem_line("loss exploded", stage, group, exploded, params, everywhere=f"{lr_is} too high: lower it ({both}10×)",
@@ -218,7 +221,7 @@ def search_advice(trials: pd.DataFrame, edges: list[tuple[str, str]], unmoved: d
         if slow.any():
             lines.append(_problem_line("lr_too_low", stage, group, slow, params, everywhere=f"the loss barely moved anywhere, so {lr_is} too low: raise it (10×)",
                                        never=("optim.lr", "above"), prefer="optim.lr"))
-        if (failed := int((group_status == "failed").sum())):
+        if (failed := int((~trained).sum())):
             lines.append(f"{failed} {stage} trial(s) failed with an error: see the `babysit.failure` tag of their MLflow runs.")
         if (pruned := int((group_status == "pruned").sum())):
             lines.append(f"{pruned} of {len(group)} {stage} trials were pruned early for poor validation accuracy.")

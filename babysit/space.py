@@ -360,9 +360,9 @@ def _rebuild(field: str, dist: Dist, lo_u: float, hi_u: float, is_valid: Any) ->
         low = _furthest_valid(field, dist.low, low, dist.kind == "int", is_valid)
     if high > dist.high and is_valid is not None and not is_valid(field, high):
         high = _furthest_valid(field, dist.high, high, dist.kind == "int", is_valid)
-    if high <= low and dist.kind != "int":  # all top trials at one value: keep a sliver around it, within the field's limits
-        value = low
-        low, high = (value / 1.5, value * 1.5) if dist.kind == "loguniform" else (value - 1e-6, value + 1e-6)
+    if high <= low and dist.kind != "int":  # all top trials at one value: keep some room around it, within the field's limits
+        value, room = low, 0.05 * (dist.high - dist.low)  # not a sliver: any value in one would sit "at its edge"
+        low, high = (value / 1.5, value * 1.5) if dist.kind == "loguniform" else (value - room, value + room)
         if is_valid is not None and not is_valid(field, low):
             low = value
         if is_valid is not None and not is_valid(field, high):

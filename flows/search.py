@@ -487,7 +487,7 @@ def nothing_scored(name: str, trials: pd.DataFrame, run_id: str, failed_stage: s
     else:
         said = f"search {name}: none of its {len(trials)} trials finished with a score ({counts.get('diverged', 0)} diverged, {counts.get('failed', 0)} failed)"
     if not failed.empty:
-        said += f"; the first failure: {failed.iloc[0]}"
+        said += f"; the first failure: {str(failed.iloc[0]).rstrip('.')}"
     diverged_lr = trials.loc[trials["status"] == "diverged", "param.optim.lr"] if "param.optim.lr" in trials else pd.Series(dtype=float)
     if not diverged_lr.empty and failed_stage is None:
         said += f"; lower optim.lr's range below {diverged_lr.min():.3g}, the lowest that diverged"

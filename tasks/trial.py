@@ -135,7 +135,7 @@ def result_from_run(run: Any, spec: TrialSpec) -> TrialResult:
     return TrialResult(
         spec.key, spec.stage, spec.index, spec.params, status,
         None if status == "diverged" or val_acc is None or math.isnan(val_acc) else val_acc,
-        int(metrics.get("epochs_run", 0)), flags, tags.get("babysit.stop_reason"), run.info.run_id,
+        int(metrics.get("epochs_run", 0)), flags, None if tags.get("babysit.stop_reason") == "completed" else tags.get("babysit.stop_reason"), run.info.run_id,
         float(metrics.get("train_seconds", 0.0)), metrics.get("test_acc", math.nan), reused=True,
     )
 

@@ -245,8 +245,8 @@ def test_search_advice_blames_the_range_and_reports_edges():
         "param.optim.weight_decay": [1e-5, 1e-3] * 10,
     })
     text = search_advice(trials, [("optim.lr", "high")])
-    # the 5 trials above 3e-2 exploded; the smallest of them has lr = 1e-4 · 1.5^15 ≈ 0.044
-    assert "loss exploded in 5 of 20 coarse trials, all with optim.lr >= 0.044: lower the upper bound of optim.lr" in text
+    # the 5 trials above 3e-2 exploded; the smallest of them has lr = 1e-4 · 1.5^15 ≈ 0.04379
+    assert "loss exploded in 5 of 20 coarse trials, all with optim.lr >= 0.04379: lower the upper bound of optim.lr" in text
     assert "optim.lr: the next stage's range moved past its upper edge (the best value sat at that edge)" in text
     slow_cause = "most of the best trials barely learned (lr_too_low), the best at 0.0001: the learning rate is too low"
     moved_for_slowness = search_advice(trials, [], {"optim.lr": "high"}, {("optim.lr", "high"): slow_cause})
@@ -297,6 +297,15 @@ def test_search_advice_says_the_rate_is_too_high_when_every_trial_that_did_not_e
     assert "lr_too_high or loss exploded in all 5 c trials: the learning-rate range is too high: lower it (both bounds, 3–10×)" in text
     some = trials.assign(flags=["", "lr_too_high", "lr_too_high", "diverged", "diverged"])
     assert "lr_too_high or loss exploded in 4 of 5 c trials, all with optim.lr >= 0.2: lower the upper bound of optim.lr" in search_advice(some, [])
+
+
+def test_search_advice_weighs_flags_among_the_trials_that_trained_not_those_that_failed():
+    # batch norm on batches of 1 row: the batch-1 trials failed with an error, the others barely learned (QA)
+    trials = pd.DataFrame({"stage": "coarse", "status": ["failed", "finished", "failed", "finished"], "val_acc": [None, 0.12, None, 0.11],
+                           "flags": ["", "lr_too_low", "", "lr_too_low"], "param.train.batch_size": [1, 2, 1, 2], "param.optim.lr": [1e-5, 2e-5, 3e-5, 4e-5]})
+    text = search_advice(trials, [])
+    assert "train.batch_size" not in text.split("best trial")[0]  # cutting batch sizes >= 2 off would leave only trials that fail
+    assert "lr_too_low in all 2 coarse trials: the loss barely moved anywhere" in text and "2 coarse trial(s) failed with an error" in text
 
 
 def test_search_advice_names_the_best_trial_as_the_search_does_pruned_or_tied():

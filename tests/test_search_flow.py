@@ -167,6 +167,7 @@ def test_a_search_whose_file_changed_reuses_the_finished_trials_of_its_earlier_r
     assert parent.data.tags["babysit.reused_from"] == first.parent_run_id
     trials = pd.read_csv(io.StringIO(tracking.read_text(fresh_uri, again.parent_run_id, "trials.csv")))
     reused = trials[trials["reused"]]
+    assert reused.loc[reused["status"] == "finished", "reason"].isna().all()  # as a fresh trial that completed, not 'completed'
     assert set(reused["run_id"]) == {k.info.run_id for k in first_kids.values() if k.data.tags["babysit.status"] != "pruned" and k.data.tags["babysit.stage"] != "final"}
     assert sorted(k.data.tags["babysit.stage"] for k in children(fresh_uri, again.parent_run_id)) == ["coarse"] * len(pruned) + ["final"]
     assert again.best_val_acc == pytest.approx(first.best_val_acc)
@@ -292,7 +293,7 @@ def test_a_stage_whose_every_trial_failed_stops_the_search_with_the_first_failur
 
     # the base config trains; every sampled one asks batch norm of single-row batches
     with pytest.raises(BabysitError, match=r"all 2 trials of stage coarse failed with an error, so the search stopped there; the first failure: "
-                                           r"BabysitError: train.batch_size 1 with model.batchnorm: true"):
+                                           r"BabysitError: train.batch_size 1 with model.batchnorm: true.* set model.batchnorm: false\. The trials"):
         small_search(fresh_uri, "train.batch_size=1", "search.space={optim.lr: 'loguniform(1e-3, 1e-2)', model.batchnorm: 'choice([true])'}",
                      "search.stages=[{name: coarse, trials: 2, epochs: 1}, {name: fine, trials: 2, epochs: 1}]")
     client = tracking._client(fresh_uri)

@@ -204,6 +204,10 @@ def test_narrowing_to_one_value_neither_crashes_nor_leaves_the_fields_limits():
     momentum = space_of(optim__momentum="loguniform(0.5, 0.99)")
     new, _ = narrow(momentum, trials_for([{"optim.momentum": 0.7}, {"optim.momentum": 0.8}], lambda p: p["optim.momentum"]), narrowing, is_valid)
     assert new["optim.momentum"].low < 0.8 <= new["optim.momentum"].high < 1  # 0.8 × 1.5 would be 1.2
+    # on a linear scale, 5% of the range each side: in a sliver of ±1e-6 every value would sit at its edge (QA)
+    linear = space_of(optim__momentum="uniform(0.0, 0.9999)")
+    new, _ = narrow(linear, trials_for([{"optim.momentum": 0.269}, {"optim.momentum": 0.8}], lambda p: -p["optim.momentum"]), narrowing, is_valid)
+    assert (new["optim.momentum"].low, new["optim.momentum"].high) == pytest.approx((0.269 - 0.05, 0.269 + 0.05), abs=1e-4)
 
 
 def test_a_linear_range_whose_best_value_sits_at_its_edge_moves_as_far_as_the_field_allows():
