@@ -121,6 +121,19 @@ class ModelConfig(Section):
             raise ValueError(f"every hidden layer needs at least 1 unit (got {hidden})")
         return hidden
 
+    @field_validator("freeze")
+    @classmethod
+    def _freeze_transferred_blocks(cls, freeze: str | int, info: Any) -> str | int:
+        # A count is a number of first blocks: -1 would slice blocks[:-1]. Freezing needs weights
+        # worth keeping: without init_from the blocks are random and would stay random. Whether n
+        # exceeds the model's blocks is checked where the model is built (models.transfer.freeze).
+        if isinstance(freeze, int) and freeze < 0:
+            raise ValueError(f"expected all, none or a number of first hidden blocks >= 0 (got {freeze})")
+        if freeze not in ("none", 0) and not info.data.get("init_from"):
+            raise ValueError(f"freeze {freeze} keeps blocks fixed at their initial weights, which without `model.init_from` are random; "
+                             "set model.init_from to a trained model (runs:/<run id>/model or a state-dict file), or freeze: none")
+        return freeze
+
 
 # A learning rate each update rule trains the default digits MLP well with (used when `lr` is unset).
 DEFAULT_LR = {"sgd": 0.1, "momentum": 0.03, "nesterov": 0.03, "adagrad": 0.03, "rmsprop": 1e-3, "adam": 1e-3, "adamw": 1e-3}

@@ -340,34 +340,64 @@ def log_torch_model(run: RunRef, model: Any, input_example: Any) -> str:
 
     with torch.no_grad():
         output = model(torch.as_tensor(input_example)).numpy()
-    mlflow.set_tracking_uri(run.uri)  # log_model resolves its store from the global URI
     # Create the LoggedModel in the run's own experiment: left to itself, log_model files it
     # under the process's active experiment (Default), away from the run.
     logged = _client(run.uri).create_logged_model(run.experiment_id, name="model", source_run_id=run.run_id, model_type="pytorch")
-    info = mlflow.pytorch.log_model(
-        model,
-        name="model",
-        run_id=run.run_id,
-        model_id=logged.model_id,
-        signature=infer_signature(input_example, output),
-        input_example=input_example,
-        # Explicit requirements: inferring them imports and probes the model (seconds).
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-    )
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(run.uri)  # log_model resolves its store from the global URI
+    try:
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            run_id=run.run_id,
+            model_id=logged.model_id,
+            signature=infer_signature(input_example, output),
+            input_example=input_example,
+            # Explicit requirements: inferring them imports and probes the model (seconds).
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+        )
+    finally:  # set_tracking_uri also sets $MLFLOW_TRACKING_URI, which resolve_uri reads: the next run of this process would use this store
+        mlflow.set_tracking_uri(before)
     return info.model_uri
 
 
-def load_torch_model(model_uri: str) -> Any:
-    """A logged torch model, e.g. 'runs:/<run id>/model'. Raises BabysitError if it cannot be found."""
+def load_torch_model(model_uri: str, uri: str) -> Any:
+    """A logged torch model, e.g. 'runs:/<run id>/model', from the store `uri` (the run's own), or
+    from a local or storage path. Raises BabysitError if it cannot be found. Changes no global state.
+
+    mlflow.pytorch.load_model(model_uri) alone asks MLflow's process-wide tracking URI, which in a
+    fresh `babysit train` is sqlite:///mlflow.db in the working directory (QA: the README's transfer
+    step found no run there, and left that file behind). download_artifacts takes the store, but
+    in MLflow 3 a runs:/ URI leads to a logged model (models:/<model id>), which MLflow resolves in
+    the process-wide store again. So this store's client turns runs:/ and models:/ URIs into the
+    model's artifact location, and the artifacts are downloaded from there and loaded locally."""
+    import mlflow.artifacts
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
 
     from babysit.errors import BabysitError
 
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():  # asking would create an empty store there, which holds no run
+        raise BabysitError(f"`model.init_from` {model_uri}: the tracking store {uri} (tracking.uri, else $MLFLOW_TRACKING_URI) does not exist yet, "
+                           "so it holds no run; set tracking.uri to the store that the source run was logged to.")
+    scheme = urlparse(model_uri).scheme
     try:
-        return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        location, client = model_uri, _client(uri) if scheme in ("runs", "models") else None
+        if scheme == "runs":  # runs:/<run id>/<model name>: the logged model of that name, else (MLflow 2) the run's own artifacts
+            run_id, _, name = model_uri.removeprefix("runs:").strip("/").partition("/")
+            logged = client.search_logged_models([client.get_run(run_id).info.experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'")
+            location = logged[0].artifact_location if logged else model_uri
+        elif scheme == "models":  # models:/<model id>, or a registered models:/<name>/<version>, /<stage> or @<alias>
+            found = get_model_name_and_version(client, model_uri)
+            location = client.get_logged_model(found[0]).artifact_location if len(found) == 1 else client.get_model_version_download_uri(*found)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp, tracking_uri=uri)
+            return mlflow.pytorch.load_model(local, map_location="cpu")
     except (MlflowException, OSError) as err:
-        raise BabysitError(f"`model.init_from` {model_uri}: neither a file nor a loadable MLflow model ({' '.join(str(err).split())[:200]}).") from None
+        raise BabysitError(f"`model.init_from` {model_uri}: neither a file nor a loadable MLflow model in the tracking store {uri} "
+                           f"(tracking.uri, else $MLFLOW_TRACKING_URI): {' '.join(str(err).split())[:200]}") from None
 
 
 def end_run(run: RunRef, status: str = "FINISHED") -> None:

@@ -2,11 +2,13 @@
 
 The source is a torch state dict: from an MLflow model (babysit logs `Sequential(preprocessing,
 network)`, so keys carry a '1.' prefix) or from a file saved with torch.save(model.state_dict()).
-Every tensor whose name and shape match is copied; the classifier head is always new, since the
-new task has its own classes.
+Every learned tensor (weights, biases, BatchNorm's running statistics) whose name and shape match
+is copied; the classifier head is always new, since the new task has its own classes.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,21 +23,51 @@ def network_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+def transferable(name: str, tensor: torch.Tensor) -> bool:
+    """Whether a state-dict entry carries values worth transferring: weights, biases and running
+    statistics (floating point), not the head, and not counters. BatchNorm's `num_batches_tracked`
+    is an int64 of shape (): it has the same shape in a BatchNorm layer of any width, so counting
+    it let a source none of whose layers fit pass as transferred (QA: channels [8, 16] from a
+    [16, 32] CNN trained from scratch in silence). Counters stay at the new model's own values."""
+    return tensor.is_floating_point() and not name.startswith("head.")
+
+
 def transfer_weights(model: nn.Module, source: dict[str, torch.Tensor], origin: str) -> list[str]:
-    """Copy matching tensors (not the head) from `source` into `model`; returns the copied names."""
+    """Copy the learned tensors of `source` whose name and shape match into `model` (never the
+    head); returns the copied names. Raises BabysitError when none fits."""
     target = model.state_dict()
-    copied = {k: v for k, v in network_state(source).items() if not k.startswith("head.") and k in target and target[k].shape == v.shape}
+    copied = {k: v for k, v in network_state(source).items() if transferable(k, v) and k in target and transferable(k, target[k]) and target[k].shape == v.shape}
     if not copied:
-        raise BabysitError(f"`model.init_from` {origin}: no layer of it fits this model (different kind or widths?); the source has {sorted(source)[:6]}...")
+        raise BabysitError(
+            f"`model.init_from` {origin}: no layer of it fits this model (a different model.kind, or other model.hidden / model.channels "
+            f"widths?); the source has {_shapes(network_state(source))}, this model needs {_shapes(target)}."
+        )
     model.load_state_dict(copied, strict=False)
     return sorted(copied)
 
 
+def _shapes(state: dict[str, torch.Tensor], limit: int = 4) -> str:
+    """The first `limit` transferable tensors as 'name (shape)': enough to see the widths that differ."""
+    shown = [f"{k} {tuple(v.shape)}" for k, v in state.items() if transferable(k, v)]
+    return ", ".join(shown[:limit]) + (", ..." if len(shown) > limit else "") if shown else "no learned tensors"
+
+
+def transfer_tags(model: nn.Module, copied: list[str]) -> dict[str, str]:
+    """What a transfer did, as MLflow tags: how many of the model's learned tensors came from
+    `model.init_from`, and which (the head among them) start from their fresh initialisation."""
+    kept = set(copied)
+    fresh = [k for k, v in model.state_dict().items() if v.is_floating_point() and k not in kept]
+    return {"babysit.transfer.copied": f"{len(copied)} of {len(copied) + len(fresh)} tensors", "babysit.transfer.fresh": ",".join(fresh) or "none"}
+
+
 def freeze(model: nn.Module, spec: str | int) -> int:
     """Stop gradients in all hidden blocks ('all'), none, or the first n (a ResNet's stem counts
-    with its first block); returns the number of blocks frozen."""
+    with its first block); returns the number of blocks frozen. Raises BabysitError when n is
+    more than the model has: the config does not know how many blocks a kind builds."""
     blocks = list(model.blocks)
-    count = len(blocks) if spec == "all" else 0 if spec == "none" else min(int(spec), len(blocks))
+    count = len(blocks) if spec == "all" else 0 if spec == "none" else int(spec)
+    if not 0 <= count <= len(blocks):
+        raise BabysitError(f"`model.freeze` {spec}: this model has {len(blocks)} hidden blocks, so freeze takes 0 to {len(blocks)}, all or none.")
     if hasattr(model, "stem") and count:
         model.stem.requires_grad_(False)
     for block in blocks[:count]:
@@ -43,18 +75,20 @@ def freeze(model: nn.Module, spec: str | int) -> int:
     return count
 
 
-def load_source(init_from: str) -> dict[str, torch.Tensor]:
-    """The state dict behind `model.init_from`: a local torch.save file, else an MLflow model URI."""
-    from pathlib import Path
-
+def load_source(init_from: str, tracking_uri: str) -> dict[str, torch.Tensor]:
+    """The state dict behind `model.init_from`: a local torch.save file, else an MLflow model URI
+    (runs:/, models:/), looked up in `tracking_uri`, the run's own store."""
     from babysit import tracking
 
     if Path(init_from).is_file():
         try:
-            return torch.load(init_from, map_location="cpu", weights_only=True)
+            state = torch.load(init_from, map_location="cpu", weights_only=True)
         except Exception as err:
             raise BabysitError(f"`model.init_from` {init_from}: not a torch state dict ({' '.join(str(err).split())[:200]}).") from None
-    return tracking.load_torch_model(init_from).state_dict()
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise BabysitError(f"`model.init_from` {init_from}: expected a state dict (torch.save(model.state_dict(), path)), got {type(state).__name__}.")
+        return state
+    return tracking.load_torch_model(init_from, tracking_uri).state_dict()
 
 
 def unfreeze(model: nn.Module) -> None:

@@ -74,7 +74,7 @@ def log_outcome(
     """Outcome metrics and flags; artifacts: report, curves, config, the fitted transform and, given
     `model` and `raw_example` (and tracking.log_model), the model behind its preprocessing."""
     tracking.log_metrics(run, outcome_metrics(result), step=result.epochs_run)
-    tracking.set_tags(run, {**flag_tags(flags), "babysit.stop_reason": result.stop_reason or "completed", "babysit.status": run_status(flags)})
+    tracking.set_tags(run, {**flag_tags(flags), "babysit.stop_reason": result.stop_reason or "completed", "babysit.status": run_status(flags), **result.transfer})
     if report:
         tracking.log_text(run, report, "report.md")
     figure = plots.training_curves(result.history, cfg.name)

@@ -24,7 +24,7 @@ from babysit.diagnostics import dead_unit_metrics, dead_unit_probe, snapshot, st
 from babysit.errors import BabysitError
 from babysit.optim import lr_at, make_optimizer
 from models.mlp import Affine, build_model
-from models.transfer import freeze, load_source, transfer_weights, unfreeze
+from models.transfer import freeze, load_source, transfer_tags, transfer_weights, unfreeze
 from tasks.augment import augment_batch
 from tasks.preprocess import Prepared
 
@@ -42,6 +42,7 @@ class TrainResult:
     seconds: float = 0.0  # wall time of `fit`
     # grad_norm/…, update_ratio/…, dead_frac/… (babysit.diagnostics) -> one value per epoch
     diagnostics: dict[str, list[float]] = field(default_factory=dict)
+    transfer: dict[str, str] = field(default_factory=dict)  # with model.init_from: models.transfer.transfer_tags
 
     @property
     def epochs_run(self) -> int:
@@ -192,9 +193,10 @@ def train_and_test(
     X_train, X_val, X_test = to_device(s.X_train, s.X_val, s.X_test, device=device)
     y_train, y_val, y_test = to_device(s.y_train, s.y_val, s.y_test, device=device)
     model = build_model(cfg.model, s.input_shape, s.n_classes, cfg.seed)
+    transfer = {}
     if cfg.model.init_from:
-        transfer_weights(model, load_source(cfg.model.init_from), cfg.model.init_from)
-        freeze(model, cfg.model.freeze)
+        freeze(model, cfg.model.freeze)  # first: a count the model lacks is said before the source is fetched
+        transfer = transfer_tags(model, transfer_weights(model, load_source(cfg.model.init_from, tracking.resolve_uri(cfg.tracking.uri)), cfg.model.init_from))
     model = model.to(device)
     augment = None
     if X_train.dim() == 4:
@@ -211,6 +213,7 @@ def train_and_test(
         result = fine_tune(model, result, cfg, (X_train, y_train, X_val, y_val), on_epoch, augment)
     if test:
         result.test_loss, result.test_acc = evaluate(model, X_test, y_test)
+    result.transfer = transfer
     return result, model
 
 

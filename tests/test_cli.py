@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,7 @@ def test_train_on_another_store_hints_at_it_even_after_logging_a_model(prefect_h
     # each on a line of its own, whole however narrow the terminal: to copy
     assert any(line.startswith(f"see it: babysit ui --uri {other}  →  http://127.0.0.1:5000/#/experiments/") and run.info.run_id in line for line in lines)
     assert f"what next: babysit report {run.info.run_id} --uri {other}" in lines
+    assert os.environ.get("MLFLOW_TRACKING_URI") == tracking_uri  # put back: the next run of this process goes to its own store
 
 
 def test_ui_arguments():
