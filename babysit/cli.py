@@ -123,7 +123,10 @@ def train(args: argparse.Namespace) -> int:
         summary = train_flow(config=args.config, overrides=args.set)
 
     table = summary_table(f"babysit train: {cfg.name}")
-    table.add_row("best validation accuracy", f"{summary.best_val_acc:.4f} (epoch {summary.best_epoch} of {summary.epochs_run})")
+    if summary.best_val_acc == summary.best_val_acc:  # not NaN
+        table.add_row("best validation accuracy", f"{summary.best_val_acc:.4f} (epoch {summary.best_epoch} of {summary.epochs_run})")
+    else:  # no epoch scored: the loss diverged in the first one
+        table.add_row("best validation accuracy", f"none ({summary.epochs_run} epoch(s) run, none scored; see flags)")
     table.add_row("test accuracy", f"{summary.test_acc:.4f}")
     table.add_row("initial loss", f"{summary.initial_loss:.3f}")
     table.add_row("flags", "\n".join(f"[yellow]{name}[/]: {escape(why)}" for name, why in summary.flags.items()) or "none")
@@ -351,6 +354,9 @@ def ui(args: argparse.Namespace) -> int:
     if tracking.is_remote(uri):  # a tracking server is its own UI
         console.print(f"{uri} is a tracking server: its UI is {uri.rstrip('/')}/#/experiments?{tracking.UI_VIEW}", highlight=False)
         return 0
+    if servers.port_in_use(args.host, args.port):  # else MLflow's server says so in a traceback, and the command exits 0
+        raise BabysitError(f"port {args.port} on {args.host} is taken (an MLflow UI already running there? open http://{args.host}:{args.port}); "
+                           "choose another with --port, or stop what holds it.")
     if db := tracking.sqlite_path(uri):
         db.parent.mkdir(parents=True, exist_ok=True)
     console.print(f"MLflow UI for {uri} on http://{args.host}:{args.port}/#/experiments?{tracking.UI_VIEW} (Ctrl-C stops it)")

@@ -28,7 +28,8 @@ Schedule = Literal["constant", "step", "exponential", "cosine", "inverse_time"]
 class Section(BaseModel):
     # Unknown keys are typos until proven otherwise; assignment is validated so that
     # search trials (which set fields on a copy) cannot smuggle in bad values.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # and no number is infinite or NaN: an lr of .inf trained to NaN before anything said why
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -295,10 +296,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise BabysitError(f"{path}: config file not found (expected a YAML experiment file such as conf/digits_mlp.yaml).")
+    text = _utf8_text(path)
     try:
-        tree = yaml.load(_utf8_text(path), Loader=_UniqueKeyLoader) or {}
+        tree = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
-        raise BabysitError(f"{path}: not valid YAML ({' '.join(str(err).split())}){_flow_hint(err)}.") from None
+        raise BabysitError(f"{path}: not valid YAML ({' '.join(str(err).split())}){_flow_hint(err, text)}.") from None
     if not isinstance(tree, dict):
         raise BabysitError(f"{path}: expected a mapping of sections (data, model, optim, ...) at the top, got {type(tree).__name__}.")
     return tree
@@ -321,8 +323,9 @@ def _utf8_text(path: Path) -> str:
 QUOTE_DISTRIBUTIONS = "inside {...} or [...] quote a distribution, e.g. {optim.lr: 'loguniform(1e-4, 1e-1)'}"
 
 
-def _flow_hint(err: yaml.YAMLError) -> str:
-    return f"; {QUOTE_DISTRIBUTIONS}" if "flow" in str(err) else ""
+def _flow_hint(err: yaml.YAMLError, text: str) -> str:
+    """The quoting hint, for a flow-style error in text that writes a distribution: a typo such as [128, 64 needs none."""
+    return f"; {QUOTE_DISTRIBUTIONS}" if "flow" in str(err) and re.search(r"\b(loguniform|uniform|int|choice)\(", text) else ""
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str], source: str = "--set") -> dict[str, Any]:
@@ -341,7 +344,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str], source: str = "-
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as err:
-            raise BabysitError(f"{source} '{item}': the value is not valid YAML ({' '.join(str(err).split())}){_flow_hint(err)}.") from None
+            raise BabysitError(f"{source} '{item}': the value is not valid YAML ({' '.join(str(err).split())}){_flow_hint(err, raw)}.") from None
         if isinstance(node, list):
             node[_index(node, leaf, item, source)] = value
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any
@@ -81,6 +82,8 @@ def log_outcome(
     tracking.log_figure(run, figure, "curves.png")
     plots.close(figure)
     tracking.log_text(run, cfg.to_yaml(), "config.yaml")
+    # the model outputs class indices: output i is the label classes[i] (a CSV's 'setosa', a folder's name)
+    tracking.log_text(run, json.dumps(prepared.splits.classes, indent=1) + "\n", "classes.json")
     tracking.log_pickle(run, prepared.transformer, "preprocess/transformer.joblib")
     if cfg.tracking.log_model and model is not None and raw_example is not None:
         tracking.log_torch_model(run, deployable(model, prepared), raw_example)

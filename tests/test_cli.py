@@ -221,3 +221,14 @@ def test_check_plots_in_a_folder_it_cannot_make_is_said_before_the_checks_run(ca
     assert main(["check", DIGITS, "--plots", "/proc/babysit-plots"]) == 2
     message = one_paragraph(capsys.readouterr().out)
     assert "--plots /proc/babysit-plots: cannot make that folder" in message and "PASS" not in message
+
+
+def test_ui_on_a_port_already_taken_says_so_instead_of_exiting_0(capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["ui", "--port", str(port)]) == 2
+    assert f"port {port} on 127.0.0.1 is taken" in one_paragraph(capsys.readouterr().out)

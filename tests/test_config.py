@@ -212,7 +212,7 @@ def test_a_bad_value_from_set_is_said_to_come_from_set(tmp_path):
     assert "`optim.lr`: " in str(err.value) and "--set" not in str(err.value)
 
 
-@pytest.mark.parametrize("item", ["search.workers=true", "train.epochs=false", "search.stages.0.trials=true", "model.dropout=true", "seed=-1", "seed=4294967296"])
+@pytest.mark.parametrize("item", ["search.workers=true", "train.epochs=false", "search.stages.0.trials=true", "model.dropout=true", "seed=-1", "seed=4294967296", "optim.lr=.inf"])
 def test_a_boolean_for_a_number_and_a_seed_numpy_cannot_take_fail_at_load(item):
     from babysit.config import SearchExperiment
 
@@ -224,3 +224,9 @@ def test_a_boolean_for_a_number_and_a_seed_numpy_cannot_take_fail_at_load(item):
 def test_booleans_still_go_where_a_boolean_or_anything_goes():
     cfg = load_config(CONF / "digits_mlp.yaml", ["model.batchnorm=true", "seed=4294967295"])
     assert cfg.model.batchnorm is True and cfg.seed == 2**32 - 1
+
+
+def test_a_yaml_typo_outside_a_search_space_gets_no_hint_about_quoting_distributions():
+    with pytest.raises(BabysitError) as err:
+        load_config(CONF / "digits_mlp.yaml", ["model.hidden=[128,64"])
+    assert "not valid YAML" in str(err.value) and "quote a distribution" not in str(err.value)

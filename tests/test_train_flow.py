@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 import uuid
@@ -177,7 +178,8 @@ def test_tags_carry_flags_and_provenance(prefect_harness, finished):
 def test_artifacts_config_curves_transformer(finished):
     uri, client, summary, run = finished.uri, finished.client, finished.summary, finished.run
     paths = artifact_paths(client, summary.run_id)
-    assert {"config.yaml", "curves.png", "preprocess/transformer.joblib"} <= paths
+    assert {"config.yaml", "curves.png", "preprocess/transformer.joblib", "classes.json"} <= paths
+    assert json.loads(Path(client.download_artifacts(summary.run_id, "classes.json")).read_text()) == [str(digit) for digit in range(10)]
     local = client.download_artifacts(summary.run_id, "config.yaml")
     logged = Config.model_validate(yaml.safe_load(Path(local).read_text()))
     assert logged == load_config(CONFIG, OVERRIDES)
