@@ -256,6 +256,9 @@ class Config(Section):
             raise ValueError(f"model.kind '{self.model.kind}' needs image data (data.source one of {', '.join(IMAGE_SOURCES)}), got '{self.data.source}'")
         if self.data.images and self.preprocess.method in ("pca", "whiten"):
             raise ValueError(f"preprocess.method '{self.preprocess.method}' works on feature vectors; for images use none, center or standardize (per channel)")
+        if self.train.unfreeze_epochs and not self.model.init_from:  # it would be ignored: there is nothing frozen to unfreeze
+            raise ValueError(f"train.unfreeze_epochs {self.train.unfreeze_epochs} fine-tunes a transferred model after its frozen epochs; "
+                             "set model.init_from (and model.freeze), or unfreeze_epochs: 0")
         return self
 
     def flat(self) -> dict[str, Any]:

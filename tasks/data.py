@@ -136,9 +136,10 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         origin = str(path)
     X, labels = np.asarray(X, dtype=np.float32), np.asarray(labels)
     if cfg.keep_classes is not None:
-        keep = np.isin(labels.astype(str), cfg.keep_classes)
-        if not keep.any():
-            raise BabysitError(f"{origin}: no rows with a label in `data.keep_classes` {cfg.keep_classes} (labels: {sorted(set(labels.astype(str).tolist()))[:20]}).")
+        keep, present = np.isin(labels.astype(str), cfg.keep_classes), sorted(set(labels.astype(str).tolist()))
+        if missing := [c for c in cfg.keep_classes if c not in present]:  # a typo would quietly train on fewer classes
+            raise BabysitError(f"{origin}: `data.keep_classes` names {', '.join(repr(c) for c in missing)}, which no row has as its label "
+                               f"(labels: {', '.join(present[:20])}{', ...' if len(present) > 20 else ''}).")
         X, labels, origin = X[keep], labels[keep], f"{origin} (classes {', '.join(cfg.keep_classes)})"
     data = validate_dataset(X, labels, origin, columns)
     return subsample(data, cfg.max_rows, seed) if cfg.max_rows and cfg.max_rows < len(data.y) else data

@@ -230,3 +230,9 @@ def test_a_yaml_typo_outside_a_search_space_gets_no_hint_about_quoting_distribut
     with pytest.raises(BabysitError) as err:
         load_config(CONF / "digits_mlp.yaml", ["model.hidden=[128,64"])
     assert "not valid YAML" in str(err.value) and "quote a distribution" not in str(err.value)
+
+
+def test_unfreeze_epochs_without_a_transferred_model_fails_at_load():
+    with pytest.raises(BabysitError, match=r"train.unfreeze_epochs 2 fine-tunes a transferred model .*set model.init_from"):
+        load_config(CONF / "digits_mlp.yaml", ["train.unfreeze_epochs=2"])
+    assert load_config(CONF / "digits_5to9_transfer.yaml", ["model.init_from=weights.pt", "train.unfreeze_epochs=2"]).train.unfreeze_epochs == 2

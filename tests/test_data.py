@@ -325,3 +325,10 @@ def test_the_data_fingerprint_changes_when_user_data_is_rewritten_in_place(tmp_p
     assert data_fingerprint(mnist) == before
     (root / "MNIST" / "raw" / "t10k-images-idx3-ubyte").write_bytes(b"2")
     assert data_fingerprint(mnist) != before
+
+
+def test_keep_classes_naming_a_label_no_row_has_says_which(tmp_path):
+    path = tmp_path / "animals.csv"
+    pd.DataFrame({"x": np.arange(30.0), "y": ["cat", "dog", "cow "] * 10}).to_csv(path, index=False)  # 'cow ' with a space: a typo to catch
+    raises_naming(DataConfig(source="csv", path=path, target="y", keep_classes=["cat", "cow"]), str(path), "`data.keep_classes` names 'cow'", "labels: cat, cow , dog")
+    assert load_dataset(DataConfig(source="csv", path=path, target="y", keep_classes=["cat", "dog"]), seed=0).classes == ["cat", "dog"]
