@@ -24,7 +24,7 @@ from babysit.diagnostics import dead_unit_metrics, dead_unit_probe, snapshot, st
 from babysit.errors import BabysitError
 from babysit.optim import lr_at, make_optimizer
 from models.mlp import Affine, build_model
-from models.transfer import freeze, load_source, transfer_tags, transfer_weights, unfreeze
+from models.transfer import check_frozen_were_copied, freeze, load_source, transfer_tags, transfer_weights, unfreeze
 from tasks.augment import augment_batch
 from tasks.preprocess import Prepared
 
@@ -195,8 +195,10 @@ def train_and_test(
     model = build_model(cfg.model, s.input_shape, s.n_classes, cfg.seed)
     transfer = {}
     if cfg.model.init_from:
-        freeze(model, cfg.model.freeze)  # first: a count the model lacks is said before the source is fetched
-        transfer = transfer_tags(model, transfer_weights(model, load_source(cfg.model.init_from, tracking.resolve_uri(cfg.tracking.uri)), cfg.model.init_from))
+        frozen = freeze(model, cfg.model.freeze)  # first: a count the model lacks is said before the source is fetched
+        copied = transfer_weights(model, load_source(cfg.model.init_from, tracking.resolve_uri(cfg.tracking.uri)), cfg.model.init_from)
+        check_frozen_were_copied(model, frozen, copied, cfg.model.init_from)
+        transfer = transfer_tags(model, copied)
     model = model.to(device)
     augment = None
     if X_train.dim() == 4:

@@ -177,6 +177,11 @@ def test_a_batchnorm_cnn_of_other_widths_is_refused_not_trained_from_scratch(tmp
     fresh = tags["babysit.transfer.fresh"].split(",")
     assert tags["babysit.transfer.copied"] == f"{len(copied)} of {len(copied) + len(fresh)} tensors"
     assert {"head.weight", "head.bias", "blocks.1.0.weight", "blocks.1.1.running_mean"} <= set(fresh)
+    # freezing the block that did not fit would keep it random for the whole run: refused; the one that fit may freeze
+    with pytest.raises(BabysitError, match=r"`model.freeze` 2 block\(s\): blocks.1.0.weight, .* did not fit any tensor .*freeze fewer blocks"):
+        trained("conf/digits_5to9_transfer.yaml", [f"model.init_from={checkpoint}", "model.channels=[16, 24]", "model.freeze=all", "train.epochs=1"])
+    result, _ = trained("conf/digits_5to9_transfer.yaml", [f"model.init_from={checkpoint}", "model.channels=[16, 24]", "model.freeze=1", "train.epochs=1"])[0]
+    assert result.transfer["babysit.transfer.copied"] == tags["babysit.transfer.copied"]
 
 
 def test_freeze_must_be_a_count_of_existing_blocks_of_a_transferred_model(tmp_path):
