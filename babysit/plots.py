@@ -108,6 +108,8 @@ def search_overview(trials, fields: list[str], row: int | None = None, linear: C
             ax.set_xscale("log")
             ax.minorticks_off()  # their tick objects were a fifth of the figure's drawing time
             ax.xaxis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=True))  # "1e-03": 10^-3 goes through mathtext, ~0.1 s a figure
+        if not numeric:  # option names side by side (nesterov, rmsprop, adam, ...) overlap in a panel's width
+            ax.tick_params(axis="x", labelsize="x-small")
         ax.set(xlabel=field, ylabel="best val acc")
         ax.grid(alpha=0.3)
         if field == fields[0]:
