@@ -62,11 +62,12 @@ def run_report(
     lines = [f"# babysit report: {name}", ""]
     epochs = len(history.get("train_loss", []))
     if epochs and len(history.get("val_acc", [])) == epochs and history.get("train_acc"):
-        best = max(range(epochs), key=lambda i: history["val_acc"][i] if math.isfinite(history["val_acc"][i]) else -1.0)
+        kept = epochs - 1 if stop_reason and stop_reason.startswith("diverged") else epochs  # the epoch that diverged is never kept
+        best = max(range(kept), key=lambda i: history["val_acc"][i] if math.isfinite(history["val_acc"][i]) else -1.0) if kept else None
         lines.append(
             f"{'Run `' + run_id + '`: ' if run_id else ''}{epochs} epoch(s); {_accuracies(history)} at the end "
-            f"(best validation {history['val_acc'][best]:.1%} in epoch {best + 1}); "
-            f"training loss {f'{initial_loss:.3g}' if math.isfinite(initial_loss) else 'not recorded'} at init → {history['train_loss'][-1]:.3g}."
+            + (f"(best validation {history['val_acc'][best]:.1%} in epoch {best + 1}); " if best is not None else "(no epoch kept: the loss diverged in the first; the initial weights were kept); ")
+            + f"training loss {f'{initial_loss:.3g}' if math.isfinite(initial_loss) else 'not recorded'} at init → {history['train_loss'][-1]:.3g}."
         )
     ratio = [r for r in (diagnostics or {}).get("update_ratio", []) if math.isfinite(r)]
     if ratio:

@@ -347,6 +347,23 @@ def ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_can_serve(host: str, port: int) -> None:
+    """A port taken, or a host that is not this machine's, is a BabysitError: MLflow's server would say so in a traceback and exit 0."""
+    import errno
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: a port in TIME_WAIT is free
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise BabysitError(f"port {port} on {host} is taken (an MLflow UI already running there? open http://{host}:{port}); "
+                                   "choose another with --port, or stop what holds it.") from None
+            raise BabysitError(f"--host {host} --port {port}: cannot serve there ({err.strerror}); give an address of this machine "
+                               "(127.0.0.1, or 0.0.0.0 for all of them) and a free port.") from None
+
+
 def ui(args: argparse.Namespace) -> int:
     from babysit import tracking
 
@@ -354,9 +371,7 @@ def ui(args: argparse.Namespace) -> int:
     if tracking.is_remote(uri):  # a tracking server is its own UI
         console.print(f"{uri} is a tracking server: its UI is {uri.rstrip('/')}/#/experiments?{tracking.UI_VIEW}", highlight=False)
         return 0
-    if servers.port_in_use(args.host, args.port):  # else MLflow's server says so in a traceback, and the command exits 0
-        raise BabysitError(f"port {args.port} on {args.host} is taken (an MLflow UI already running there? open http://{args.host}:{args.port}); "
-                           "choose another with --port, or stop what holds it.")
+    check_can_serve(args.host, args.port)
     if db := tracking.sqlite_path(uri):
         db.parent.mkdir(parents=True, exist_ok=True)
     console.print(f"MLflow UI for {uri} on http://{args.host}:{args.port}/#/experiments?{tracking.UI_VIEW} (Ctrl-C stops it)")

@@ -122,18 +122,25 @@ def lr_too_high(train_loss: list[float], initial_loss: float, update_ratio: list
     return None
 
 
+RULE_OF_THUMB = 1e-3  # CS231n: an update/weight ratio of about 1e-3 is healthy
+
+
 def lr_too_low(train_loss: list[float], initial_loss: float, update_ratio: list[float], early_epochs: int, min_drop: float, ratio_low: float,
                loss_rise: float = 0.05) -> str | None:
     """Too low when the training loss of epoch `early_epochs` (or of the last epoch, if fewer ran)
     is not below (1 − `min_drop`) × the initial loss: barely lower, or as high or a little higher
-    (up to (1 + `loss_rise`) ×; beyond that it rose, which is lr_too_high's); or when the median
-    over the first `early_epochs` epochs of the update ratio is below `ratio_low` (rule of thumb ≈ 1e-3).
+    (up to (1 + `loss_rise`) ×; beyond that it rose, which is lr_too_high's), unless the update ratio
+    says the weights move at the rule of thumb or faster (a healthy rate; epochs of a few steps each
+    drop the loss slowly); or when the median over the first `early_epochs` epochs of the update
+    ratio is below `ratio_low`.
     """
     if not train_loss or not math.isfinite(initial_loss):
         return None
     early = [r for r in update_ratio[:early_epochs] if math.isfinite(r)]
     if early and (ratio := statistics.median(early)) < ratio_low:
         return f"update/weight ratio {ratio:.1e} in the first {len(early)} epoch(s), below {ratio_low:.0e} (rule of thumb: about 1e-3)"
+    if early and statistics.median(early) >= RULE_OF_THUMB:  # the weights move as fast as they should: a slow loss has another cause (few steps, capacity, init)
+        return None
     epoch = min(early_epochs, len(train_loss))
     loss = train_loss[epoch - 1]
     if not (math.isfinite(loss) and (1 - min_drop) * initial_loss < loss <= (1 + loss_rise) * initial_loss):

@@ -7,6 +7,7 @@ and user files (CSV / Parquet with a target column, NPZ with `X` and `y`).
 from __future__ import annotations
 
 import hashlib
+import math
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -204,8 +205,9 @@ def split_dataset(data: Dataset, val_fraction: float, test_fraction: float, seed
                                f"({3 * classes} rows): use more rows (data.max_rows) or fewer classes (data.keep_classes).") from None
         for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if fraction * rows < classes:  # stratified: each split holds every class at least once
-                raise BabysitError(f"{data.origin}: data.{name} {fraction} leaves {fraction * rows:.0f} of {rows} rows for {classes} classes; "
-                                   f"a stratified split needs a row of each class: set data.{name} to at least {classes / rows:.2g}.") from None
+                least = math.ceil(classes / rows * 100) / 100  # rounded up: 1.98 rows is fewer than 2
+                raise BabysitError(f"{data.origin}: data.{name} {fraction} leaves {fraction * rows:.3g} of {rows} rows for {classes} classes; "
+                                   f"a stratified split needs a row of each class: set data.{name} to at least {least:g}.") from None
         counts = np.bincount(data.y)
         rarest = data.classes[int(counts.argmin())]
         raise BabysitError(

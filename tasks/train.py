@@ -126,7 +126,8 @@ def fit(
     batch_sizes = torch.tensor([end - start for start, end in bounds], dtype=torch.float32, device=device)
     initial_loss, _ = evaluate(model, X_train, y_train)
     history, diagnostics = {key: [] for key in HISTORY_KEYS}, {}
-    best_acc, best_epoch, best_state, stop_reason = -1.0, 0, None, None
+    # best_epoch 0 keeps the initial weights: a run that diverged in its first epoch is tested, and logged, as it started
+    best_acc, best_epoch, best_state, stop_reason = -1.0, 0, {k: v.detach().clone() for k, v in model.state_dict().items()}, None
     for epoch in range(1, epochs + 1):
         # 1) one pass over the training set in a fresh random order
         model.train()
@@ -170,8 +171,7 @@ def fit(
         if verdict and (epoch < epochs or not last_phase):  # after the last epoch of all nothing is left to stop: a trial pruned there trained in full
             stop_reason = verdict
             break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    model.load_state_dict(best_state)
     return TrainResult(history, initial_loss, best_epoch, stop_reason, seconds=time.perf_counter() - started, diagnostics=diagnostics)
 
 

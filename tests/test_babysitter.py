@@ -79,6 +79,9 @@ def test_lr_too_low_on_flat_loss_and_on_tiny_update_ratios():
     # stuck at the initial loss, a hair above it (a deep sigmoid net at chance): not learning, yet not a loss that rose
     assert "no lower than the initial 2.30257: the network is not learning" in F.lr_too_low([2.3169, 2.30271, 2.30262], 2.30257, [], 3, 0.1, 1e-5, 0.05)
     assert F.lr_too_low([2.45], 2.30257, [], 3, 0.1, 1e-5, 0.05) is None  # 6% above: it rose, lr_too_high's
+    # a slow loss with weights that move at the rule of thumb or faster: a few steps an epoch, not a rate too low (QA: the README's CNN)
+    assert F.lr_too_low([1.55, 1.5, 1.47], 1.63, [4e-3] * 3, 3, 0.1, 1e-5) is None
+    assert F.lr_too_low([1.55, 1.5, 1.47], 1.63, [3e-4] * 3, 3, 0.1, 1e-5) is not None
 
 
 def test_update_ratios_measured_where_a_schedule_ran_far_below_the_rate_are_not_judged():
@@ -391,3 +394,11 @@ def test_babysit_report_on_an_unknown_run_exits_2_without_traceback(tracking_uri
     assert main(["report", "0123456789abcdef"]) == 2
     out = capsys.readouterr().out
     assert "no MLflow run '0123456789abcdef'" in out and "Traceback" not in out
+
+
+def test_the_report_of_a_run_that_diverged_names_no_epoch_it_did_not_keep():
+    blew_up = history([float("nan")], [0.47], val_acc=[0.47])
+    text = run_report("x", {"diverged": "training loss became nan in epoch 1"}, blew_up, 2.3, stop_reason="diverged in epoch 1: training loss nan (initial 2.3)")
+    assert "no epoch kept" in text and "best validation 47.0%" not in text
+    later = history([1.0, float("nan")], [0.8, 0.3], val_acc=[0.8, 0.9])  # the epoch that blew up scored higher, yet was not kept
+    assert "best validation 80.0% in epoch 1" in run_report("y", {}, later, 2.3, stop_reason="diverged in epoch 2: training loss nan (initial 2.3)")

@@ -232,3 +232,6 @@ def test_ui_on_a_port_already_taken_says_so_instead_of_exiting_0(capsys):
         port = taken.getsockname()[1]
         assert main(["ui", "--port", str(port)]) == 2
     assert f"port {port} on 127.0.0.1 is taken" in one_paragraph(capsys.readouterr().out)
+    assert main(["ui", "--host", "192.0.2.1", "--port", str(port)]) == 2  # TEST-NET-1: no machine's address
+    said = one_paragraph(capsys.readouterr().out)
+    assert "--host 192.0.2.1" in said and "cannot serve there" in said and "taken" not in said

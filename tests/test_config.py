@@ -212,7 +212,8 @@ def test_a_bad_value_from_set_is_said_to_come_from_set(tmp_path):
     assert "`optim.lr`: " in str(err.value) and "--set" not in str(err.value)
 
 
-@pytest.mark.parametrize("item", ["search.workers=true", "train.epochs=false", "search.stages.0.trials=true", "model.dropout=true", "seed=-1", "seed=4294967296", "optim.lr=.inf"])
+@pytest.mark.parametrize("item", ["search.workers=true", "train.epochs=false", "search.stages.0.trials=true", "model.dropout=true", "seed=-1", "seed=4294967296", "optim.lr=.inf",
+                                  "model.hidden=[64, true]", "optim.betas=[false, 0.999]"])
 def test_a_boolean_for_a_number_and_a_seed_numpy_cannot_take_fail_at_load(item):
     from babysit.config import SearchExperiment
 

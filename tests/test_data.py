@@ -253,7 +253,7 @@ def test_split_fractions_disjoint_and_covering():
 
 def test_a_fraction_too_small_for_a_row_of_each_class_names_the_field_and_its_least_value():
     data = data_of(300, [0.5, 0.3, 0.2])
-    with pytest.raises(BabysitError, match=r"data.val_fraction 0.005 leaves 2 of 300 rows for 3 classes; .* set data.val_fraction to at least 0.01"):
+    with pytest.raises(BabysitError, match=r"data.val_fraction 0.005 leaves 1.5 of 300 rows for 3 classes; .* set data.val_fraction to at least 0.01"):
         split_dataset(data, val_fraction=0.005, test_fraction=0.2, seed=0)
 
 
@@ -332,3 +332,11 @@ def test_keep_classes_naming_a_label_no_row_has_says_which(tmp_path):
     pd.DataFrame({"x": np.arange(30.0), "y": ["cat", "dog", "cow "] * 10}).to_csv(path, index=False)  # 'cow ' with a space: a typo to catch
     raises_naming(DataConfig(source="csv", path=path, target="y", keep_classes=["cat", "cow"]), str(path), "`data.keep_classes` names 'cow'", "labels: cat, cow , dog")
     assert load_dataset(DataConfig(source="csv", path=path, target="y", keep_classes=["cat", "dog"]), seed=0).classes == ["cat", "dog"]
+
+
+def test_the_least_fraction_advised_is_rounded_up_so_that_it_works():
+    from tasks.data import Dataset, split_dataset
+
+    data = Dataset(np.arange(12.0).reshape(6, 2), np.array([0, 1] * 3), ["0", "1"], "six rows")
+    with pytest.raises(BabysitError, match=r"data.test_fraction 0.33 leaves 1.98 of 6 rows for 2 classes; .* at least 0.34\."):
+        split_dataset(data, 0.34, 0.33, seed=0)

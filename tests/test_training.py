@@ -113,6 +113,11 @@ def test_huge_sgd_learning_rate_diverges_and_stops(digits):
     assert result.epochs_run < 6
     assert len(result.history["val_acc"]) == result.epochs_run
     assert diverged(result.history["train_loss"], result.initial_loss, 3.0) is not None
+    # diverged in its first epoch, it kept no epoch: the model is tested as it started, not with the weights that blew up
+    first, model = train_and_test(config("optim.name=sgd", "optim.lr=50", "optim.schedule=constant", "train.epochs=3", "model.hidden=[64]"), digits)
+    assert first.epochs_run == 1 and first.best_epoch == 0 and math.isnan(first.best_val_acc)
+    fresh = build_model(config("model.hidden=[64]").model, digits.splits.input_shape, digits.splits.n_classes, 0)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
 
 
 def test_early_stopping_on_a_plateau(digits):
