@@ -243,6 +243,7 @@ def report(args: argparse.Namespace) -> int:
     from babysit.advice import run_report
 
     uri = tracking.resolve_uri(args.uri)
+    tracking.check_reachable(uri)  # else minutes of MLflow's retries, then blame on the run id
     record = tracking.read_run(uri, args.run_id, ("train_loss", "train_acc", "val_loss", "val_acc", "update_ratio"))
     names = [n for n in record.tags.get("babysit.flags", "").split(",") if n and n != "none"]
     flags = {name: record.tags.get(f"flag.{name}", "") for name in names}
@@ -333,6 +334,9 @@ def server(args: argparse.Namespace) -> int:
 
 
 def ensemble(args: argparse.Namespace) -> int:
+    from babysit import tracking
+
+    tracking.check_reachable(tracking.resolve_uri(args.uri))  # before Prefect starts, as train and search do
     with console.status("starting Prefect (ephemeral server unless PREFECT_API_URL is set)..."):
         from flows.ensemble import ensemble_flow
     quiet_user_errors()
@@ -369,6 +373,7 @@ def ui(args: argparse.Namespace) -> int:
 
     uri = tracking.resolve_uri(args.uri)
     if tracking.is_remote(uri):  # a tracking server is its own UI
+        tracking.check_reachable(uri)
         console.print(f"{uri} is a tracking server: its UI is {uri.rstrip('/')}/#/experiments?{tracking.UI_VIEW}", highlight=False)
         return 0
     check_can_serve(args.host, args.port)

@@ -33,8 +33,10 @@ def schedule_for(cron: str | None, interval: float | None, timezone: str = "UTC"
     try:
         CronSchedule(cron=cron, timezone=timezone)
     except ValidationError as err:
-        raise BabysitError(f"--cron '{cron}' --timezone {timezone}: {err.errors()[0]['msg'].removeprefix('Value error, ')} "
-                           f"(expected five fields: minute hour day-of-month month day-of-week, e.g. '0 3 * * *').") from None
+        problem = err.errors()[0]
+        # Prefect's own message says what a time zone looks like; a cron string gets the five fields
+        hint = "" if problem["loc"] and problem["loc"][-1] == "timezone" else " (expected five fields: minute hour day-of-month month day-of-week, e.g. '0 3 * * *')"
+        raise BabysitError(f"--cron '{cron}' --timezone {timezone}: {problem['msg'].removeprefix('Value error, ')}{hint}.") from None
     return Cron(cron, timezone=timezone)
 
 

@@ -305,9 +305,9 @@ def log_tail(path: str, lines: int = 15) -> str:
 
 def stop(record: Record, timeout: float = 20.0) -> bool:
     """SIGTERM the process group `up` started (its leader is record.pid), SIGKILL after `timeout`.
-    Returns False when the PID no longer runs our server (nothing is signalled)."""
+    Returns False when nothing of our server runs any more (nothing is signalled)."""
     if not is_ours(record):
-        return False
+        return _stop_leftovers(record.pid, timeout)
     group = os.getpgid(record.pid) == record.pid
 
     def signal_all(sig: int) -> None:
@@ -325,6 +325,37 @@ def stop(record: Record, timeout: float = 20.0) -> bool:
     if group:  # workers the server forked may outlive their leader by a moment
         time.sleep(0.2)
         signal_all(signal.SIGKILL)
+    return True
+
+
+def _stop_leftovers(group: int, timeout: float) -> bool:
+    """Stop what is left of the process group `group` whose leader died (kill -9 of the MLflow
+    server leaves its uvicorn workers serving, orphans, in its group); True if there was any. The
+    group id is the dead leader's PID, which the system does not hand out again while the group lives."""
+    import psutil
+
+    def members() -> list[int]:
+        found = []
+        for process in psutil.process_iter():
+            try:
+                if os.getpgid(process.pid) == group:
+                    found.append(process.pid)
+            except (ProcessLookupError, psutil.Error):
+                pass
+        return found
+
+    if not members():
+        return False
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(group, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 2.0)
+        while members() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not members():
+            break
     return True
 
 

@@ -235,3 +235,9 @@ def test_ui_on_a_port_already_taken_says_so_instead_of_exiting_0(capsys):
     assert main(["ui", "--host", "192.0.2.1", "--port", str(port)]) == 2  # TEST-NET-1: no machine's address
     said = one_paragraph(capsys.readouterr().out)
     assert "--host 192.0.2.1" in said and "cannot serve there" in said and "taken" not in said
+
+
+@pytest.mark.parametrize("argv", [["report", "0123abc"], ["ensemble", "0123abc"], ["ui"]])
+def test_report_ensemble_and_ui_on_a_tracking_server_that_does_not_answer_say_so_at_once(argv, capsys):
+    assert main([*argv, "--uri", "http://127.0.0.1:1"]) == 2  # before: minutes of retries, then "check the id"
+    assert "no MLflow tracking server answers there" in one_paragraph(capsys.readouterr().out)

@@ -294,6 +294,9 @@ def test_schedules_are_checked_before_serving():
         deploy.schedule_for("0 3 * *", None)
     with pytest.raises(BabysitError, match="exactly one"):
         deploy.schedule_for("0 3 * * *", 60)
+    with pytest.raises(BabysitError, match="Invalid timezone") as err:  # a good cron with a bad zone gets no hint about cron's fields
+        deploy.schedule_for("0 3 * * *", None, "Mars/Phobos")
+    assert "five fields" not in str(err.value)
     assert deploy.is_search_file("conf/search_digits.yaml") and not deploy.is_search_file("conf/digits_mlp.yaml")
 
 
@@ -618,3 +621,32 @@ def test_the_nightly_search_is_its_own_parent_warm_started_from_the_previous_sea
     warm = {key.removeprefix("range.coarse."): text for key, text in tags.items() if key.startswith("range.coarse.")}
     assert warm == dask_search.ranges["fine"] != dask_search.ranges["coarse"]
     assert tags["babysit.previous_search"] == dask_search.parent_run_id
+
+
+def test_server_down_stops_what_a_killed_server_left_serving_in_its_group(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from babysit import servers
+
+    # a leader that forks a worker, as `mlflow server` forks uvicorn's; kill -9 of the leader orphans the worker in its group
+    script = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); time.sleep(120)"
+    leader = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    try:
+        time.sleep(1.0)
+        (worker,) = psutil.Process(leader.pid).children()
+        leader.kill()
+        leader.wait()
+        record = servers.Record("mlflow", leader.pid, "127.0.0.1", 1, "http://127.0.0.1:1/health", {}, str(tmp_path / "log"), [], ["babysit-test-marker"])
+        assert worker.is_running() and servers.stop(record, timeout=5.0)  # it was still serving
+        worker.wait(timeout=10)
+        assert not servers.stop(record, timeout=1.0)  # nothing left
+    finally:
+        try:
+            os.killpg(leader.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
