@@ -149,11 +149,10 @@ def gone_here(identity: str) -> bool:
     """Whether `identity` (process_identity) names a process of this machine that has ended (killed)."""
     try:
         host, pid, _ = identity.rsplit(":", 2)
-        return host == socket.gethostname() and int(pid) != os.getpid() and (not psutil.pid_exists(int(pid)) or process_identity(int(pid)) != identity)
+        mine = host == socket.gethostname() and int(pid) != os.getpid()
     except ValueError:  # no tag: a search from before the tag existed, nothing is known
         return False
-    except psutil.Error:  # it ended between the two questions
-        return True
+    return mine and not alive_here(identity)
 
 
 def fail_abandoned(uri: str, named: list, keep: str) -> set[str]:
