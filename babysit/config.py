@@ -36,9 +36,9 @@ class Section(BaseModel):
     def _no_booleans_for_numbers(cls, value: Any, info: Any) -> Any:
         # pydantic reads YAML's true as the number 1: `workers: true` is a slip, not one worker
         kinds = _kinds(cls.model_fields[info.field_name].annotation)
-        items = value if isinstance(value, (list, tuple)) else [value]  # model.hidden: [64, true] too
-        if any(isinstance(item, bool) for item in items) and kinds & {int, float} and not kinds & {bool, Any}:
-            raise ValueError(f"expected {'numbers' if items is value else 'a number'}, got {str(value).lower() if items is not value else value}")
+        many = isinstance(value, (list, tuple))  # model.hidden: [64, true] too
+        if any(isinstance(item, bool) for item in (value if many else [value])) and kinds & {int, float} and not kinds & {bool, Any}:
+            raise ValueError(f"expected numbers, got {value}" if many else f"expected a number, got {str(value).lower()}")
         return value
 
 

@@ -214,10 +214,13 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def port_in_use(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((client_host(host), port)) == 0
+def port_in_use(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether anything accepts a connection there (a host name that does not resolve: no)."""
+    try:
+        socket.create_connection((client_host(host), port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def alive(pid: int) -> bool:
@@ -305,10 +308,16 @@ def log_tail(path: str, lines: int = 15) -> str:
 
 def stop(record: Record, timeout: float = 20.0) -> bool:
     """SIGTERM the process group `up` started (its leader is record.pid), SIGKILL after `timeout`.
-    Returns False when nothing of our server runs any more (nothing is signalled)."""
-    if not is_ours(record):
-        return _stop_leftovers(record.pid, timeout)
-    group = os.getpgid(record.pid) == record.pid
+    A leader killed by hand can leave its workers serving in its group (kill -9 of MLflow's server):
+    they are stopped alike; the group id, the dead leader's PID, is not handed out again while the
+    group lives. Returns False when nothing of our server runs any more (nothing is signalled)."""
+    leader = is_ours(record)
+    group = os.getpgid(record.pid) == record.pid if leader else not alive(record.pid) and _group_lives(record.pid)
+    if not leader and not group:  # gone, or its PID now runs something else
+        return False
+
+    def running() -> bool:
+        return alive(record.pid) if leader else _group_lives(record.pid)
 
     def signal_all(sig: int) -> None:
         try:
@@ -318,9 +327,9 @@ def stop(record: Record, timeout: float = 20.0) -> bool:
 
     signal_all(signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while alive(record.pid) and time.monotonic() < deadline:
+    while running() and time.monotonic() < deadline:
         time.sleep(0.2)
-    if alive(record.pid):
+    if running():
         signal_all(signal.SIGKILL)
     if group:  # workers the server forked may outlive their leader by a moment
         time.sleep(0.2)
@@ -328,34 +337,14 @@ def stop(record: Record, timeout: float = 20.0) -> bool:
     return True
 
 
-def _stop_leftovers(group: int, timeout: float) -> bool:
-    """Stop what is left of the process group `group` whose leader died (kill -9 of the MLflow
-    server leaves its uvicorn workers serving, orphans, in its group); True if there was any. The
-    group id is the dead leader's PID, which the system does not hand out again while the group lives."""
-    import psutil
-
-    def members() -> list[int]:
-        found = []
-        for process in psutil.process_iter():
-            try:
-                if os.getpgid(process.pid) == group:
-                    found.append(process.pid)
-            except (ProcessLookupError, psutil.Error):
-                pass
-        return found
-
-    if not members():
+def _group_lives(group: int) -> bool:
+    """Whether any process of process group `group` still runs."""
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
         return False
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(group, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + (timeout if sig == signal.SIGTERM else 2.0)
-        while members() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not members():
-            break
+    except PermissionError:  # it runs, as another user
+        pass
     return True
 
 

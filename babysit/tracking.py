@@ -146,15 +146,14 @@ def check_reachable(uri: str) -> None:
     """A tracking server or database where nothing answers is a BabysitError at once: MLflow would
     retry for minutes, then fail with a traceback. Local stores pass."""
     from babysit.errors import BabysitError
+    from babysit.servers import answers, port_in_use
 
     said = f"`tracking.uri` '{uri}' (or $MLFLOW_TRACKING_URI when the config leaves it unset)"
     if is_remote(uri) and urlparse(uri).scheme != "databricks":
-        from babysit.servers import answers
-
         if not answers(uri):
             raise BabysitError(f"{said}: no MLflow tracking server answers there; start it (`babysit server up`), or unset "
                                f"MLFLOW_TRACKING_URI to use the local store {DEFAULT_URI}.")
-    elif (address := database_address(uri)) is not None and not _answers(*address):
+    elif (address := database_address(uri)) is not None and not port_in_use(*address, timeout=5.0):  # MLflow would retry a refused database for minutes
         raise BabysitError(f"{said}: no database answers at {address[0]}:{address[1]}; start it, or unset MLFLOW_TRACKING_URI "
                            f"to use the local store {DEFAULT_URI}.")
 
@@ -171,17 +170,6 @@ def database_address(uri: str) -> tuple[str, int] | None:
 
     url = make_url(uri)
     return (url.host, url.port or DATABASE_PORTS[backend]) if url.host else None  # no host: a local socket
-
-
-def _answers(host: str, port: int, timeout: float = 5.0) -> bool:
-    """Whether anything accepts a connection there: MLflow would retry a refused database for minutes."""
-    import socket
-
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _check_writable(db: Path) -> None:

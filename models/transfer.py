@@ -79,7 +79,8 @@ def check_frozen_were_copied(model: nn.Module, frozen: int, copied: list[str], o
     """A frozen block must hold transferred weights: one that `model.init_from` did not fill would
     stay at its random initialisation for the whole run (a source of other widths, partly fitting)."""
     prefixes = tuple(f"blocks.{i}." for i in range(frozen)) + (("stem.",) if frozen and hasattr(model, "stem") else ())
-    random = [k for k, v in model.state_dict().items() if k.startswith(prefixes) and transferable(k, v) and k not in set(copied)]
+    kept = set(copied)
+    random = [k for k, v in model.state_dict().items() if k.startswith(prefixes) and transferable(k, v) and k not in kept]
     if random:
         raise BabysitError(f"`model.freeze` {frozen} block(s): {', '.join(random[:4])}{', ...' if len(random) > 4 else ''} did not fit any tensor of "
                            f"`model.init_from` {origin}, and frozen would stay random; freeze fewer blocks, or match the source's widths.")
