@@ -116,20 +116,9 @@ def dead_unit_probe(model: nn.Module) -> Iterator[list[float]]:
         fractions.extend((1.0 - torch.stack([a.float().mean() for a in alive])).tolist())
 
 
-@torch.no_grad()
-def dead_unit_fractions(model: nn.Module, X: torch.Tensor) -> list[float]:
-    """Per hidden layer, the share of units whose output is exactly 0 for every row of X.
-
-    Runs in eval mode (no dropout, BatchNorm with running statistics) and restores the mode.
-    Models without `hidden_activations` (see models.mlp.MLP) give [].
-    """
-    if not hasattr(model, "hidden_activations"):
-        return []
-    training = model.training
-    model.eval()
-    dead = [(h.abs().amax(dim=0) == 0).float().mean() for h in model.hidden_activations(X)]
-    model.train(training)
-    return torch.stack(dead).tolist() if dead else []
+def dead_fractions(hidden: list[torch.Tensor]) -> list[float]:
+    """Per hidden layer's output (batch first), the share of its units that are exactly 0 for every row."""
+    return [(h.abs().amax(dim=0) == 0).float().mean().item() for h in hidden]
 
 
 def dead_unit_metrics(fractions: list[float]) -> dict[str, float]:

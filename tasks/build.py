@@ -1,7 +1,8 @@
 """Model-building stage: build the configured model and measure its activations at init.
 
 The lecture's point about init is shown, not claimed: one forward pass of a training batch
-through the fresh model gives each hidden layer's mean, std, dead and saturated fractions.
+through the fresh model gives each hidden layer's mean, std, dead and saturated fractions, as
+the first training step sees them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from babysit.config import ModelConfig
-from babysit.diagnostics import dead_unit_fractions
+from babysit.diagnostics import dead_fractions
 from models.mlp import build_model
 
 
@@ -39,10 +40,22 @@ def saturated(activations: torch.Tensor, activation: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def activation_stats(model: torch.nn.Module, X: torch.Tensor, activation: str) -> dict[str, list[float]]:
-    model.eval()  # BatchNorm at init normalises with its running stats (0, 1)
+def activations_at_init(model: torch.nn.Module, X: torch.Tensor) -> list[torch.Tensor]:
+    """Each hidden layer's output for the batch `X` as the first training step computes it:
+    BatchNorm normalises with the batch's own statistics (in eval mode its running statistics
+    are still 0 and 1 at init, so it would do nothing, and a bad init that it rescues would look
+    unrescued), dropout is off (its zeros say nothing about the init). Updates the running
+    statistics of `model`: pass one built to be inspected."""
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.train()
+    return model.hidden_activations(X)
+
+
+def activation_stats(hidden: list[torch.Tensor], activation: str) -> dict[str, list[float]]:
     stats: dict[str, list[float]] = {"act_mean": [], "act_std": [], "act_frac_zero": [], "act_frac_saturated": []}
-    for h in model.hidden_activations(X):
+    for h in hidden:
         stats["act_mean"].append(h.mean().item())
         stats["act_std"].append(h.std().item())
         stats["act_frac_zero"].append((h == 0).float().mean().item())
@@ -50,12 +63,10 @@ def activation_stats(model: torch.nn.Module, X: torch.Tensor, activation: str) -
     return stats
 
 
-@torch.no_grad()
-def activation_histograms(model: torch.nn.Module, X: torch.Tensor, bins: int = 50) -> list[tuple[list[int], list[float]]]:
+def activation_histograms(hidden: list[torch.Tensor], bins: int = 50) -> list[tuple[list[int], list[float]]]:
     """Each hidden layer's activations, binned on bins shared by all layers (as in the lecture's
     figure: vanishing layers collapse onto the bin at 0): small data to pass and plot."""
-    model.eval()
-    layers = [h.float().cpu().numpy().ravel() for h in model.hidden_activations(X)]
+    layers = [h.float().cpu().numpy().ravel() for h in hidden]
     layers = [values[np.isfinite(values)] for values in layers]  # an exploded net has inf
     finite = [values for values in layers if values.size]
     if not finite:
@@ -68,14 +79,14 @@ def inspect_init(cfg: ModelConfig, inputs: int | tuple[int, ...], n_classes: int
     """`inputs`: the feature count or one row's shape, as for models.mlp.build_model."""
     model = build_model(cfg, inputs, n_classes, seed)
     widths = cfg.hidden if cfg.kind == "mlp" else cfg.channels
-    X = torch.as_tensor(X_batch)
+    hidden = activations_at_init(model, torch.as_tensor(X_batch))
     return InitReport(
         n_params=sum(p.numel() for p in model.parameters()),
         architecture=(" -> ".join(str(w) for w in [math.prod(np.atleast_1d(inputs)), *widths, n_classes]) if cfg.kind == "mlp"
                       else f"{cfg.kind} on {tuple(inputs)}: " + " -> ".join(str(w) for w in [*widths, n_classes])),
         # act_frac_dead: units that output 0 for every row of the batch (dead ReLUs)
-        layer_stats={**activation_stats(model, X, cfg.activation), "act_frac_dead": dead_unit_fractions(model, X)},
-        histograms=activation_histograms(model, X),
+        layer_stats={**activation_stats(hidden, cfg.activation), "act_frac_dead": dead_fractions(hidden)},
+        histograms=activation_histograms(hidden),
     )
 
 

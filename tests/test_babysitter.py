@@ -15,7 +15,7 @@ from babysit import tracking
 from babysit.advice import run_report, search_advice
 from babysit.cli import main
 from babysit.config import FlagsConfig, load_config
-from babysit.diagnostics import dead_unit_fractions, param_labels, snapshot, step_diagnostics
+from babysit.diagnostics import dead_fractions, param_labels, snapshot, step_diagnostics
 from tasks.build import inspect_init
 from tasks.data import load_dataset, split_dataset
 from tasks.preprocess import fit_preprocess
@@ -157,7 +157,7 @@ def test_dead_units_are_units_zero_for_every_row():
         mlp.blocks[0][0].bias.copy_(torch.tensor([0.0, 0.0, -10.0, 0.0]))
     X = torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]])
     # unit 1 is positive on row 1, unit 2 on row 2; unit 3 is always < 0 and unit 4 always 0: 2 of 4 dead
-    assert dead_unit_fractions(mlp, X) == [0.5]
+    assert dead_fractions(mlp.hidden_activations(X)) == [0.5]
 
 
 def test_diagnostics_are_logged_per_epoch_and_do_not_change_training(one_thread):
@@ -189,6 +189,7 @@ def test_diagnostics_are_logged_per_epoch_and_do_not_change_training(one_thread)
     ([], True),
     (["model.init=xavier"], False),
     (["model.activation=relu", "model.init=he"], False),
+    (["model.batchnorm=true"], False),  # batch norm rescues the bad init: its batch statistics, not its running ones at init (0, 1)
 ])
 def test_vanishing_activations_at_init_of_a_10_layer_mlp(overrides, vanishes):
     cfg = load_config("conf/deep_tanh_small_init.yaml", overrides)
