@@ -43,6 +43,24 @@ def make_transformer(cfg: PreprocessConfig, n_train: int, n_features: int) -> Tr
     return PCA(n_components=components, whiten=cfg.method == "whiten", svd_solver="full")
 
 
+FLAT_VARIANCE = 1e-12  # a component's variance below this share of the largest one is rounding error: the split is flat there
+
+
+def check_whitened_directions_vary(pca: PCA) -> None:
+    """Whitening divides each kept component by its standard deviation: a direction in which the
+    training split does not vary (a feature constant there, or one that others determine) would
+    be divided by ~1e-16, and a validation or test row that moves along it becomes ~1e15."""
+    variances = pca.explained_variance_
+    varying = int((variances > FLAT_VARIANCE * variances[0]).sum())
+    if varying < len(variances):
+        raise BabysitError(
+            f"`preprocess.pca_components` keeps {len(variances)} components for method whiten, but the training split varies "
+            f"in only {varying} directions (the others have no variance: constant features, or features that others determine), "
+            f"and whitening would divide by their zero spread. Keep at most {varying} (`preprocess.pca_components: {varying}`), "
+            "or give a share of the variance such as 0.99."
+        )
+
+
 def affine_parameters(transformer: TransformerMixin, n_features: int) -> tuple[np.ndarray, np.ndarray]:
     """Recover W, b of a fitted affine transformer by probing it with 0 and the unit vectors."""
     bias = transformer.transform(np.zeros((1, n_features), dtype=np.float64))[0]
@@ -71,6 +89,8 @@ def fit_preprocess(splits: Splits, cfg: PreprocessConfig) -> Prepared:
         return fit_channel_preprocess(splits, cfg)
     transformer = make_transformer(cfg, len(splits.X_train), splits.n_features)
     transformer.fit(splits.X_train.astype(np.float64))
+    if cfg.method == "whiten":
+        check_whitened_directions_vary(transformer)
     weight, bias = affine_parameters(transformer, splits.n_features)
 
     def apply(X: np.ndarray) -> np.ndarray:

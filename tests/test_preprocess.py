@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -86,6 +88,22 @@ def test_whiten_gives_identity_covariance_on_train_only(splits):
     Zv = prepared.splits.X_val.astype(np.float64)
     assert np.abs(Zv.mean(axis=0)).max() > 0.1
     np.testing.assert_allclose(np.diag(np.cov(Zv, rowvar=False)), 4.0, rtol=0.25)
+
+
+def test_whitening_a_direction_without_variance_is_a_user_error(splits):
+    """Digits: pixels that are blank in every training image. Whitened with all 64 components they
+    were divided by ~1e-15, and a test image with ink there became ~1e15."""
+    def blank(X: np.ndarray) -> np.ndarray:
+        return np.column_stack([X, np.zeros(len(X), np.float32)])
+
+    flat = replace(splits, X_train=blank(splits.X_train), X_val=blank(splits.X_val), X_test=blank(splits.X_test))
+    flat.X_test[0, 5] = 16.0  # the test split has it
+    with pytest.raises(BabysitError) as err:
+        fit_preprocess(flat, PreprocessConfig(method="whiten", pca_components=6))
+    assert "pca_components" in str(err.value) and "only 5 directions" in str(err.value) and "at most 5" in str(err.value)
+    prepared = fit_preprocess(flat, PreprocessConfig(method="whiten", pca_components=5))
+    assert np.abs(prepared.splits.X_test).max() < 100
+    fit_preprocess(flat, PreprocessConfig(method="pca", pca_components=6))  # PCA divides by nothing: all components are fine
 
 
 @pytest.mark.parametrize("method", METHODS)
