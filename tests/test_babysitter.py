@@ -211,6 +211,19 @@ def test_lr_1e_minus_7_flags_lr_too_low(one_thread):
     assert max(result.diagnostics["update_ratio"]) < 1e-5
 
 
+@pytest.mark.parametrize("overrides, too_high", [
+    (["optim.lr=3e-2"], True),  # Adam: update ratio ~2.3e-2, 2/3 of the ReLUs die
+    (["optim.name=sgd", "optim.lr=1"], True),  # ~2.9e-2, the validation loss rises
+    (["optim.lr=1e-2"], False),  # ~1.5e-2: high for Adam, yet its best validation accuracy here
+])
+def test_update_ratio_far_above_the_rule_of_thumb_flags_lr_too_high(one_thread, overrides, too_high):
+    cfg = load_config("conf/digits_mlp.yaml", [*overrides, "optim.schedule=constant", "train.epochs=3", "train.device=cpu"])
+    prepared = prepared_for(cfg)
+    result, _ = train_and_test(cfg, prepared)
+    found = F.run_flags(result.history, result.initial_loss, cfg.flags, result.diagnostics, n_classes=prepared.splits.n_classes, base_lr=cfg.optim.lr)
+    assert ("lr_too_high" in found) == too_high, (found, result.diagnostics["update_ratio"])
+
+
 def test_wide_mlp_without_regularization_on_a_small_split_overfits(one_thread):
     cfg = load_config("conf/digits_mlp.yaml", [
         "data.val_fraction=0.9", "data.test_fraction=0.07",  # ~53 training images
