@@ -522,6 +522,9 @@ class SearchExperiment(Config):
                 if problem:
                     hint = f"; {field} takes whole numbers: use int({dist.low:g}, {dist.high:g})" if "integer" in problem else ""
                     raise ValueError(f"search.space: {problem}{hint}")
+        for field in self.search.space:
+            if problem := never_read(field, self.search.space, base):
+                raise ValueError(f"search.space: {problem}")
         return self
 
     def base_config(self) -> Config:
@@ -569,13 +572,34 @@ READ_ONLY_WHEN: dict[str, tuple[str, frozenset[str]]] = {
 }
 
 
+def never_read(field: str, space: dict[str, str], base: dict[str, Any]) -> str | None:
+    """Why no trial of `space` on config tree `base` could train with searched `field`, or None:
+    its switch (READ_ONLY_WHEN) is set, or searched, to values that never read it."""
+    if field not in READ_ONLY_WHEN:
+        return None
+    from babysit.space import parse_dist
+
+    switch, readers = READ_ONLY_WHEN[field]
+    searched = parse_dist(switch, space[switch]) if switch in space else None
+    possible = list(searched.options) if searched is not None else [reads_switch(switch, base)]
+    if any(value in readers for value in possible):
+        return None
+    now = f"searched over {', '.join(map(str, possible))}" if searched is not None else f"'{possible[0]}'"
+    return (f"`{field}` is read only when `{switch}` is {' or '.join(sorted(readers))}, and it is {now} here, so searching `{field}` "
+            f"would train the same model again and again; set `{switch}` (--set {switch}={sorted(readers)[0]}), search it too, or drop `{field}`")
+
+
+def reads_switch(switch: str, base: dict[str, Any]) -> Any:
+    section, name = switch.split(".")
+    return base.get(section, {}).get(name)
+
+
 def reads_field(field: str, values: dict[str, Any], base: dict[str, Any]) -> bool:
     """Whether a trial with these sampled `values` (dotted field -> value) on the `base` config tree trains with `field`."""
     if field not in READ_ONLY_WHEN:
         return True
     switch, readers = READ_ONLY_WHEN[field]
-    section, name = switch.split(".")
-    return values.get(switch, base.get(section, {}).get(name)) in readers
+    return values.get(switch, reads_switch(switch, base)) in readers
 
 
 def field_problem(base: dict[str, Any], field: str, value: Any) -> str | None:

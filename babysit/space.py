@@ -223,9 +223,10 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
     instead (by `widen`), unless a diverged trial already lies beyond it — diverged trials cap the
     upper bound (too-high values) from above: the learning rate's, when theirs was above every top
     trial's (_divergence_explained_by_lr), else every field's. The learning rate (`cfg.learning_rate`) has the
-    mirror image: too-slow trials below the top trials raise its lower bound. When most of the
-    top trials were too slow themselves, or every trial diverged, only the learning rate's range
-    moves (up or down, past the edge); see _above_what_barely_learned and _below_what_diverged, which
+    mirror image: too-slow trials below the top trials raise its lower bound. Too-slow trials tied
+    into the top-k below a best trial that learned do not count among the top. When most of the
+    top trials were too slow themselves (the best too), or every trial diverged, only the learning
+    rate's range moves (up or down, past the edge; with the learning rate not searched, nothing does); see _above_what_barely_learned and _below_what_diverged, which
     also moves it down when every trial that finished learned too fast.
     `is_valid(field, value)` says whether a moved bound is still a legal config value: a bound
     moved past the field's limit stops at it, and one already there stays put and is not reported
@@ -241,9 +242,13 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
         return _below_what_diverged(space, trials, cfg, is_valid)  # or every trial that finished learned too fast
     cut = scored[min(top_count(cfg.top_k, len(scored)), len(scored)) - 1]["score"]
     top = [t for t in scored if t["score"] >= cut]  # every trial tied at the cut: which of them ran first is no evidence
+    if not top[0].get("too_slow"):  # the best learned: trials that barely did are in the top by a tie at chance, not by their values
+        top = [t for t in top if not t.get("too_slow")]
     learning_rate = space.get(cfg.learning_rate)
-    if learning_rate is not None and learning_rate.numeric and 2 * sum(bool(t.get("too_slow")) for t in top) > len(top):
-        return _above_what_barely_learned(space, trials, cfg, is_valid)
+    if 2 * sum(bool(t.get("too_slow")) for t in top) > len(top):  # their scores are noise: nothing narrows on them
+        if learning_rate is not None and learning_rate.numeric:
+            return _above_what_barely_learned(space, trials, cfg, is_valid)
+        return space, {}
     tied = scored[0]["score"] == scored[-1]["score"] and len(scored) > 1  # no score tells the trials apart
     lr_explains = _divergence_explained_by_lr(learning_rate, cfg.learning_rate, top)
     new_space, edges = {}, {}

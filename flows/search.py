@@ -282,7 +282,7 @@ def edge_cause(field: str, side: str, dist, results: list[TrialResult], edge: fl
     scored = [r for r in results if r.val_acc is not None and reads_field(field, r.params, base_tree)]
     if not scored:
         return "every trial diverged: the learning rate is too high"
-    best = max(scored, key=lambda r: r.val_acc).params[field]
+    best = max(reversed(scored), key=lambda r: r.val_acc).params[field]  # of tied trials the latest, as the search's best trial
     if side == "low" and all("lr_too_high" in r.flags for r in scored):
         return f"every trial that finished learned too fast (lr_too_high), the best at {best:.4g}: the learning rate is too high"
     if edge_side(dist, best, edge) == side:

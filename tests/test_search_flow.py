@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from babysit import tracking
+from babysit.errors import BabysitError
 from babysit.config import DEFAULT_LR, SearchExperiment, load_config
 from flows.search import search_flow
 
@@ -236,7 +237,6 @@ def test_a_scheduled_search_reuses_no_trial_of_earlier_runs(prefect_harness, fre
 
 
 def test_a_search_running_now_in_another_process_is_not_resumed_until_that_process_is_gone(prefect_harness, fresh_uri):
-    from babysit.errors import BabysitError
     from flows.search import open_parent, process_identity, recurrence_of
 
     overrides = [*EDITABLE[:3], "search.stages=[{name: coarse, trials: 2, epochs: 1}]", "search.final=null"]
@@ -599,11 +599,21 @@ def test_a_config_sampled_twice_in_a_stage_trains_once(prefect_harness, fresh_ur
 
 
 def test_configs_that_differ_only_in_a_field_their_optimizer_does_not_read_train_once(prefect_harness, fresh_uri):
-    # adam never reads momentum: 4 samples, 2 distinct trainings (one per activation)
-    summary, kids = small_search(fresh_uri, "optim.name=adam", "search.space={optim.momentum: 'uniform(0.5, 0.99)', model.activation: 'choice([relu, tanh])'}",
+    # adam never reads momentum: 4 grid points (2 optimizers x 2 momenta), 3 distinct trainings
+    summary, kids = small_search(fresh_uri, "search.space={optim.name: 'choice([adam, momentum])', optim.momentum: 'uniform(0.5, 0.99)'}",
                                  "search.sampler=grid", "search.stages=[{name: coarse, trials: 4, epochs: 1}]", "search.final=null")
-    assert summary.trials_run == len(kids) == 2
-    assert {k.data.params["model.activation"] for k in kids} == {"relu", "tanh"}
+    assert summary.trials_run == len(kids) == 3
+    assert sorted(k.data.params["optim.name"] for k in kids) == ["adam", "momentum", "momentum"]
+
+
+def test_searching_a_field_that_no_trial_reads_is_refused_at_load():
+    with pytest.raises(BabysitError) as err:  # adam never reads momentum, and optim.name is not searched
+        load_config("conf/search_digits.yaml", ["optim.name=adam", "search.space={optim.momentum: 'uniform(0.5, 0.99)'}"], model=SearchExperiment)
+    assert "`optim.momentum` is read only when `optim.name` is momentum or nesterov" in str(err.value) and "'adam'" in str(err.value)
+    with pytest.raises(BabysitError) as err:  # searched, but never to a value that reads it
+        load_config("conf/search_digits.yaml", ["search.space={optim.gamma: 'uniform(0.1, 0.9)', optim.schedule: 'choice([constant, cosine])'}"], model=SearchExperiment)
+    assert "searched over constant, cosine" in str(err.value)
+    load_config("conf/search_digits.yaml", ["search.space={optim.gamma: 'uniform(0.1, 0.9)', optim.schedule: 'choice([constant, step])'}"], model=SearchExperiment)
 
 
 def test_a_learning_rate_range_too_low_to_learn_moves_up(prefect_harness, fresh_uri):

@@ -422,6 +422,26 @@ def test_trials_whose_loss_barely_moved_move_the_learning_rate_range_up():
     assert edges == {} and new["lr"].low == pytest.approx(3e-5) and new["lr"].high == pytest.approx(1e-1)
 
 
+def test_slow_trials_tied_at_chance_into_the_top_do_not_outvote_a_best_trial_that_learned():
+    # 4 spiral trials, top_k 0.25 (at least 2): the cut, 0.549, is shared by two trials that barely learned
+    space = space_of(lr="loguniform(1e-4, 1e-1)")
+    trials = [{"params": {"lr": 8.1e-3}, "score": 0.81, "diverged": False, "too_slow": False},
+              {"params": {"lr": 1.2e-4}, "score": 0.549, "diverged": False, "too_slow": True},
+              {"params": {"lr": 1.3e-4}, "score": 0.549, "diverged": False, "too_slow": True},
+              {"params": {"lr": 6e-2}, "score": 0.544, "diverged": False, "too_slow": False}]
+    new, edges = narrow(space, trials, Narrowing(top_k=0.25, learning_rate="lr"))
+    assert edges == {}  # it learned, mid-range: the rate is not too low
+    assert 1.3e-4 < new["lr"].low < 8.1e-3 < new["lr"].high < 1e-1
+
+
+def test_trials_that_barely_learned_narrow_nothing_when_the_learning_rate_is_not_searched():
+    space = space_of(momentum="uniform(0.5, 0.95)", slope="uniform(0.5, 0.9)")
+    points = [{"momentum": m, "slope": v} for m, v in zip(np.linspace(0.55, 0.9, 8), np.linspace(0.85, 0.55, 8))]
+    noise = [0.54, 0.57, 0.55, 0.56, 0.54, 0.55, 0.57, 0.56]
+    trials = [{**t, "too_slow": True} for t in trials_for(points, lambda p: noise[points.index(p)])]
+    assert narrow(space, trials, Narrowing(top_k=2, learning_rate="lr")) == (space, {})
+
+
 def test_a_best_trial_that_barely_learned_never_moves_the_learning_rate_range_down():
     # 2 trials at chance: the "best" by noise sits at the low edge, and its own flag says the rate is too low
     space = space_of(lr="loguniform(8e-3, 0.3)")
