@@ -164,8 +164,8 @@ def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, p
     """One line on the `bad` trials of a stage: the range that holds them, to be cut off, or, when
     every trial shares the problem, `everywhere` (what to do with the learning rate)."""
     found = f"{what} in {int(bad.sum())} of {len(trials)} {stage} trials"
-    if bad.all() and len(trials) > 1:
-        return f"{what} in all {len(trials)} {stage} trials: {everywhere}."
+    if bad.all():
+        return f"{what} in {f'all {len(trials)} {stage} trials' if len(trials) > 1 else f'the one {stage} trial'}: {everywhere}."
     culprit = blame(trials, bad, params, never, prefer, clearly_best(trials, bad))
     if culprit is None:
         return f"{found}, with no single parameter range to blame."
@@ -206,7 +206,7 @@ def search_advice(trials: pd.DataFrame, edges: list[tuple[str, str]], unmoved: d
         counts = group_status.value_counts()
         summary = ", ".join(f"{counts[s]} {s}" for s in ("finished", "diverged", "pruned", "failed") if s in counts)
         best_acc = group["val_acc"].max() if "val_acc" in group else math.nan
-        lines.append(f"{stage}: {len(group)} trials ({summary})" + (f"; best validation accuracy {best_acc:.1%}." if pd.notna(best_acc) else "."))
+        lines.append(f"{stage}: {len(group)} trial{'s' if len(group) > 1 else ''} ({summary})" + (f"; best validation accuracy {best_acc:.1%}." if pd.notna(best_acc) else "."))
         # a trial that failed with an error (a batch of 1 row under batch norm) says nothing of the rate: the flags are weighed among those that trained
         trained = group_status != "failed"
         group, group_flags, group_status = group[trained], group_flags[trained], group_status[trained]

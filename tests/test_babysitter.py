@@ -305,6 +305,8 @@ def test_search_advice_on_the_learning_rate_names_the_files_rate_when_it_is_not_
     text = search_advice(slow, [])
     assert "lr_too_low in all 2 c trials: the loss barely moved anywhere, so the learning rate (`optim.lr`, not searched) is too low: raise it" in text
     assert "range" not in text.split("best trial")[0]
+    one = search_advice(slow[:1], [])  # a stage of one trial: the same advice, in words for one
+    assert "c: 1 trial (" in one and "lr_too_low in the one c trial: the loss barely moved anywhere" in one
 
 
 def test_search_advice_says_the_rate_is_too_high_when_every_trial_that_did_not_explode_has_lr_too_high():
