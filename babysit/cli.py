@@ -11,7 +11,6 @@ import faulthandler
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -381,10 +380,7 @@ def ui(args: argparse.Namespace) -> int:
         db.parent.mkdir(parents=True, exist_ok=True)
     console.print(f"MLflow UI for {uri} on http://{args.host}:{args.port}/#/experiments?{tracking.UI_VIEW} (Ctrl-C stops it)")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port), "--workers", "1"]
-    try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
-        return 0
+    return servers.run_in_own_group(command)
 
 
 def parser() -> argparse.ArgumentParser:

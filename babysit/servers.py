@@ -22,7 +22,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -335,6 +335,32 @@ def stop(record: Record, timeout: float = 20.0) -> bool:
         time.sleep(0.2)
         signal_all(signal.SIGKILL)
     return True
+
+
+def run_in_own_group(command: list[str], grace: float = 10.0) -> int:
+    """Run `command` in a process group of its own until it exits, or until this process gets
+    SIGINT, SIGTERM or SIGHUP; either way its whole group is then stopped (SIGTERM, SIGKILL after
+    `grace` seconds). MLflow's UI forks uvicorn and job workers: a supervisor's `kill PID` reached
+    this process only, and they went on serving the port. Returns its exit status, 0 when stopped."""
+    process = subprocess.Popen(command, start_new_session=True)
+    stopped: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: stopped.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        while process.poll() is None and not stopped:
+            time.sleep(0.1)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            process.poll()  # reaps the leader if it has exited: unreaped, it would still count in its group
+            if not _group_lives(process.pid):
+                break
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, sig)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and (process.poll() is None or _group_lives(process.pid)):
+                time.sleep(0.1)
+    return 0 if stopped else process.returncode
 
 
 def _group_lives(group: int) -> bool:

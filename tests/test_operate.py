@@ -650,3 +650,18 @@ def test_server_down_stops_what_a_killed_server_left_serving_in_its_group(tmp_pa
             os.killpg(leader.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_a_signal_to_a_command_run_in_its_own_group_stops_what_it_forked(tmp_path):
+    """babysit ui: `kill PID` reached babysit only, and MLflow's uvicorn and job workers went on serving."""
+    marker = "61.2345"  # a sleep that only this test's grandchild runs
+    forking = [sys.executable, "-c", f"import subprocess, time; subprocess.Popen(['sleep', '{marker}']); time.sleep(60)"]
+    script = f"import sys; from babysit import servers; sys.exit(servers.run_in_own_group({forking!r}))"
+    runner = subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parents[1])
+    deadline = time.monotonic() + 30
+    while not subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True).stdout and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True).stdout, "the grandchild never started"
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=20) == 0
+    assert not subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True).stdout
