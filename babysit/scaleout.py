@@ -58,6 +58,21 @@ def dask_tracking_uri(uri: str, address: str | None, worker_addresses: list[str]
     return uri
 
 
+DASK_PORT = 8786  # the scheduler's default
+
+
+def check_scheduler(address: str) -> None:
+    """A scheduler address where nothing answers is a BabysitError at once: Dask retries for 30 s,
+    then the search failed with four chained tracebacks."""
+    from babysit.servers import port_in_use
+
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if parsed.scheme in ("tcp", "tls") and not port_in_use(parsed.hostname or "127.0.0.1", parsed.port or DASK_PORT, timeout=5.0):
+        raise BabysitError(f"`search.dask_address` {address}: no Dask scheduler answers there; start it (`dask scheduler`, and `dask worker "
+                           f"{address}` on each machine, docs/scale-out.md), or leave the address out to run a LocalCluster of "
+                           "`search.workers` processes here.")
+
+
 def dask_prefect_api(address: str | None, configured: str | None, current: str | None) -> str | None:
     """The Prefect API URL that Dask workers report task runs to.
 

@@ -325,6 +325,8 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     uri = tracking.resolve_uri(base.tracking.uri)
     dask = exp.search.runner == "dask"
     if dask:  # every Dask worker must write to the same store and report to the same Prefect API
+        if exp.search.dask_address:
+            scaleout.check_scheduler(exp.search.dask_address)
         uri = scaleout.dask_tracking_uri(uri, exp.search.dask_address)
     # one task runner for all stages and the final retrain
     runner = scaleout.task_runner(exp.search.runner, exp.search.workers, exp.search.dask_address, prefect_api_for_dask(exp) if dask else None)

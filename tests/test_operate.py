@@ -127,6 +127,17 @@ def test_dask_workers_elsewhere_cannot_share_a_local_sqlite_store(tmp_path, monk
         assert scaleout.dask_tracking_uri(shared, "tcp://10.0.0.5:8786") == shared
 
 
+def test_a_dask_scheduler_that_does_not_answer_is_refused_before_the_search_starts():
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        scaleout.check_scheduler(f"tcp://127.0.0.1:{listening.getsockname()[1]}")  # something answers: go on
+        scaleout.check_scheduler(f"127.0.0.1:{listening.getsockname()[1]}")
+        free = listening.getsockname()[1]
+    with pytest.raises(BabysitError, match=rf"`search.dask_address` tcp://127.0.0.1:{free}: no Dask scheduler answers there"):
+        scaleout.check_scheduler(f"tcp://127.0.0.1:{free}")
+
+
 def test_the_dask_runner_makes_a_loopback_localcluster_or_joins_a_scheduler():
     local = scaleout.task_runner("dask", 3, None, "http://127.0.0.1:4200/api")
     assert local.address is None and local.cluster_kwargs == {
