@@ -29,14 +29,15 @@ console = Console()
 class HideUserErrorTracebacks(logging.Filter):
     """Bad input is not a bug: log BabysitError's paragraph, not a traceback of our internals.
     On the terminal, drop Prefect's "failed with exception" records of it altogether: the command
-    ends by printing the paragraph once (the API, and so the Prefect UI, still gets them)."""
+    ends by printing the paragraph once (the API, and so the Prefect UI, still gets them). So too
+    for a server that stopped answering (lost_server_message)."""
 
     def __init__(self, terminal: bool) -> None:
         super().__init__()
         self.terminal = terminal
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], BabysitError):
+        if record.exc_info and (isinstance(record.exc_info[1], BabysitError) or isinstance(record.exc_info[1], Exception) and lost_server_message(record.exc_info[1])):
             if self.terminal:
                 return False
             record.exc_info, record.exc_text = None, None
@@ -443,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # The first ephemeral server on a new machine migrates its database; 20 s is not always enough.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # A tracking server that stops answering: MLflow's default (7 retries, doubling from 2 s) waits
+    # about 4 minutes on each write before the command can say so; these wait about 15 s.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     args = parser().parse_args(argv)
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints where every thread of a stuck command is
         try:
@@ -458,6 +463,25 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[bold red]interrupted:[/] runs in progress are marked FAILED in MLflow; finished trials are kept, "
                       "and running the same command again resumes a search.", highlight=False)
         return 130
+    except Exception as err:
+        if message := lost_server_message(err):
+            console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+            return 1
+        raise
+
+
+def lost_server_message(err: Exception) -> str | None:
+    """One paragraph for a command cut off from its MLflow or Prefect server in mid-run, else None."""
+    from babysit import tracking
+
+    if mlflow := tracking.lost_server(err):
+        return (f"the MLflow tracking server at {mlflow} stopped answering, so this command could not record its run there "
+                "(nor end it). Start the server again (`babysit server up`) and rerun: the next run on that store ends the "
+                "one left RUNNING as FAILED, and a search resumes from its finished trials.")
+    if prefect := servers.lost_prefect_api(err):
+        return (f"the Prefect server at {prefect} stopped answering, so this command could not go on reporting its flow run. "
+                "Start it again (`babysit server up`) and rerun: MLflow keeps what finished, and a search resumes from its finished trials.")
+    return None
 
 
 if __name__ == "__main__":

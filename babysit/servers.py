@@ -197,6 +197,23 @@ def answers(url: str, timeout: float = 5.0) -> bool:
         return False
 
 
+def lost_prefect_api(err: BaseException) -> str | None:
+    """The Prefect API address when `err`, or an exception it came from, is a request to it that
+    could not connect and nothing answers there now; else None."""
+    import httpx
+
+    while err is not None:
+        if isinstance(err, httpx.TransportError):
+            try:
+                url = err.request.url
+            except RuntimeError:  # raised without its request
+                return None
+            address = f"{url.scheme}://{url.host}:{url.port}" if url.port else f"{url.scheme}://{url.host}"
+            return address if not answers(address) else None
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def check_prefect_api(api: str) -> None:
     """A PREFECT_API_URL where nothing answers is a BabysitError before a flow starts; Prefect itself
     would retry for a while and end in a traceback."""

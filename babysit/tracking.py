@@ -392,16 +392,51 @@ def end_run(run: RunRef, status: str = "FINISHED") -> None:
     _client(run.uri).set_terminated(run.run_id, status=status)
 
 
+def fail(run: RunRef, reason: str) -> None:
+    """End `run` FAILED, with `reason` in its tag babysit.failure."""
+    set_tags(run, {"babysit.failure": reason})
+    end_run(run, "FAILED")
+
+
 @contextmanager
 def finished_or_failed(run: RunRef) -> Iterator[RunRef]:
-    """End `run` FINISHED when the block completes, FAILED (with the reason) if it raises or is killed."""
+    """End `run` FINISHED when the block completes, FAILED (with the reason) if it raises or is
+    killed; unless its tracking server stopped answering: then MLflow would retry each of those
+    writes before failing too, and the next command on the store ends the run (babysit.owners)."""
     try:
         yield run
     except BaseException as err:
-        set_tags(run, {"babysit.failure": "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}"})
-        end_run(run, "FAILED")
+        if lost_server(err) is None:
+            fail(run, "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}")
         raise
     end_run(run, "FINISHED")
+
+
+def lost_server(err: BaseException) -> str | None:
+    """The address of the MLflow tracking server when `err`, or an exception it came from, is
+    MLflow giving up on a request to it and the server does not answer now; else None."""
+    import re
+
+    from babysit.servers import answers
+
+    while err is not None:
+        if found := re.search(r"API request to (https?://\S+?)/api/", str(err)):
+            return found[1] if not answers(found[1]) else None
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def end_abandoned(uri: str, experiment_id: str, tags: dict[str, str]) -> list[str]:
+    """End FAILED the RUNNING runs with `tags` whose process (babysit.owners) has ended on this
+    machine, killed or cut off from its tracking server before it could end them; their ids."""
+    from babysit.owners import TAG, gone_here
+
+    ended = []
+    for found in find_runs(uri, experiment_id, tags):
+        if found.info.status == "RUNNING" and gone_here(found.data.tags.get(TAG, "")):
+            fail(RunRef(uri, found.info.run_id, experiment_id), "interrupted: its process ended before it ended the run")
+            ended.append(found.info.run_id)
+    return ended
 
 
 def log_csv(run: RunRef, frame: Any, artifact_file: str) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import nullcontext
@@ -20,7 +19,6 @@ from typing import NoReturn
 
 import numpy as np
 import pandas as pd
-import psutil
 import torch
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -29,6 +27,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from babysit import plots, recurring, scaleout, tracking
+from babysit.owners import alive_here, gone_here, process_identity
 from babysit.advice import search_advice
 from babysit.errors import BabysitError
 from babysit.config import Config, SearchExperiment, field_problem, load_config, reads_field, with_values
@@ -131,30 +130,6 @@ def open_parent(exp: SearchExperiment, uri: str, named: list, recurrence: dict[s
     return parent, finished, previous[0] if previous else None
 
 
-def process_identity(pid: int | None = None) -> str:
-    """'host:pid:start time' of a process (this one by default): a pid alone may since name another process."""
-    return f"{socket.gethostname()}:{pid or os.getpid()}:{psutil.Process(pid or os.getpid()).create_time():.0f}"
-
-
-def alive_here(identity: str) -> bool:
-    """Whether `identity` (process_identity) is a process running now on this machine, other than this one."""
-    try:
-        host, pid, _ = identity.rsplit(":", 2)
-        return host == socket.gethostname() and int(pid) != os.getpid() and process_identity(int(pid)) == identity
-    except (ValueError, psutil.Error):  # no tag (a search from before the tag existed), or the process is gone
-        return False
-
-
-def gone_here(identity: str) -> bool:
-    """Whether `identity` (process_identity) names a process of this machine that has ended (killed)."""
-    try:
-        host, pid, _ = identity.rsplit(":", 2)
-        mine = host == socket.gethostname() and int(pid) != os.getpid()
-    except ValueError:  # no tag: a search from before the tag existed, nothing is known
-        return False
-    return mine and not alive_here(identity)
-
-
 def fail_abandoned(uri: str, named: list, keep: str) -> set[str]:
     """Mark FAILED the parent runs among `named` (but `keep`, the one this search resumes) that a
     killed process of this machine left RUNNING, and their trials left RUNNING with them; their
@@ -163,8 +138,7 @@ def fail_abandoned(uri: str, named: list, keep: str) -> set[str]:
     for run in named:
         if run.info.status == "RUNNING" and run.info.run_id != keep and gone_here(run.data.tags.get("babysit.owner", "")):
             finished_trials(uri, run.info.experiment_id, [run.info.run_id], own=True)  # its RUNNING trials become FAILED
-            tracking.set_tags(tracking.RunRef(uri, run.info.run_id, run.info.experiment_id), {"babysit.failure": "interrupted: its process is gone"})
-            tracking.end_run(tracking.RunRef(uri, run.info.run_id, run.info.experiment_id), "FAILED")
+            tracking.fail(tracking.RunRef(uri, run.info.run_id, run.info.experiment_id), "interrupted: its process is gone")
             ended.add(run.info.run_id)
     return ended
 

@@ -8,14 +8,14 @@ from dataclasses import dataclass
 from prefect import flow, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from babysit import tracking
+from babysit import owners, tracking
 from babysit.config import Config, load_config
 from babysit.advice import run_report
 from babysit.flags import init_flags, run_flags
 from tasks.build import build_task
 from tasks.data import load_data_task
 from tasks.preprocess import preprocess_task
-from tasks.track import log_init_report, log_results_task, warn_init_flags
+from tasks.track import log_init_report, log_results_task, run_logger, warn_init_flags
 from tasks.train import train_task, training_device
 
 
@@ -60,7 +60,10 @@ def run_training(cfg: Config) -> RunSummary:
     init_report = build_task(cfg.model, s.input_shape, s.n_classes, cfg.seed, s.X_train[:256])
 
     uri = tracking.resolve_uri(cfg.tracking.uri)
-    run = tracking.start_run(uri, cfg.tracking.experiment, cfg.tracking.run_name, cfg.flat(), provenance_tags(cfg))
+    mine = {"babysit.kind": "train"}
+    if ended := tracking.end_abandoned(uri, tracking.open_store(uri, cfg.tracking.experiment), mine):
+        run_logger().info("runs %s, left RUNNING by a process that ended before it could end them, are now FAILED", ", ".join(ended))
+    run = tracking.start_run(uri, cfg.tracking.experiment, cfg.tracking.run_name, cfg.flat(), {**provenance_tags(cfg), **mine, owners.TAG: owners.process_identity()})
     with tracking.finished_or_failed(run):
         log_init_report(run, init_report)
         warn_init_flags(run, init_flags(init_report.layer_stats, cfg.flags))  # before any epoch is spent

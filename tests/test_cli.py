@@ -181,7 +181,7 @@ def test_search_prints_a_final_retrain_that_diverged(prefect_harness, tracking_u
     assert code == 0, out
     assert "final retrain │ diverged or failed" in out
     assert "model.activation ~ choice([relu])" in out  # not eaten as console markup (it printed "choice()")
-    assert "report │ - a: 1 trials (1 finished); best validation accuracy" in out  # report.md's advice, in the terminal too
+    assert "report │ - a: 1 trial (1 finished); best validation accuracy" in out  # report.md's advice, in the terminal too
 
 
 def test_errors_print_brackets_as_written(tmp_path, capsys):

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -676,3 +677,43 @@ def test_a_signal_to_a_command_run_in_its_own_group_stops_what_it_forked(tmp_pat
     runner.send_signal(signal.SIGTERM)
     assert runner.wait(timeout=20) == 0
     assert not subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True).stdout
+
+
+def test_a_tracking_server_that_dies_mid_run_ends_the_command_in_one_paragraph_and_the_next_run_fails_the_left_run(tmp_path):
+    """Before: MLflow retried each write ~4 minutes, then a ~740-line traceback; the run stayed RUNNING for ever."""
+    state, port = tmp_path / "state", free_port()
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1"}  # babysit's default, 4, waits ~15 s more
+    env.pop("PREFECT_API_URL", None)
+    up = [str(BIN / "babysit"), "server", "up", "--only", "mlflow", "--state", str(state), "--mlflow-port", str(port), "--mlflow-workers", "1",
+          "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination", str(tmp_path / "artifacts")]
+    train = [str(BIN / "babysit"), "train", "conf/digits_mlp.yaml", "--set", "model.hidden=[16]", "--set", "tracking.experiment=lost"]
+    try:
+        assert run_in_group(up, env, timeout=180).returncode == 0
+        process = subprocess.Popen([*train, "--set", "train.epochs=100000", "--set", "tracking.flush_seconds=0"], cwd=ROOT, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline, running = time.monotonic() + 120, []
+        while not running and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(1)
+            try:
+                experiment = http_json(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=lost")["experiment"]
+            except urllib.error.HTTPError:  # not created yet
+                continue
+            running = search_runs(f"http://127.0.0.1:{port}", experiment["experiment_id"], "attributes.status = 'RUNNING'")
+        assert running, "the training never started"
+        (mlflow,) = servers.load_state(state).values()
+        os.killpg(mlflow.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        try:
+            out, _ = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+        assert process.returncode == 1 and time.monotonic() - killed < 90, out[-2000:]
+        assert f"error: the MLflow tracking server at http://127.0.0.1:{port} stopped answering" in " ".join(out.split()) and "Traceback" not in out
+        assert run_in_group(up, env, timeout=180).returncode == 0  # the server back, on the same store
+        assert run_in_group([*train, "--set", "train.epochs=1"], env, timeout=180).returncode == 0
+        (left,) = [r for r in search_runs(f"http://127.0.0.1:{port}", running[0]["info"]["experiment_id"], "") if r["info"]["run_id"] == running[0]["info"]["run_id"]]
+        assert left["info"]["status"] == "FAILED" and tags_of(left)["babysit.failure"].startswith("interrupted")
+    finally:
+        servers.down(state)

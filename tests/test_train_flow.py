@@ -246,3 +246,27 @@ def test_failure_during_training_ends_the_run_failed(prefect_harness, tracking_u
     assert len(runs) == 1
     assert runs[0].info.status == "FAILED"
     assert runs[0].data.tags.get("babysit.failure")
+
+
+def test_a_training_run_left_running_by_a_process_that_is_gone_is_ended_failed_by_the_next(prefect_harness, tracking_uri, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from babysit import owners, tracking
+
+    monkeypatch.chdir(tmp_path)
+    killed, alive = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2))
+    try:
+        identities = {"killed": owners.process_identity(killed.pid), "alive": owners.process_identity(alive.pid)}
+        killed.kill()
+        killed.wait()
+        left = {who: tracking.start_run(tracking_uri, "flow-test", who, {}, {"babysit.kind": "train", owners.TAG: identity})
+                for who, identity in identities.items()}
+        summary = train_flow(config=CONFIG, overrides=OVERRIDES)
+    finally:
+        alive.kill()
+    ended = tracking.get_run(tracking_uri, left["killed"].run_id)
+    assert ended.info.status == "FAILED" and ended.data.tags["babysit.failure"].startswith("interrupted: its process ended")
+    assert tracking.get_run(tracking_uri, left["alive"].run_id).info.status == "RUNNING"  # its process may still end it
+    tags = tracking.get_run(tracking_uri, summary.run_id).data.tags
+    assert tags["babysit.kind"] == "train" and tags[owners.TAG] == owners.process_identity()
