@@ -127,14 +127,22 @@ class ModelConfig(Section):
     @classmethod
     def _freeze_transferred_blocks(cls, freeze: str | int, info: Any) -> str | int:
         # A count is a number of first blocks: -1 would slice blocks[:-1]. Freezing needs weights
-        # worth keeping: without init_from the blocks are random and would stay random. Whether n
-        # exceeds the model's blocks is checked where the model is built (models.transfer.freeze).
+        # worth keeping: without init_from the blocks are random and would stay random.
         if isinstance(freeze, int) and freeze < 0:
             raise ValueError(f"expected all, none or a number of first hidden blocks >= 0 (got {freeze})")
         if freeze not in ("none", 0) and not info.data.get("init_from"):
             raise ValueError(f"freeze {freeze} keeps blocks fixed at their initial weights, which without `model.init_from` are random; "
                              "set model.init_from to a trained model (runs:/<run id>/model or a state-dict file), or freeze: none")
         return freeze
+
+    @model_validator(mode="after")
+    def _freeze_existing_blocks(self) -> ModelConfig:
+        widths = "hidden" if self.kind == "mlp" else "channels"  # a block per width (a ResNet's stem goes with its first)
+        blocks = len(getattr(self, widths))
+        if isinstance(self.freeze, int) and self.freeze > blocks:
+            raise ValueError(f"`model.freeze` {self.freeze}: this model has {blocks} hidden blocks (`model.{widths}` {getattr(self, widths)}), "
+                             f"so freeze takes 0 to {blocks}, all or none")
+        return self
 
 
 # A learning rate each update rule trains the default digits MLP well with (used when `lr` is unset).

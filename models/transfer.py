@@ -63,7 +63,7 @@ def transfer_tags(model: nn.Module, copied: list[str]) -> dict[str, str]:
 def freeze(model: nn.Module, spec: str | int) -> int:
     """Stop gradients in all hidden blocks ('all'), none, or the first n (a ResNet's stem counts
     with its first block); returns the number of blocks frozen. Raises BabysitError when n is
-    more than the model has: the config does not know how many blocks a kind builds."""
+    more than the model has (a config is checked at load: babysit.config.ModelConfig)."""
     blocks = list(model.blocks)
     count = len(blocks) if spec == "all" else 0 if spec == "none" else int(spec)
     if not 0 <= count <= len(blocks):
