@@ -10,6 +10,7 @@ import argparse
 import faulthandler
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -87,7 +88,7 @@ def print_links(*lines: tuple[str, str]) -> None:
 def with_uri(command: str, uri: str, default: str) -> str:
     """`command` as the user can run it: with --uri when the store is not `default`, the one it
     reads when given none (resolved before a flow runs: logging a model sets MLflow's URI here)."""
-    return command if uri == default else f"{command} --uri {uri}"
+    return command if uri == default else f"{command} --uri {shlex.quote(uri)}"  # a store path may hold spaces
 
 
 def see_it(url: str, uri: str, default: str) -> str:
@@ -344,7 +345,7 @@ def ensemble(args: argparse.Namespace) -> int:
         summary = ensemble_flow(search_run_id=args.run_id, top=args.top, epochs=args.epochs, tracking_uri=args.uri)
     table = summary_table(f"babysit ensemble: top {args.top} of search {args.run_id}")
     table.add_row("members (test acc)", "\n".join(f"{run} ({acc:.4f})" for run, acc in zip(summary.members, summary.member_test_acc)))
-    table.add_row("best single model", f"test acc {summary.best_single_test_acc:.4f}")
+    table.add_row("best single model (by val acc)", f"test acc {summary.best_single_test_acc:.4f}")
     table.add_row("ensemble (mean of probabilities)", f"test acc {summary.ensemble_test_acc:.4f}")
     table.add_row("MLflow run", summary.run_id)
     console.print(table)

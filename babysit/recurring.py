@@ -43,10 +43,12 @@ def schedule_identity(deployment: str | None, scheduled: datetime | None) -> dic
 
 
 def run_name(base: str, identity: dict[str, str]) -> str:
-    """'search_digits' or, for a scheduled run, 'search_digits nightly 2026-11-28 03:00Z'."""
+    """'search_digits' or, for a scheduled run, 'search_digits nightly 2026-11-28 03:00Z' (with the
+    seconds when they are not 0: runs every 40 s would share names by the minute)."""
     if "babysit.schedule" not in identity:
         return base
-    return f"{base} {identity['babysit.schedule']} {identity['babysit.scheduled_for'][:16].replace('T', ' ')}Z"
+    when = identity["babysit.scheduled_for"]  # 2026-11-28T03:00:00Z
+    return f"{base} {identity['babysit.schedule']} {when[:16 if when[17:19] in ('', '00') else 19].replace('T', ' ')}Z"
 
 
 def stage_ranges(tags: dict[str, str], fields: list[str], stage_order: list[str]) -> dict[str, dict[str, str]]:

@@ -115,7 +115,7 @@ def open_parent(exp: SearchExperiment, uri: str, named: list, recurrence: dict[s
     if previous:
         # its edges are written afresh when it ends: a field whose edge this run does not reach keeps no tag of the last one
         parent = tracking.reopen_run(uri, previous[0], stale=("edge.", "babysit.flags"))
-        tracking.set_tags(parent, owner)
+        tracking.set_tags(parent, {**owner, **provenance_tags(exp)})  # the flow run (and commit) that finishes it
         finished = finished_trials(uri, experiment_id, [parent.run_id], own=True)
     else:
         versioned = {"babysit.data_version": data_version} if data_version else {}

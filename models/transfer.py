@@ -9,6 +9,7 @@ is copied; the classifier head is always new, since the new task has its own cla
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -99,6 +100,9 @@ def load_source(init_from: str, tracking_uri: str) -> dict[str, torch.Tensor]:
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise BabysitError(f"`model.init_from` {init_from}: expected a state dict (torch.save(model.state_dict(), path)), got {type(state).__name__}.")
         return state
+    if urlparse(init_from).scheme in ("", "file") and not Path(init_from.removeprefix("file://")).exists():  # a path (a model folder MLflow loads), not a model URI
+        raise BabysitError(f"`model.init_from` {init_from}: no such file (a relative path is read from the working folder, {Path.cwd()}); "
+                           "expected a torch.save(model.state_dict()) file, or an MLflow model URI such as runs:/<run id>/model.")
     return tracking.load_torch_model(init_from, tracking_uri).state_dict()
 
 

@@ -206,6 +206,7 @@ def test_summary_hints_name_the_store_and_a_tracking_servers_own_ui(monkeypatch)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert with_uri("babysit report abc", tracking.DEFAULT_URI, tracking.DEFAULT_URI) == "babysit report abc"
     assert with_uri("babysit report abc", "sqlite:////tmp/x.db", tracking.DEFAULT_URI) == "babysit report abc --uri sqlite:////tmp/x.db"  # else it reads mlruns/
+    assert with_uri("babysit report abc", "sqlite:////tmp/x y/ml flow.db", tracking.DEFAULT_URI) == "babysit report abc --uri 'sqlite:////tmp/x y/ml flow.db'"  # pastes into a shell
     served = tracking.RunRef("http://127.0.0.1:5099/", "r1", "2")
     assert see_it(tracking.run_url(served), served.uri, tracking.DEFAULT_URI) == f"http://127.0.0.1:5099/#/experiments/2/runs/r1?{tracking.UI_VIEW}"
     local = tracking.RunRef("sqlite:////tmp/x.db", "r1", "2")

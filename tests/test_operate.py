@@ -49,6 +49,8 @@ def test_scheduled_runs_are_named_and_tagged_by_deployment_and_time():
     identity = recurring.schedule_identity("search-digits-nightly", when)
     assert identity == {"babysit.schedule": "search-digits-nightly", "babysit.scheduled_for": "2026-11-28T03:00:00Z"}
     assert recurring.run_name("search_digits", identity) == "search_digits search-digits-nightly 2026-11-28 03:00Z"
+    every_40_s = recurring.schedule_identity("qa-search", datetime(2026, 11, 29, 8, 48, 19, tzinfo=timezone.utc))
+    assert recurring.run_name("search_digits", every_40_s) == "search_digits qa-search 2026-11-29 08:48:19Z"  # not the next run's name too
     # two runs started by hand in the same minute (`prefect deployment run`) are two searches
     by_hand = [recurring.schedule_identity("search-digits", datetime(2026, 11, 28, 1, 15, s, 120_000, tzinfo=timezone.utc)) for s in (8, 23)]
     assert by_hand[0] != by_hand[1] and by_hand[0]["babysit.scheduled_for"] == "2026-11-28T01:15:08.120000Z"

@@ -110,6 +110,7 @@ def test_rerunning_a_search_reuses_finished_trials_and_redoes_interrupted_ones(f
     client.set_tag(finished_search.parent_run_id, "edge.model.dropout", "high")  # an edge of an earlier run of it, which this one does not reach
     client.set_tag(finished_search.parent_run_id, "babysit.flags", "edge:model.dropout=high")
     client.update_run(finished_search.parent_run_id, "FAILED")
+    crashed_flow_run = tracking.get_run(tracking_uri, finished_search.parent_run_id).data.tags["prefect.flow_run_id"]
 
     again = search_flow(config="conf/search_digits.yaml", overrides=SMALL)
 
@@ -121,6 +122,7 @@ def test_rerunning_a_search_reuses_finished_trials_and_redoes_interrupted_ones(f
     assert marked.info.status == "FAILED" and marked.data.tags["babysit.status"] == "failed"
     parent = tracking.get_run(tracking_uri, again.parent_run_id)
     assert parent.info.status == "FINISHED" and "babysit.failure" not in parent.data.tags  # the resumed search finished
+    assert parent.data.tags["prefect.flow_run_id"] != crashed_flow_run  # names the flow run that finished it
     assert {k for k in parent.data.tags if k.startswith("edge.")} == {f"edge.{f}" for f in ([e.split("=")[0].removeprefix("edge:") for e in again.edges])}
     assert parent.data.tags["babysit.flags"] == (",".join(again.edges) or "none")
     finished_keys = pd.Series([k.data.tags["babysit.trial_key"] for k in after if k.info.status == "FINISHED"])

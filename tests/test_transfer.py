@@ -184,6 +184,11 @@ def test_a_batchnorm_cnn_of_other_widths_is_refused_not_trained_from_scratch(tmp
     assert result.transfer["babysit.transfer.copied"] == tags["babysit.transfer.copied"]
 
 
+def test_an_init_from_file_that_does_not_exist_says_so(tmp_path):
+    with pytest.raises(BabysitError, match=rf"`model.init_from` {tmp_path}/missing.pt: no such file"):  # not MLflow's "No such artifact" from /tmp
+        load_source(str(tmp_path / "missing.pt"), f"sqlite:///{tmp_path}/mlflow.db")
+
+
 def test_freeze_must_be_a_count_of_existing_blocks_of_a_transferred_model(tmp_path):
     checkpoint = tmp_path / "source.pt"
     cfg = load_config("conf/digits_mlp.yaml", ["model.hidden=[32, 16]"])
