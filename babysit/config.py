@@ -525,10 +525,11 @@ class SearchExperiment(Config):
             values = dist.options if not dist.numeric else (int(dist.low), int(dist.high)) if dist.kind == "int" else (dist.low, dist.high)
             if dist.kind in ("uniform", "loguniform"):  # they sample fractions: an integer field needs int(low, high)
                 values = (*values, dist.low + (dist.high - dist.low) * 0.381966)  # a fraction no whole bounds turn whole
-            for value in values:
+            for number, value in enumerate(values):
                 problem = field_problem(base, field, value)
                 if problem:
-                    hint = f"; {field} takes whole numbers: use int({dist.low:g}, {dist.high:g})" if "integer" in problem else ""
+                    hint = (f"; {field} takes whole numbers: use int({dist.low:g}, {dist.high:g})" if "integer" in problem
+                            else f", a value {spec} samples between its bounds" if number == 2 and dist.numeric else "")
                     raise ValueError(f"search.space: {problem}{hint}")
         for field in self.search.space:
             if problem := never_read(field, self.search.space, base):
@@ -620,7 +621,7 @@ def field_problem(base: dict[str, Any], field: str, value: Any) -> str | None:
     except (ValidationError, AttributeError, TypeError) as err:
         detail = err.errors()[0] if isinstance(err, ValidationError) else {"msg": str(err), "loc": ()}
         where = ".".join(map(str, detail["loc"])) or field
-        shown = f"{value:.10g}" if isinstance(value, float) else repr(value)
+        shown = f"{value:.10g}" if isinstance(value, float) else repr(list(value)) if isinstance(value, tuple) else repr(value)  # a choice's lists are kept as tuples
         return f"`{field}` cannot take {shown} (`{where}`: {detail['msg']})"
     return None
 

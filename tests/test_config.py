@@ -201,6 +201,10 @@ def test_a_bad_value_from_set_is_said_to_come_from_set(tmp_path):
 
     with pytest.raises(BabysitError, match=r"`model.dropout` cannot take 'a' .*, from --set"):
         load_config(CONF / "search_digits.yaml", ["search.space.model.dropout=choice([a, b])"], model=SearchExperiment)
+    with pytest.raises(BabysitError, match=r"`model.hidden` cannot take \[0\] "):  # as written, not the tuple a choice keeps
+        load_config(CONF / "search_digits.yaml", ["search.space.model.hidden=choice([[0], [16]])"], model=SearchExperiment)
+    with pytest.raises(BabysitError, match=r"`model.batchnorm` cannot take 0.381966 .*, a value uniform\(0, 1\) samples between its bounds"):
+        load_config(CONF / "search_digits.yaml", ["search.space.model.batchnorm=uniform(0, 1)"], model=SearchExperiment)
     searched = yaml.safe_load((CONF / "search_digits.yaml").read_text())
     searched["search"]["space"]["optim.lr"] = "loguniform(0, 1)"
     with pytest.raises(BabysitError) as err:  # a range from the file, while --set changed another
