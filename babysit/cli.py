@@ -467,6 +467,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if message := lost_server_message(err):
             console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+            if servers.lost_prefect_api(err):
+                # Prefect's events worker would try every queued event on the way out, ~7 s apiece
+                # (300 trials' events: half an hour), and nothing is left to send them to
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(1)
             return 1
         raise
 
