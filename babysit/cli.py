@@ -14,6 +14,7 @@ import shlex
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -31,14 +32,15 @@ class HideUserErrorTracebacks(logging.Filter):
     """Bad input is not a bug: log BabysitError's paragraph, not a traceback of our internals.
     On the terminal, drop Prefect's "failed with exception" records of it altogether: the command
     ends by printing the paragraph once (the API, and so the Prefect UI, still gets them). So too
-    for a server that stopped answering (lost_server_message)."""
+    for a server that stopped answering (lost_server)."""
 
     def __init__(self, terminal: bool) -> None:
         super().__init__()
         self.terminal = terminal
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and (isinstance(record.exc_info[1], BabysitError) or isinstance(record.exc_info[1], Exception) and lost_server_message(record.exc_info[1])):
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, BabysitError) or isinstance(error, Exception) and lost_server(error):
             if self.terminal:
                 return False
             record.exc_info, record.exc_text = None, None
@@ -465,29 +467,36 @@ def main(argv: list[str] | None = None) -> int:
                       "and running the same command again resumes a search.", highlight=False)
         return 130
     except Exception as err:
-        if message := lost_server_message(err):
-            console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-            if servers.lost_prefect_api(err):
-                # Prefect's events worker would try every queued event on the way out, ~7 s apiece
-                # (300 trials' events: half an hour), and nothing is left to send them to
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(1)
-            return 1
-        raise
+        if (lost := lost_server(err)) is None:
+            raise
+        console.print(f"[bold red]error:[/] {escape(lost.message)}", highlight=False)
+        if lost.prefect:
+            # Prefect's events worker would try every queued event on the way out, ~7 s apiece
+            # (300 trials' events: half an hour), and nothing is left to send them to
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+        return 1
 
 
-def lost_server_message(err: Exception) -> str | None:
-    """One paragraph for a command cut off from its MLflow or Prefect server in mid-run, else None."""
+@dataclass(frozen=True)
+class LostServer:
+    message: str  # one paragraph for the user
+    prefect: bool  # the Prefect server (else MLflow's)
+
+
+def lost_server(err: Exception) -> LostServer | None:
+    """What to say when a command was cut off from its MLflow or Prefect server in mid-run, else None."""
     from babysit import tracking
 
     if mlflow := tracking.lost_server(err):
-        return (f"the MLflow tracking server at {mlflow} stopped answering, so this command could not record its run there "
-                "(nor end it). Start the server again (`babysit server up`) and rerun: the next run on that store ends the "
-                "one left RUNNING as FAILED, and a search resumes from its finished trials.")
+        return LostServer(f"the MLflow tracking server at {mlflow} stopped answering, so this command could not record its run there "
+                          "(nor end it). Start the server again (`babysit server up`) and rerun: the next run on that store ends the "
+                          "one left RUNNING as FAILED, and a search resumes from its finished trials.", prefect=False)
     if prefect := servers.lost_prefect_api(err):
-        return (f"the Prefect server at {prefect} stopped answering, so this command could not go on reporting its flow run. "
-                "Start it again (`babysit server up`) and rerun: MLflow keeps what finished, and a search resumes from its finished trials.")
+        return LostServer(f"the Prefect server at {prefect} stopped answering, so this command could not go on reporting its flow run. "
+                          "Start it again (`babysit server up`) and rerun: MLflow keeps what finished, and a search resumes from its "
+                          "finished trials.", prefect=True)
     return None
 
 

@@ -729,7 +729,7 @@ def test_a_server_that_stopped_answering_is_told_apart_from_other_failures():
     from mlflow.exceptions import MlflowException
 
     from babysit import tracking
-    from babysit.cli import lost_server_message
+    from babysit.cli import lost_server
 
     dead = free_port()
     refused = MlflowException(f"API request to http://127.0.0.1:{dead}/api/2.0/mlflow/runs/log-batch failed with exception ... Connection refused")
@@ -737,7 +737,7 @@ def test_a_server_that_stopped_answering_is_told_apart_from_other_failures():
         raise RuntimeError("Flow run encountered an exception") from refused
     except RuntimeError as flow_failed:
         assert tracking.lost_server(flow_failed) == f"http://127.0.0.1:{dead}"
-        assert lost_server_message(flow_failed).startswith(f"the MLflow tracking server at http://127.0.0.1:{dead} stopped answering")
+        assert lost_server(flow_failed).message.startswith(f"the MLflow tracking server at http://127.0.0.1:{dead} stopped answering")
     request = httpx.Request("POST", f"http://127.0.0.1:{dead}/api/flow_runs/filter")
     assert servers.lost_prefect_api(httpx.ConnectError("All connection attempts failed", request=request)) == f"http://127.0.0.1:{dead}"
     server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers every request (501)
@@ -746,6 +746,6 @@ def test_a_server_that_stopped_answering_is_told_apart_from_other_failures():
         up = server.server_address[1]
         # a server that answers: its own error, not a lost server (the traceback is kept)
         assert tracking.lost_server(MlflowException(f"API request to http://127.0.0.1:{up}/api/2.0/mlflow/runs/get failed with error code 500")) is None
-        assert lost_server_message(ValueError("a bug")) is None
+        assert lost_server(ValueError("a bug")) is None
     finally:
         server.shutdown()
