@@ -304,6 +304,18 @@ def _divergence_explained_by_lr(learning_rate: Dist | None, field: str, top: lis
     return lambda trial: learning_rate.to_unit(trial["params"][field]) > highest
 
 
+def edge_band(sampler: str, space: Space, n: int, edge: float) -> float:
+    """The band (a share of each range's width) within which a stage's best value counts as at an
+    edge: `edge`, or for a grid of n trials wide enough to hold its outermost levels. A grid of k
+    levels samples cell centres, 1/(2k) in from each bound: with 3 levels at 1/6, 1/2 and 5/6,
+    none ever lay within 10% of a bound, and no grid search ever moved a range. With 2 levels or
+    1, no level lies inside the others: they tell no edge."""
+    if sampler != "grid":
+        return edge
+    _, levels = grid_levels(space, n)
+    return max(edge, 0.5 / levels + 1e-9) if levels > 2 else edge
+
+
 def edge_side(dist: Dist, value: Any, edge: float) -> str | None:
     """'low' or 'high' when `value` lies within `edge` (a fraction of the range's width, on its
     scale) of that bound of numeric `dist`; else None."""

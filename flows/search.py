@@ -14,7 +14,7 @@ import os
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NoReturn
 
 import numpy as np
@@ -32,7 +32,7 @@ from babysit.advice import search_advice
 from babysit.errors import BabysitError
 from babysit.config import Config, SearchExperiment, field_problem, load_config, reads_field, with_values
 from babysit.pruning import Pruner
-from babysit.space import Narrowing, describe, edge_side, grid_shortfall, inside_declared, narrow, parse_dist, sample
+from babysit.space import Narrowing, describe, edge_band, edge_side, grid_shortfall, inside_declared, narrow, parse_dist, sample
 from flows.train import provenance_tags
 from tasks.check import overfit_tiny_subset
 from tasks.data import data_fingerprint, load_data_task
@@ -357,14 +357,15 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     def review(number: int, stage_results: list[TrialResult]) -> dict:
         """After stage `number`: its table and ranges logged, its edges noted; the space the next stage samples from."""
         stage, last = stages[number], number + 1 == len(stages)
-        narrowed, stage_edges = review_stage(stage.name, ranges[stage.name], space, stage_results, narrowing, is_valid, base_tree)
+        band = edge_band(exp.search.sampler, space, stage.trials, exp.search.edge)
+        narrowed, stage_edges = review_stage(stage.name, ranges[stage.name], space, stage_results, replace(narrowing, edge=band), is_valid, base_tree)
         for field, side in stage_edges.items():
             edges[:] = with_edge(edges, field, side)
             if last:  # no stage left to move it: the file's range has to, unless narrowing set that edge
                 unmoved[field] = side
                 if inside_declared(space[field], declared[field], side):
                     cut_short[field] = (space[field].describe(), declared[field].describe())
-            causes[field, side] = edge_cause(field, side, space[field], stage_results, exp.search.edge, base_tree)
+            causes[field, side] = edge_cause(field, side, space[field], stage_results, band, base_tree)
             warn_edge(stage.name, last, field, side, causes[field, side], cut_short.get(field))
         return narrowed
 

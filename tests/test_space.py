@@ -12,7 +12,7 @@ import pytest
 from babysit.config import SearchExperiment, load_config
 from babysit.errors import BabysitError
 from babysit.pruning import Pruner, SharedReports
-from babysit.space import Dist, Narrowing, grid_shortfall, inside_declared, narrow, parse_dist, sample, top_count
+from babysit.space import Dist, Narrowing, edge_band, grid_shortfall, inside_declared, narrow, parse_dist, sample, top_count
 
 
 def space_of(**specs):
@@ -166,6 +166,18 @@ def test_grid_says_what_its_budget_leaves_out():
 
 def trials_for(points, objective, diverged=lambda p: False):
     return [{"params": p, "score": None if diverged(p) else objective(p), "diverged": diverged(p)} for p in points]
+
+
+def test_a_grid_whose_best_sits_at_its_outermost_level_moves_the_range():
+    # 9 grid trials, 3 levels per field at 1/6, 1/2 and 5/6 of each range: none within 10% of a bound
+    space = space_of(batch="int(200, 256)", decay="loguniform(1e-6, 1e-4)")
+    points = sample(space, 9, "grid", seed=0)
+    trials = trials_for(points, lambda p: -p["batch"] - abs(math.log10(p["decay"]) + 5))  # smaller batches are better, decay best mid-range
+    assert narrow(space, trials, Narrowing(top_k=2))[1] == {}  # the 10% band: no grid point is ever in it
+    band = edge_band("grid", space, 9, 0.1)
+    assert band == pytest.approx(1 / 6) and edge_band("random", space, 9, 0.1) == 0.1 and edge_band("grid", space, 4, 0.1) == 0.1  # 2 levels: no inside
+    new, edges = narrow(space, trials, Narrowing(top_k=2, edge=band))
+    assert edges == {"batch": "low"} and new["batch"].low < 200
 
 
 def test_a_field_narrows_only_on_the_trials_that_read_it():
