@@ -448,9 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     # The first ephemeral server on a new machine migrates its database; 20 s is not always enough.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     # A tracking server that stops answering: MLflow's default (7 retries, doubling from 2 s) waits
-    # about 4 minutes on each write before the command can say so; these wait about 15 s.
+    # about 4 minutes on each write before the command can say so; these wait about 15 s. One that
+    # hangs (its process stopped) held each try for MLflow's 120-s read timeout: 10 minutes a write.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     args = parser().parse_args(argv)
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints where every thread of a stuck command is
         try:
@@ -491,8 +493,8 @@ def lost_server(err: Exception) -> LostServer | None:
 
     if mlflow := tracking.lost_server(err):
         return LostServer(f"the MLflow tracking server at {mlflow} stopped answering, so this command could not record its run there "
-                          "(nor end it). Start the server again (`babysit server up`) and rerun: the next run on that store ends the "
-                          "one left RUNNING as FAILED, and a search resumes from its finished trials.", prefect=False)
+                          "(nor end it). Start the server again (`babysit server up`) and rerun: the next `babysit train` in that "
+                          "experiment ends a training left RUNNING as FAILED, and a search run again resumes from its finished trials.", prefect=False)
     if prefect := servers.lost_prefect_api(err):
         return LostServer(f"the Prefect server at {prefect} stopped answering, so this command could not go on reporting its flow run. "
                           "Start it again (`babysit server up`) and rerun: MLflow keeps what finished, and a search resumes from its "

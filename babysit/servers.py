@@ -358,7 +358,8 @@ def run_in_own_group(command: list[str], grace: float = 10.0) -> int:
     """Run `command` in a process group of its own until it exits, or until this process gets
     SIGINT, SIGTERM or SIGHUP; either way its whole group is then stopped (SIGTERM, SIGKILL after
     `grace` seconds). MLflow's UI forks uvicorn and job workers: a supervisor's `kill PID` reached
-    this process only, and they went on serving the port. Returns its exit status, 0 when stopped."""
+    this process only, and they went on serving the port. Returns its exit status, or 128 + the
+    signal's number when a signal stopped it (as a shell reports it: 130 for Ctrl-C)."""
     process = subprocess.Popen(command, start_new_session=True)
     stopped: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, _frame: stopped.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
@@ -377,7 +378,7 @@ def run_in_own_group(command: list[str], grace: float = 10.0) -> int:
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline and (process.poll() is None or _group_lives(process.pid)):
                 time.sleep(0.1)
-    return 0 if stopped else process.returncode
+    return 128 + stopped[0] if stopped else process.returncode
 
 
 def _group_lives(group: int) -> bool:

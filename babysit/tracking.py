@@ -383,6 +383,9 @@ def load_torch_model(model_uri: str, uri: str) -> Any:
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=tmp, tracking_uri=uri)
             return mlflow.pytorch.load_model(local, map_location="cpu")
+    except ImportError as err:  # s3://, gs://, ...: MLflow reads them with a client library of that storage
+        raise BabysitError(f"`model.init_from` {model_uri}: MLflow needs the Python package `{err.name}` to read it; install it "
+                           f"(`pip install {err.name}`), or download the model and give its folder or a state-dict file.") from None
     except (MlflowException, OSError) as err:
         raise BabysitError(f"`model.init_from` {model_uri}: neither a file nor a loadable MLflow model in the tracking store {uri} "
                            f"(tracking.uri, else $MLFLOW_TRACKING_URI): {' '.join(str(err).split())[:200]}") from None

@@ -446,7 +446,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         tracking.log_image(parent, stacked_rows(drawing, searched, fields, linear), "search.png")
 
     return SearchSummary(
-        parent.run_id, parent.experiment_id, uri, best.params, best.val_acc,
+        parent.run_id, parent.experiment_id, uri, {f: v for f, v in best.params.items() if reads_field(f, best.params, base_tree)}, best.val_acc,  # what it trained with
         final.val_acc if final else None, final.test_acc if final else None, edges, ranges,
         int((~frame["reused"]).sum()), int(frame["reused"].sum()), url, tuple(changes), report,
     )

@@ -677,7 +677,7 @@ def test_a_signal_to_a_command_run_in_its_own_group_stops_what_it_forked(tmp_pat
         time.sleep(0.1)
     assert subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True).stdout, "the grandchild never started"
     runner.send_signal(signal.SIGTERM)
-    assert runner.wait(timeout=20) == 0
+    assert runner.wait(timeout=20) == 128 + signal.SIGTERM
     assert not subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True).stdout
 
 

@@ -606,6 +606,7 @@ def test_configs_that_differ_only_in_a_field_their_optimizer_does_not_read_train
                                  "search.sampler=grid", "search.stages=[{name: coarse, trials: 4, epochs: 1}]", "search.final=null")
     assert summary.trials_run == len(kids) == 3
     assert sorted(k.data.params["optim.name"] for k in kids) == ["adam", "momentum", "momentum"]
+    assert summary.best_params["optim.name"] == "momentum" or "optim.momentum" not in summary.best_params  # what the best trial trained with
 
 
 def test_searching_a_field_that_no_trial_reads_is_refused_at_load():

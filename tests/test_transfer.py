@@ -189,6 +189,15 @@ def test_an_init_from_file_that_does_not_exist_says_so(tmp_path):
         load_source(str(tmp_path / "missing.pt"), f"sqlite:///{tmp_path}/mlflow.db")
 
 
+def test_an_init_from_in_storage_this_machine_cannot_read_is_one_paragraph(tmp_path):
+    from babysit import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking.open_store(uri, "transfer")
+    with pytest.raises(BabysitError, match=r"`model.init_from` s3://bucket/x/model: "):  # was ModuleNotFoundError: botocore, three tracebacks
+        load_source("s3://bucket/x/model", uri)
+
+
 def test_freeze_must_be_a_count_of_existing_blocks_of_a_transferred_model(tmp_path):
     checkpoint = tmp_path / "source.pt"
     cfg = load_config("conf/digits_mlp.yaml", ["model.hidden=[32, 16]"])
