@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -342,12 +342,7 @@ def stop(record: Record, timeout: float = 20.0) -> bool:
         except ProcessLookupError:
             pass
 
-    signal_all(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while running() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if running():
-        signal_all(signal.SIGKILL)
+    terminate(signal_all, running, timeout)
     if group:  # workers the server forked may outlive their leader by a moment
         time.sleep(0.2)
         signal_all(signal.SIGKILL)
@@ -369,16 +364,29 @@ def run_in_own_group(command: list[str], grace: float = 10.0) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            process.poll()  # reaps the leader if it has exited: unreaped, it would still count in its group
-            if not _group_lives(process.pid):
-                break
+
+        def group_runs() -> bool:  # polling first reaps an exited leader: unreaped, it would still count in its group
+            return process.poll() is None or _group_lives(process.pid)
+
+        def signal_group(sig: int) -> None:
             with suppress(ProcessLookupError):
                 os.killpg(process.pid, sig)
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and (process.poll() is None or _group_lives(process.pid)):
-                time.sleep(0.1)
+
+        if group_runs():
+            terminate(signal_group, group_runs, grace)
+        with suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5)
     return 128 + stopped[0] if stopped else process.returncode
+
+
+def terminate(send: Callable[[int], None], running: Callable[[], bool], grace: float) -> None:
+    """send(SIGTERM), then send(SIGKILL) if still `running()` after `grace` seconds."""
+    send(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if running():
+        send(signal.SIGKILL)
 
 
 def _group_lives(group: int) -> bool:
