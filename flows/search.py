@@ -34,6 +34,7 @@ from babysit.config import Config, SearchExperiment, field_problem, load_config,
 from babysit.pruning import Pruner
 from babysit.space import Narrowing, describe, edge_band, edge_side, grid_shortfall, inside_declared, narrow, parse_dist, sample
 from flows.train import provenance_tags
+from models.transfer import load_source
 from tasks.check import overfit_tiny_subset
 from tasks.data import data_fingerprint, load_data_task
 from tasks.preprocess import Prepared, preprocess_task
@@ -296,6 +297,8 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     splits = load_data_task(base.data, base.seed)
     prepared = preprocess_task(splits, base.preprocess)
     version = data_fingerprint(base.data)  # user data rewritten in place: other trial keys, nothing reused
+    if base.model.init_from:  # a missing or unreadable source is said before the parent run exists; whether it fits, each trial says (widths may be searched)
+        load_source(base.model.init_from, tracking.resolve_uri(base.tracking.uri))
     uri = tracking.resolve_uri(base.tracking.uri)
     dask = exp.search.runner == "dask"
     if dask:  # every Dask worker must write to the same store and report to the same Prefect API

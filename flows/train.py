@@ -16,7 +16,7 @@ from tasks.build import build_task
 from tasks.data import load_data_task
 from tasks.preprocess import preprocess_task
 from tasks.track import log_init_report, log_results_task, run_logger, warn_init_flags
-from tasks.train import train_task, training_device
+from tasks.train import train_task, training_device, transfer_source
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ def run_training(cfg: Config) -> RunSummary:
     prepared = preprocess_task(splits, cfg.preprocess)
     s = prepared.splits
     init_report = build_task(cfg.model, s.input_shape, s.n_classes, cfg.seed, s.X_train[:256])
+    source = transfer_source(cfg, s.input_shape, s.n_classes)  # a bad model.init_from stops here: no run is left FAILED
 
     uri = tracking.resolve_uri(cfg.tracking.uri)
     mine = {"babysit.kind": "train"}
@@ -67,7 +68,7 @@ def run_training(cfg: Config) -> RunSummary:
     with tracking.finished_or_failed(run):
         log_init_report(run, init_report)
         warn_init_flags(run, init_flags(init_report.layer_stats, cfg.flags))  # before any epoch is spent
-        result, model = train_task(cfg, prepared, run)
+        result, model = train_task(cfg, prepared, run, source)
         flags = run_flags(result.history, result.initial_loss, cfg.flags, result.diagnostics, init_report.layer_stats, s.n_classes, cfg.optim.lr)
         report = run_report(cfg.name, flags, result.history, result.initial_loss, result.diagnostics, result.stop_reason, run.run_id)
         log_results_task(run, cfg, result, flags, prepared, report, model, splits.X_train[:5])

@@ -179,10 +179,25 @@ def to_device(*arrays: np.ndarray, device: torch.device) -> list[torch.Tensor]:
     return [torch.as_tensor(a).to(device) for a in arrays]
 
 
+def transfer_source(cfg: Config, input_shape: tuple[int, ...], n_classes: int) -> dict[str, torch.Tensor] | None:
+    """`model.init_from`'s weights, checked against the model they initialize. A source that is
+    missing or unreadable, of which no layer fits, or that leaves frozen blocks random stops the
+    command here, before MLflow has a run for it (flows call this first). None without init_from."""
+    if not cfg.model.init_from:
+        return None
+    source = load_source(cfg.model.init_from, tracking.resolve_uri(cfg.tracking.uri))
+    model = build_model(cfg.model, input_shape, n_classes, cfg.seed)
+    frozen = freeze(model, cfg.model.freeze)
+    check_frozen_were_copied(model, frozen, transfer_weights(model, source, cfg.model.init_from), cfg.model.init_from)
+    return source
+
+
 def train_and_test(
     cfg: Config, prepared: Prepared, on_epoch: Callable[[int, dict[str, float]], str | None] | None = None, test: bool = True,
+    source: dict[str, torch.Tensor] | None = None,
 ) -> tuple[TrainResult, nn.Module]:
-    """Build, train and (unless `test` is False: search trials) test one model.
+    """Build, train and (unless `test` is False: search trials) test one model. `source`:
+    `model.init_from`'s weights when the caller has them (transfer_source), else read here.
 
     The test split is read here, once, after training, with the kept best-validation weights.
     """
@@ -196,7 +211,9 @@ def train_and_test(
     transfer = {}
     if cfg.model.init_from:
         frozen = freeze(model, cfg.model.freeze)  # first: a count the model lacks is said before the source is fetched
-        copied = transfer_weights(model, load_source(cfg.model.init_from, tracking.resolve_uri(cfg.tracking.uri)), cfg.model.init_from)
+        if source is None:
+            source = load_source(cfg.model.init_from, tracking.resolve_uri(cfg.tracking.uri))
+        copied = transfer_weights(model, source, cfg.model.init_from)
         check_frozen_were_copied(model, frozen, copied, cfg.model.init_from)
         transfer = transfer_tags(model, copied)
     model = model.to(device)
@@ -249,9 +266,10 @@ def deployable(model: nn.Module, prepared: Prepared) -> nn.Module:
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train_task(cfg: Config, prepared: Prepared, run: tracking.RunRef) -> tuple[TrainResult, nn.Module]:
+def train_task(cfg: Config, prepared: Prepared, run: tracking.RunRef, source: dict[str, torch.Tensor] | None = None) -> tuple[TrainResult, nn.Module]:
     """Train and test, with per-epoch metrics in MLflow (batched writes, see tracking.MetricBuffer).
-    The run's artifacts, the model among them, are the tracking stage's (tasks.track)."""
+    The run's artifacts, the model among them, are the tracking stage's (tasks.track). `source`:
+    model.init_from's weights (transfer_source)."""
     try:
         logger = get_run_logger()
     except MissingContextError:  # called as train_task.fn(...) outside a flow (tests, benchmarks)
@@ -267,6 +285,6 @@ def train_task(cfg: Config, prepared: Prepared, run: tracking.RunRef) -> tuple[T
         )
 
     try:
-        return train_and_test(cfg, prepared, on_epoch)
+        return train_and_test(cfg, prepared, on_epoch, source=source)
     finally:  # the epochs that did finish are kept, also when training fails
         metrics_out.flush()

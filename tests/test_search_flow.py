@@ -313,6 +313,15 @@ def test_a_searched_device_that_cannot_train_here_stops_the_search_before_mlflow
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
+def test_a_missing_init_from_stops_the_search_before_mlflow_has_a_run(prefect_harness, fresh_uri, tmp_path):
+    from babysit.errors import BabysitError
+
+    with pytest.raises(BabysitError, match=r"`model.init_from` .*missing.pt: no such file"):
+        small_search(fresh_uri, f"model.init_from={tmp_path / 'missing.pt'}")
+    client = tracking._client(fresh_uri)
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
 def test_a_config_that_cannot_train_here_stops_a_run_before_mlflow_has_one(prefect_harness, fresh_uri):
     import torch
 

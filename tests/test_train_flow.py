@@ -235,17 +235,27 @@ def test_bad_data_raises_and_leaves_no_running_run(prefect_harness, tracking_uri
     assert [r.info.status for r in all_runs(tracking_uri) if r.info.status == "RUNNING"] == []
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA to make training fail")
-def test_failure_during_training_ends_the_run_failed(prefect_harness, tracking_uri, tmp_path, monkeypatch):
+def test_a_failure_inside_the_run_ends_it_failed(prefect_harness, tracking_uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    # a checkpoint that is not one: the config validates, and loading it fails inside the train task
-    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    # the experiment's artifact folder is a file: the config and the store are fine, the run's first artifact write fails
+    (tmp_path / "blocked").write_text("a file where the artifact folder should be")
+    experiment = load_config(CONFIG).tracking.experiment
+    MlflowClient(tracking_uri).create_experiment(experiment, artifact_location=str(tmp_path / "blocked"))
     with pytest.raises(Exception):
-        train_flow(config=CONFIG, overrides=[f"model.init_from={tmp_path / 'broken.pt'}", "train.epochs=1", "model.hidden=[8]"])
+        train_flow(config=CONFIG, overrides=["train.epochs=1", "model.hidden=[8]"])
     runs = all_runs(tracking_uri)
     assert len(runs) == 1
     assert runs[0].info.status == "FAILED"
     assert runs[0].data.tags.get("babysit.failure")
+
+
+@pytest.mark.parametrize("source", ["broken.pt", "missing.pt", "runs:/0123456789abcdef0123456789abcdef/model"])
+def test_a_bad_init_from_stops_the_train_flow_before_it_has_a_run(prefect_harness, tracking_uri, tmp_path, monkeypatch, source):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(BabysitError, match=r"`model.init_from` "):
+        train_flow(config=CONFIG, overrides=[f"model.init_from={source}", "train.epochs=1", "model.hidden=[8]"])
+    assert all_runs(tracking_uri) == []
 
 
 def test_a_training_run_left_running_by_a_process_that_is_gone_is_ended_failed_by_the_next(prefect_harness, tracking_uri, tmp_path, monkeypatch):
