@@ -85,7 +85,8 @@ def main() -> None:
     cfg_off = load_config(args.config, [*base, "train.diagnostics=false"])
     splits = split_dataset(load_dataset(cfg_on.data, cfg_on.seed), cfg_on.data.val_fraction, cfg_on.data.test_fraction, cfg_on.seed)
     prepared = fit_preprocess(splits, cfg_on.preprocess)
-    uri = f"sqlite:///{tempfile.mkdtemp()}/mlflow.db"
+    scratch = tempfile.TemporaryDirectory(prefix="bench-diagnostics-", ignore_cleanup_errors=True)  # removed at exit
+    uri = f"sqlite:///{scratch.name}/mlflow.db"
     tracking.open_store(uri, "bench")
 
     cases = {

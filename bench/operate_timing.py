@@ -52,7 +52,8 @@ def main() -> None:
 
     from babysit import servers, tracking
 
-    tmp = Path(tempfile.mkdtemp(prefix="babysit-operate-"))
+    scratch = tempfile.TemporaryDirectory(prefix="babysit-operate-", ignore_cleanup_errors=True)  # removed at exit
+    tmp = Path(scratch.name)
     base = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     base.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
     print(f"load average at start: {os.getloadavg()[0]:.1f} (cores: {os.cpu_count()})")

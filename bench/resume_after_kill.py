@@ -37,7 +37,8 @@ def main() -> None:
     parser.add_argument("--config", default="conf/search_digits.yaml")
     parser.add_argument("--kill-after", type=int, default=4, help="finished trials before the kill")
     args = parser.parse_args()
-    uri = f"sqlite:///{tempfile.mkdtemp()}/mlflow.db"
+    scratch = tempfile.TemporaryDirectory(prefix="bench-resume-", ignore_cleanup_errors=True)  # removed at exit
+    uri = f"sqlite:///{scratch.name}/mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     command = [str(Path(sys.executable).parent / "babysit"), "search", args.config, *SEARCH]
 

@@ -66,7 +66,8 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline: no telemetry errors
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="bench-prefect-")  # a temporary server with its own database
+PREFECT_HOME = tempfile.TemporaryDirectory(prefix="bench-prefect-", ignore_cleanup_errors=True)  # removed at exit, as every scratch folder here
+os.environ["PREFECT_HOME"] = PREFECT_HOME.name  # a temporary server with its own database
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")  # quiet console; the API still gets the logs
@@ -224,7 +225,8 @@ def main() -> None:
     args = parser.parse_args()
     from prefect.server.api.server import SubprocessASGIServer
 
-    store = tempfile.mkdtemp(prefix="bench-throughput-")
+    scratch = tempfile.TemporaryDirectory(prefix="bench-throughput-", ignore_cleanup_errors=True)
+    store = scratch.name
     uri = os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
     small = max(2, args.trials // 4)
     cases = [

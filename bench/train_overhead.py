@@ -86,7 +86,8 @@ def main() -> None:
     cfg = load_config(args.config, [f"train.epochs={args.epochs}", "train.device=cpu"])
     splits = split_dataset(load_dataset(cfg.data, cfg.seed), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
     prepared = fit_preprocess(splits, cfg.preprocess)
-    uri = f"sqlite:///{tempfile.mkdtemp()}/mlflow.db"
+    scratch = tempfile.TemporaryDirectory(prefix="bench-train-", ignore_cleanup_errors=True)  # removed at exit
+    uri = f"sqlite:///{scratch.name}/mlflow.db"
     tracking.open_store(uri, "bench")  # schema creation is a one-off cost of a new store
 
     cases = {
