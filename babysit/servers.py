@@ -12,6 +12,7 @@ PREFECT_API_URL and MLFLOW_TRACKING_URI are exported (`babysit server env` print
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -182,6 +183,18 @@ def start_temporary_server_apart() -> None:
         server.start()
     finally:
         subprocess.Popen = popen
+    atexit.register(stop_uninterrupted, server)  # after Prefect's own exit handler: runs before it
+
+
+def stop_uninterrupted(server) -> None:
+    """Stop the temporary server with Ctrl-C held off. At exit, a Ctrl-C in those few seconds
+    (at most 5, then Prefect kills it) printed a traceback from Python's exit handlers; Prefect's
+    own handler then finds it stopped."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        server.stop()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def answers(url: str, timeout: float = 5.0) -> bool:

@@ -749,3 +749,19 @@ def test_a_server_that_stopped_answering_is_told_apart_from_other_failures():
         assert lost_server(ValueError("a bug")) is None
     finally:
         server.shutdown()
+
+
+def test_stopping_the_temporary_server_at_exit_holds_off_ctrl_c():
+    # a Ctrl-C in the seconds Prefect's temporary server takes to stop printed a traceback from Python's exit handlers
+    class SlowToStop:
+        stopped = False
+
+        def stop(self):
+            os.kill(os.getpid(), signal.SIGINT)  # delivered while it stops
+            time.sleep(0.2)
+            self.stopped = True
+
+    server = SlowToStop()
+    servers.stop_uninterrupted(server)
+    assert server.stopped
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again afterwards
