@@ -130,7 +130,8 @@ def train(args: argparse.Namespace) -> int:
         table.add_row("best validation accuracy", f"{summary.best_val_acc:.4f} (epoch {summary.best_epoch} of {summary.epochs_run})")
     else:  # no epoch scored: the loss diverged in the first one
         table.add_row("best validation accuracy", f"none ({summary.epochs_run} epoch(s) run, none scored; see flags)")
-    table.add_row("test accuracy", f"{summary.test_acc:.4f}")
+    # no epoch scored: the kept weights, tested and logged, are the initial ones
+    table.add_row("test accuracy", f"{summary.test_acc:.4f}" + (" (the initial weights: no epoch scored)" if summary.best_epoch == 0 else ""))
     table.add_row("initial loss", f"{summary.initial_loss:.3f}")
     table.add_row("flags", "\n".join(f"[yellow]{name}[/]: {escape(why)}" for name, why in summary.flags.items()) or "none")
     if summary.stop_reason:

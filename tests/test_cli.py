@@ -141,6 +141,19 @@ def test_train_prints_the_summary(prefect_harness, tracking_uri, tmp_path, capsy
     assert "babysit ui" in out and "babysit train: digits[/b]" in out
 
 
+def test_train_says_a_test_accuracy_with_no_epoch_scored_is_the_initial_weights(prefect_harness, tracking_uri, tmp_path, capsys, monkeypatch):
+    import torch
+
+    threads = torch.get_num_threads()
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", DIGITS, "--set", "train.epochs=2", "--set", "optim={name: sgd, lr: 50.0}", "--set", "train.threads=1", "--set", "train.diagnostics=false"])
+    torch.set_num_threads(threads)
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0, out
+    assert "none (1 epoch(s) run, none scored; see flags)" in out
+    assert "(the initial weights: no epoch scored)" in out
+
+
 def test_train_on_another_store_hints_at_it_even_after_logging_a_model(prefect_harness, tracking_uri, tmp_path, capsys, monkeypatch):
     import torch
 
