@@ -149,13 +149,17 @@ CLEARLY_BETTER = 0.1
 
 
 def clearly_best(trials: pd.DataFrame, bad: pd.Series) -> pd.Series | None:
-    """The stage's best trial, if it is not `bad` and scored CLEARLY_BETTER than every bad trial:
-    evidence that its settings work, which no advice should cut off. A best trial barely above
-    the flagged ones (a stage that is bad everywhere) is no such evidence."""
+    """The stage's best trial, if its settings are evidence that no advice should cut off: a
+    `bad` one (flagged, it still scored best: QA saw "lower the upper bound of optim.lr" below the
+    winner's rate), or one that scored CLEARLY_BETTER than every bad trial. A good best trial
+    barely above the flagged ones (a stage that is bad everywhere) is no such evidence."""
     scores = trials["val_acc"].astype(float) if "val_acc" in trials else None
     if scores is None or scores.isna().all():
         return None
-    best, flagged_best = (scores == scores.max()) & ~bad, scores[bad].max()  # NaN: the flagged trials scored nothing (exploded)
+    top = scores == scores.max()
+    if (top & bad).any():
+        return top & bad
+    best, flagged_best = top & ~bad, scores[bad].max()  # NaN: the flagged trials scored nothing (exploded)
     return best if best.any() and (pd.isna(flagged_best) or scores.max() - flagged_best >= CLEARLY_BETTER) else None
 
 
@@ -166,7 +170,10 @@ def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, p
     found = f"{what} in {int(bad.sum())} of {len(trials)} {stage} trials"
     if bad.all():
         return f"{what} in {f'all {len(trials)} {stage} trials' if len(trials) > 1 else f'the one {stage} trial'}: {everywhere}."
-    culprit = blame(trials, bad, params, never, prefer, clearly_best(trials, bad))
+    keep = clearly_best(trials, bad)
+    culprit = blame(trials, bad, params, never, prefer, keep)
+    if culprit is None and keep is not None and (keep & bad).any():
+        return f"{found}, the stage's best trial among them: no range to cut off."
     if culprit is None:
         return f"{found}, with no single parameter range to blame."
     field, side, threshold = culprit

@@ -293,7 +293,7 @@ def test_search_advice_blames_no_range_when_every_trial_shares_the_problem():
     text = search_advice(slow, [])
     assert "lr_too_low in all 4 fine trials: the loss barely moved anywhere, so the learning-rate range is too low: raise it" in text
     assert "lower the upper bound" not in text and "drop that choice" not in text
-    some = slow.assign(flags=["lr_too_low", "lr_too_low", "", ""], **{"param.model.activation": ["tanh", "tanh", "relu", "relu"]})
+    some = slow.assign(flags=["lr_too_low", "lr_too_low", "", ""], val_acc=[0.35, 0.33, 0.42, 0.4], **{"param.model.activation": ["tanh", "tanh", "relu", "relu"]})
     assert "lr_too_low in 2 of 4 fine trials, all with optim.lr <= 8e-06: raise the lower bound of optim.lr" in search_advice(some, [])
     # too slow at the highest rates: "lower the upper bound" would contradict the flag's own cure
     top = slow.assign(flags=["", "", "lr_too_low", "lr_too_low"])
@@ -360,6 +360,18 @@ def test_search_advice_never_blames_a_range_that_holds_the_best_trial():
     text = search_advice(trials, [])
     assert "lr_too_low in 3 of 8 coarse trials, all with model.init = small: drop that choice" in text
     assert "bound of optim.lr" not in text
+
+
+def test_search_advice_never_cuts_off_a_best_trial_that_was_flagged_itself():
+    # QA: the fine stage's winner (lr 0.025, 97%) had lr_too_high too; "lower the upper bound of optim.lr" below it would cut it off
+    trials = pd.DataFrame({"stage": "fine", "status": "finished", "val_acc": [0.97, 0.30, 0.93, 0.90],
+                           "flags": ["lr_too_high", "lr_too_high", "lr_too_high", ""], "param.optim.lr": [0.025, 0.0047, 0.012, 0.001],
+                           "param.model.dropout": [0.49, 0.97, 0.3, 0.4]})
+    text = search_advice(trials, [])
+    assert "lr_too_high in 3 of 4 fine trials, the stage's best trial among them: no range to cut off." in text
+    assert "bound of" not in text
+    slow = trials.assign(flags=["lr_too_low", "lr_too_low", "", ""], **{"param.optim.lr": [1e-5, 2e-5, 1e-3, 1e-2]})
+    assert "lr_too_low in 2 of 4 fine trials, the stage's best trial among them: no range to cut off." in search_advice(slow, [])
 
 
 def test_a_loss_that_rose_is_a_rate_too_high_never_too_low():
