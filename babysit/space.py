@@ -362,6 +362,12 @@ def _below_what_diverged(space: Space, trials: list[dict[str, Any]], cfg: Narrow
     return {**space, field: moved}, ({field: "low"} if moved.low < dist.low else {})
 
 
+# A range moved past its edge stops at its field's limit; these fields stop short of theirs, where
+# a config may still go: nearly every value near the limit is degenerate (QA: a dropout range moved
+# up to 0.9999, whose trials dropped nearly every unit and scored 0.3).
+MOVE_LIMITS = {"model.dropout": (0.0, 0.9), "optim.momentum": (0.0, 0.999)}
+
+
 def _rebuild(field: str, dist: Dist, lo_u: float, hi_u: float, is_valid: Any) -> Dist:
     lo_s, hi_s = dist._scaled(dist.low), dist._scaled(dist.high)
 
@@ -377,6 +383,9 @@ def _rebuild(field: str, dist: Dist, lo_u: float, hi_u: float, is_valid: Any) ->
         low = _furthest_valid(field, dist.low, low, dist.kind == "int", is_valid)
     if high > dist.high and is_valid is not None and not is_valid(field, high):
         high = _furthest_valid(field, dist.high, high, dist.kind == "int", is_valid)
+    lowest, highest = MOVE_LIMITS.get(field, (-math.inf, math.inf))
+    low = max(low, min(lowest, dist.low)) if low < dist.low else low
+    high = min(high, max(highest, dist.high)) if high > dist.high else high
     if high <= low and dist.kind != "int":  # all top trials at one value: keep some room around it, within the field's limits
         value, room = low, 0.05 * (dist.high - dist.low)  # not a sliver: any value in one would sit "at its edge"
         low, high = (value / 1.5, value * 1.5) if dist.kind == "loguniform" else (value - room, value + room)

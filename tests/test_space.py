@@ -544,3 +544,14 @@ def test_asha_keeps_the_top_third_at_each_rung():
     assert pruner.report(1, 0.4) is not None  # not in the top third of {0.5, 0.6, 0.4}
     assert pruner.report(1, 0.7) is None
     assert pruner.report(2, 0.1) is None  # epoch 2 is not a rung for eta = 3
+
+
+def test_a_dropout_range_moved_up_stops_short_of_its_degenerate_limit():
+    # QA: dropout uniform(0, 0.5), best at 0.4966, moved up one width to 0.9999: a trial at 0.969 scored 0.30
+    space = space_of(model__dropout="uniform(0.0, 0.5)")
+    points = [{"model.dropout": v} for v in (0.05, 0.2, 0.45, 0.4966)]
+    valid = lambda field, value: 0 <= value < 1  # noqa: E731 - the schema's rule for dropout
+    new, edges = narrow(space, trials_for(points, lambda p: p["model.dropout"]), Narrowing(top_k=2), valid)
+    assert edges == {"model.dropout": "high"} and new["model.dropout"].high == pytest.approx(0.9)
+    again, edges = narrow(new, trials_for([{"model.dropout": v} for v in (0.5, 0.89)], lambda p: p["model.dropout"]), Narrowing(top_k=1), valid)
+    assert again["model.dropout"].high == pytest.approx(0.9) and edges == {}  # there already: nothing moves, no edge
