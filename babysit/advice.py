@@ -44,7 +44,7 @@ ADVICE: dict[str, Callable[[str, History], str]] = {
     "plateau": lambda why, h: f"{why}: decay the learning rate (`optim.schedule: step` or `cosine`) "
     "once progress stalls; if accuracy is still low, the model may be too small.",
     "underfitting": lambda why, h: f"{_accuracies(h)}: underfitting — the model is too weak or not trained enough: "
-    "make it bigger (`model.hidden`), train longer, raise the learning rate or lower regularization.",
+    "make it bigger (`model.hidden`; `model.channels` for a CNN or ResNet), train longer, raise the learning rate or lower regularization.",
     "overfitting": lambda why, h: f"{_accuracies(h)}: overfitting — increase L2 (`optim.weight_decay`) or dropout "
     "(`model.dropout`), or add data; early stopping (`train.early_stopping_patience`) keeps the best-validation weights.",
 }

@@ -9,7 +9,7 @@ of steps. Every function returns plain floats.
     update_ratio/<weight>  ‖ΔW‖ / ‖W‖ of that step's update; CS231n's rule of thumb is ≈ 1e-3.
                            `update_ratio` is the median over the hidden layers' weight matrices
                            (the head's weights start scaled down by model.head_init_scale, which
-                           inflates its early ratio)
+                           inflates its early ratio); none while every hidden layer is frozen
     dead_frac/layer<i>     share of hidden layer i's units that output exactly 0 for every
                            validation example (dead ReLUs); `dead_frac` is the worst layer
 
@@ -84,7 +84,12 @@ def step_diagnostics(model: nn.Module, before: dict[str, torch.Tensor]) -> dict[
     out |= {f"update_ratio/{label}": value for label, value in zip(labels, fetched[len(names) :])}
     out["grad_norm"] = fetched[-1]
     hidden = [fetched[len(names) + i] for i, label in enumerate(labels) if not label.startswith("head.")]
-    out["update_ratio"] = statistics.median(hidden or fetched[len(names) : 2 * len(names)])  # a linear model: the head's
+    if hidden:
+        out["update_ratio"] = statistics.median(hidden)
+    elif all(label_of[name].startswith("head.") for name in before):  # a linear model: the head's
+        out["update_ratio"] = statistics.median(fetched[len(names) : 2 * len(names)])
+    # else every hidden layer is frozen (transfer): the head's ratio alone, inflated by its small
+    # start, flagged a rate as too high whose loss barely moved (QA)
     return out
 
 

@@ -276,12 +276,16 @@ def train_task(cfg: Config, prepared: Prepared, run: tracking.RunRef, source: di
         logger = logging.getLogger("babysit.train")
 
     metrics_out = tracking.MetricBuffer(run, cfg.tracking.flush_seconds)
+    unfrozen_from = cfg.train.epochs + 1 if cfg.model.init_from and cfg.train.unfreeze_epochs else None  # fine_tune's epochs follow
+    total = cfg.train.epochs + (cfg.train.unfreeze_epochs if unfrozen_from else 0)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:  # never asks to stop
         metrics_out.log(metrics, step=epoch)
+        if epoch == unfrozen_from:
+            logger.info("epoch %d on: every layer trains (train.unfreeze_epochs %d, at %g × the learning rate)", epoch, cfg.train.unfreeze_epochs, cfg.train.unfreeze_lr_factor)
         logger.info(
             "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f | lr %.2e",
-            epoch, cfg.train.epochs, metrics["train_loss"], metrics["train_acc"], metrics["val_loss"], metrics["val_acc"], metrics["lr"],
+            epoch, total, metrics["train_loss"], metrics["train_acc"], metrics["val_loss"], metrics["val_acc"], metrics["lr"],
         )
 
     try:

@@ -139,6 +139,30 @@ def test_step_diagnostics_match_the_sgd_update_formula():
     assert found["grad_norm"] == pytest.approx(total, rel=1e-5)
 
 
+def test_no_update_ratio_verdict_while_every_hidden_layer_is_frozen():
+    # transfer with freeze all: only the small-started head moves, and its ratio alone flagged lr_too_high on a loss that barely moved (QA)
+    from models.mlp import build_model
+
+    model = build_model(load_config(None, ["model.hidden=[8]"]).model, 4, 3, seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def one_step() -> dict[str, float]:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(8, 4)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])).backward()
+        before = snapshot(model)
+        optimizer.step()
+        return step_diagnostics(model, before)
+
+    assert "update_ratio" in one_step()
+    model.blocks.requires_grad_(False)
+    frozen = one_step()
+    assert "update_ratio" not in frozen and "update_ratio/head.weight" in frozen  # the head's own ratio is still logged
+    linear = build_model(load_config(None, ["model.hidden=[]"]).model, 4, 3, seed=0)
+    optimizer = torch.optim.Adam(linear.parameters(), lr=1e-3)
+    model = linear
+    assert "update_ratio" in one_step()  # a linear model has only its head: that is its ratio
+
+
 def test_metric_names_follow_the_layers():
     from models.mlp import build_model
 

@@ -217,3 +217,22 @@ def test_freeze_must_be_a_count_of_existing_blocks_of_a_transferred_model(tmp_pa
     with pytest.raises(BabysitError, match=r"`model.freeze` 3: this model has 2 hidden blocks"):
         freeze(cnn, 3)
     assert freeze(cnn, 2) == 2 and not any(p.requires_grad for p in cnn.blocks.parameters()) and cnn.head.weight.requires_grad
+
+
+def test_the_epoch_log_counts_the_fine_tuning_epochs_and_says_when_every_layer_trains(tmp_path, caplog):
+    from babysit import tracking
+    from tasks.train import train_task
+
+    cfg = load_config("conf/digits_mlp.yaml", ["model.hidden=[32]", "train.diagnostics=false", "train.threads=1"])
+    checkpoint = tmp_path / "source.pt"
+    torch.save(build_model(cfg.model, 64, 10, seed=1).state_dict(), checkpoint)
+    cfg = load_config("conf/digits_mlp.yaml", ["model.hidden=[32]", "train.diagnostics=false", "train.threads=1", f"model.init_from={checkpoint}",
+                                               "model.freeze=all", "train.epochs=2", "train.unfreeze_epochs=2", "train.unfreeze_lr_factor=0.1"])
+    prepared = fit_preprocess(load_data_task.fn(cfg.data, cfg.seed), cfg.preprocess)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = tracking.start_run(uri, "t", None, {}, {})
+    with caplog.at_level("INFO", logger="babysit.train"):
+        train_task.fn(cfg, prepared, run)
+    lines = [r.getMessage() for r in caplog.records if r.name == "babysit.train"]
+    assert [line.split()[1] for line in lines if line.startswith("epoch") and "/" in line.split()[1]] == ["1/4", "2/4", "3/4", "4/4"]  # was 3/2, 4/2 (QA)
+    assert "epoch 3 on: every layer trains (train.unfreeze_epochs 2, at 0.1 × the learning rate)" in lines
