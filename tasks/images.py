@@ -126,13 +126,24 @@ def read_cifar10(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     files = sorted(folder.glob("data_batch_*")) + sorted(folder.glob("test_batch"))
     if not files:
         raise BabysitError(f"{folder}: no CIFAR-10 batches (data_batch_1..5, test_batch).")
-    X, y = [], []
-    for path in files:
+    X, y = zip(*(read_cifar10_batch(path) for path in files))
+    return np.concatenate(X).astype(np.float32) / 255.0, np.concatenate(y)
+
+
+def read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch: (rows × 3 × 32 × 32 uint8, labels). A file cut short or damaged (an interrupted
+    download) is a BabysitError naming it, as MNIST's are."""
+    try:
         with open(path, "rb") as handle:
             batch = pickle.load(handle, encoding="bytes")  # the format CIFAR-10 ships in
-        X.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        y.append(np.asarray(batch[b"labels"]))
-    return np.concatenate(X).astype(np.float32) / 255.0, np.concatenate(y)
+        data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"])
+    except Exception as err:  # unpickling damaged bytes fails in many ways; a dict without its keys too
+        raise BabysitError(f"{path}: not a CIFAR-10 batch (a pickled dict with b'data' and b'labels'; reading it said {type(err).__name__}: "
+                           f"{' '.join(str(err).split())[:120]}), as happens to a truncated or corrupt download: {refetch_advice(path.parent)}.") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
+        raise BabysitError(f"{path}: its b'data' has shape {data.shape} and b'labels' {labels.shape}; expected (N, 3072) pixels (3 x 32 x 32) and N labels, "
+                           f"so it is corrupt or not CIFAR-10: {refetch_advice(path.parent)}.")
+    return data.astype(np.uint8).reshape(-1, 3, 32, 32), labels
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -186,6 +186,15 @@ def test_cifar10_python_batches(tmp_path):
     assert data.X.shape == (30, 3, 32, 32) and len(data.classes) == 10
     with pytest.raises(BabysitError, match="cifar10"):
         load_dataset(DataConfig(source="cifar10", path=tmp_path / "missing"), seed=0)
+    # damaged the ways an interrupted download or a wrong file leaves it: one paragraph each, not a traceback (QA)
+    whole = (folder / "data_batch_1").read_bytes()
+    damaged = {"truncated": whole[:500], "text": b"not a pickle at all",
+               "no labels": pickle.dumps({b"data": np.zeros((20, 3072), np.uint8)}),
+               "narrow": pickle.dumps({b"data": np.zeros((30, 1024), np.uint8), b"labels": [0] * 30})}  # 30 x 1024 = 10 rows of 3072, silently
+    for what, content in damaged.items():
+        (folder / "data_batch_1").write_bytes(content)
+        with pytest.raises(BabysitError, match=rf"{re.escape(str(folder / 'data_batch_1'))}: .*corrupt.*delete {re.escape(str(folder))}"):
+            load_dataset(DataConfig(source="cifar10", path=tmp_path), seed=0)
 
 
 def test_per_channel_standardisation_is_fitted_on_training_pixels():
