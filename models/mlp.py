@@ -47,8 +47,8 @@ class MLP(nn.Module):
 
 
 class Affine(nn.Module):
-    """A fixed x @ weight + bias (images: x · weight[c] + bias[c] per channel): the fitted
-    preprocessing, carried inside the logged model."""
+    """A fixed x @ weight + bias, or with a vector weight x · weight + bias per feature (images:
+    x · weight[c] + bias[c] per channel): the fitted preprocessing, carried inside the logged model."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
         super().__init__()
@@ -56,9 +56,11 @@ class Affine(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dim() == 1:
+        if self.weight.dim() == 2:
+            return x @ self.weight + self.bias
+        if x.dim() == 4:
             return x * self.weight[:, None, None] + self.bias[:, None, None]
-        return x @ self.weight + self.bias
+        return x * self.weight + self.bias
 
 
 def build_model(cfg: ModelConfig, inputs: int | tuple[int, ...], n_classes: int, seed: int) -> nn.Module:

@@ -25,7 +25,10 @@ from tasks.data import Splits
 class Prepared:
     splits: Splits  # transformed features
     transformer: TransformerMixin  # fitted on the training split
-    weight: np.ndarray  # (raw features, features) — transform(x) == x @ weight + bias; images: (channels,) scales
+    # transform(x) == x @ weight + bias with weight (raw features, features) for pca and whiten; a method
+    # that scales each feature alone (none, center, standardize) keeps (features,): x * weight + bias, as
+    # a matrix its size grew with the square of the columns (8,000 columns: a 248-MB model, QA); images: (channels,) scales
+    weight: np.ndarray
     bias: np.ndarray  # (features,); images: (channels,) shifts
 
 
@@ -61,11 +64,13 @@ def check_whitened_directions_vary(pca: PCA) -> None:
         )
 
 
-def affine_parameters(transformer: TransformerMixin, n_features: int) -> tuple[np.ndarray, np.ndarray]:
-    """Recover W, b of a fitted affine transformer by probing it with 0 and the unit vectors."""
+def affine_parameters(transformer: TransformerMixin, n_features: int, per_feature: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Recover W, b of a fitted affine transformer by probing it with 0 and the unit vectors; with
+    `per_feature` (a transformer that scales each feature alone), the diagonal of W, probed with ones."""
     bias = transformer.transform(np.zeros((1, n_features), dtype=np.float64))[0]
-    weight = transformer.transform(np.eye(n_features, dtype=np.float64)) - bias
-    return weight.astype(np.float32), bias.astype(np.float32)
+    probe = np.ones((1, n_features), dtype=np.float64) if per_feature else np.eye(n_features, dtype=np.float64)
+    weight = transformer.transform(probe) - bias
+    return (weight[0] if per_feature else weight).astype(np.float32), bias.astype(np.float32)
 
 
 def fit_channel_preprocess(splits: Splits, cfg: PreprocessConfig) -> Prepared:
@@ -80,8 +85,8 @@ def fit_channel_preprocess(splits: Splits, cfg: PreprocessConfig) -> Prepared:
 
     transformed = replace(splits, X_train=apply(splits.X_train), X_val=apply(splits.X_val), X_test=apply(splits.X_test))
     # per channel: x * weight[c] + bias[c]
-    weight, bias = affine_parameters(scaler, channels)
-    return Prepared(transformed, scaler, np.diag(weight).copy(), bias)
+    weight, bias = affine_parameters(scaler, channels, per_feature=True)
+    return Prepared(transformed, scaler, weight, bias)
 
 
 def fit_preprocess(splits: Splits, cfg: PreprocessConfig) -> Prepared:
@@ -91,7 +96,7 @@ def fit_preprocess(splits: Splits, cfg: PreprocessConfig) -> Prepared:
     transformer.fit(splits.X_train.astype(np.float64))
     if cfg.method == "whiten":
         check_whitened_directions_vary(transformer)
-    weight, bias = affine_parameters(transformer, splits.n_features)
+    weight, bias = affine_parameters(transformer, splits.n_features, per_feature=cfg.method in ("none", "center", "standardize"))
 
     def apply(X: np.ndarray) -> np.ndarray:
         return transformer.transform(X.astype(np.float64)).astype(np.float32)

@@ -140,6 +140,8 @@ def test_hidden_activations_are_block_outputs():
 def test_affine_is_x_w_plus_b():
     W, b, x = torch.randn(4, 3), torch.randn(3), torch.randn(7, 4)
     torch.testing.assert_close(Affine(W, b)(x), x @ W + b)
+    scales = torch.randn(4)  # per feature (centering, standardizing): a vector, not a diagonal matrix
+    torch.testing.assert_close(Affine(scales, b[:1].expand(4))(x), x @ torch.diag(scales) + b[:1].expand(4))
 
 
 def test_inspect_init_reports_relu_activation_stats():
