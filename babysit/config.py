@@ -70,6 +70,14 @@ class DataConfig(Section):
     def images(self) -> bool:
         return self.source in IMAGE_SOURCES
 
+    def unread(self) -> set[str]:
+        """The fields this source does not read (a digits run has no use for n_classes)."""
+        reads = {"spiral": {"n_samples", "n_classes", "noise"}, "blobs": {"n_samples", "n_classes", "noise"}, "csv": {"path", "target"},
+                 "parquet": {"path", "target"}, "npz": {"path"}, "image_folder": {"path", "image_size", "channels"}}.get(self.source, set())
+        if self.source in ("cifar10", "mnist", "fashion_mnist"):
+            reads = {"path", "download"}
+        return {"path", "target", "n_samples", "n_classes", "noise", "image_size", "channels", "download"} - reads
+
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.val_fraction + self.test_fraction >= 1:
@@ -272,8 +280,10 @@ class Config(Section):
         return self
 
     def flat(self) -> dict[str, Any]:
-        """The config as dotted keys, e.g. {'optim.lr': 0.001}: MLflow params."""
-        return flatten(self.model_dump(mode="json"))
+        """The config as dotted keys, e.g. {'optim.lr': 0.001}: MLflow params; without the data
+        fields its source does not read (a digits run listed data.n_classes=3 beside its 10, QA)."""
+        unread = {f"data.{name}" for name in self.data.unread()}
+        return {key: value for key, value in flatten(self.model_dump(mode="json")).items() if key not in unread}
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
