@@ -66,6 +66,11 @@ class DataConfig(Section):
     keep_classes: list[str] | None = None  # only rows of these labels (as text, e.g. ['5', '6'])
     train_fraction: float = Field(1.0, gt=0, le=1)  # use this stratified share of the training split (val/test stay whole)
 
+    @field_validator("path")
+    @classmethod
+    def _home(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None  # ~/data.csv, as a shell would read it
+
     @property
     def images(self) -> bool:
         return self.source in IMAGE_SOURCES

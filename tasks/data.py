@@ -74,10 +74,22 @@ def make_spiral(n_samples: int, n_classes: int, noise: float, seed: int) -> tupl
 
 def read_table(path: Path, target: str, kind: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
+    if kind == "csv" and len(frame.columns) == 1 and any(mark in str(frame.columns[0]) for mark in ";\t|"):
+        raise BabysitError(f"{path}: read as one column ('{frame.columns[0]}'): babysit reads CSV separated by commas; "
+                           "save it with commas (pandas: to_csv(path, index=False)).")
     if target not in frame.columns:
         raise BabysitError(f"{path}: no target column '{target}' (columns: {', '.join(map(str, frame.columns))}); set `data.target` to the label column.")
     if frame.empty:  # a header and no rows: every column reads as text
         raise BabysitError(f"{path}: has columns ({', '.join(map(str, frame.columns))}) but no rows of data.")
+    if kind == "csv":  # pandas renames a repeated name 'a' to 'a.1', and calls an empty header cell 'Unnamed: 0': a copied label, a saved row index
+        header = ["" if pd.isna(name) else str(name) for name in pd.read_csv(path, header=None, nrows=1, dtype=str).iloc[0]]  # as written
+        repeated = sorted({name for name in header if header.count(name) > 1})
+        if repeated:
+            raise BabysitError(f"{path}: the header names column(s) {', '.join(repr(n) for n in repeated)} more than once; a repeated target would "
+                               "train on a copy of the label. Rename or drop the repeats.")
+        if unnamed := [i + 1 for i, name in enumerate(header) if not name.strip()]:
+            raise BabysitError(f"{path}: column(s) {', '.join(map(str, unnamed))} have no name in the header, as a saved row index has "
+                               "(pandas' to_csv without index=False); ordered rows would let it give the class away. Drop it, or name it.")
     features = frame.drop(columns=[target])
     non_numeric = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
     if non_numeric:
@@ -96,9 +108,13 @@ def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise BabysitError(f"{path}: an NPZ dataset needs arrays 'X' (rows × features) and 'y' (labels); missing {', '.join(missing)} (found: {', '.join(archive.files) or 'nothing'}).")
         X, y = archive["X"], archive["y"]
     if X.ndim != 2 or y.ndim != 1 or len(X) != len(y):
-        raise BabysitError(f"{path}: expected 'X' of shape (rows, features) and 'y' of shape (rows,), got {X.shape} and {y.shape}.")
+        one_hot = y.ndim == 2 and y.shape[1] > 1 and len(y) == len(X) and np.isin(y, (0, 1)).all()
+        raise BabysitError(f"{path}: expected 'X' of shape (rows, features) and 'y' of shape (rows,), got {X.shape} and {y.shape}"
+                           + ("; 'y' looks one-hot: save its class indices, y.argmax(axis=1)." if one_hot else "."))
     if X.dtype.kind not in "biuf":  # bool columns of a table are features too; complex ones would lose their imaginary part
         raise BabysitError(f"{path}: 'X' must hold real numbers (bool, integer or float), got dtype {X.dtype}.")
+    if y.dtype.kind == "S":  # numpy's bytes strings: class names as text, not as "b'cat'"
+        y = np.char.decode(y, "utf-8", errors="replace")
     return X.astype(np.float32), y
 
 
@@ -188,7 +204,15 @@ def validate_dataset(X: np.ndarray, labels: np.ndarray, origin: str, columns: li
     if len(classes) < 2:
         raise BabysitError(f"{origin}: found {len(classes)} class(es); a classifier needs at least 2 distinct labels.")
     if len(y) < 3 * len(classes):
-        raise BabysitError(f"{origin}: {len(y)} rows for {len(classes)} classes; a stratified train/val/test split needs at least 3 rows per class.")
+        continuous = np.issubdtype(classes.dtype, np.floating) and len(classes) > len(y) / 2
+        raise BabysitError(f"{origin}: {len(y)} rows for {len(classes)} classes; a stratified train/val/test split needs at least 3 rows per class"
+                           + (": the labels look continuous (a regression target?); babysit trains classifiers, so bin them into classes." if continuous else "."))
+    counts = np.bincount(y)
+    if counts.min() < 3:  # train, val and test each need a row of every class; no fractions help
+        rare = [f"'{classes[i]}' ({counts[i]} row{'s' if counts[i] > 1 else ''})" for i in np.flatnonzero(counts < 3)]
+        raise BabysitError(f"{origin}: class(es) {', '.join(rare[:10])}{', ...' if len(rare) > 10 else ''} have fewer than 3 rows; a stratified "
+                           "train/val/test split needs a row of each class in each part. Add rows of them, merge them into another class, "
+                           "or leave them out (data.keep_classes: the others).")
     return Dataset(X=X, y=y.astype(np.int64), classes=[str(c) for c in classes], origin=origin)
 
 

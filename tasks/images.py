@@ -62,7 +62,8 @@ def image_files(root: Path) -> list[tuple[str, Path]]:
 def read_image_folder(root: Path, size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
     """Every image under root/<class>/ resized to size×size, grey (1 channel) or RGB (3)."""
     if not root.is_dir():
-        raise BabysitError(f"{root}: image folder not found (`data.path`; expected one sub-folder per class).")
+        raise BabysitError(f"{root}: " + ("a file, not a folder" if root.exists() else "image folder not found") + " (`data.path` of source image_folder: "
+                           "a folder with one sub-folder of images per class).")
     classes = image_classes(root)
     if not classes:
         raise BabysitError(f"{root}: no class sub-folders; an image folder holds one sub-folder of images per class.")
