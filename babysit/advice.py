@@ -232,7 +232,7 @@ def search_advice(trials: pd.DataFrame, edges: list[tuple[str, str]], unmoved: d
         if (failed := int((~trained).sum())):
             lines.append(f"{failed} {stage} trial(s) failed with an error: see the `babysit.failure` tag of their MLflow runs.")
         if (pruned := int((group_status == "pruned").sum())):
-            lines.append(f"{pruned} of {len(group)} {stage} trials were pruned early for poor validation accuracy.")
+            lines.append(f"{pruned} of {len(group)} {stage} trials {'was' if pruned == 1 else 'were'} pruned early for poor validation accuracy.")
         finished_flags = group_flags[group_status == "finished"]
         for flag in ("overfitting", "underfitting", "plateau", "dead_relu"):
             if (n := int(finished_flags.map(lambda f: flag in f).sum())) * 2 > max(len(finished_flags), 1):

@@ -394,7 +394,7 @@ def parser() -> argparse.ArgumentParser:
 
     def with_config(name: str, help: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help)
-        sub.add_argument("config", help="YAML experiment file, e.g. conf/digits_mlp.yaml")
+        sub.add_argument("config", help=f"YAML experiment file, e.g. conf/{'search_digits' if name == 'search' else 'digits_mlp'}.yaml")
         sub.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field, e.g. --set optim.lr=3e-3 (repeatable)")
         return sub
 
@@ -431,7 +431,7 @@ def parser() -> argparse.ArgumentParser:
     server_cmd.set_defaults(handler=server)
     ens = commands.add_parser("ensemble", help="average the top-k trials of a search and compare with the best single model")
     ens.add_argument("run_id", help="the search's parent MLflow run id")
-    ens.add_argument("--top", type=at_least_one, default=3, help="members: the k best trials by validation accuracy")
+    ens.add_argument("--top", type=at_least_one, default=3, help="members: the k best trials by validation accuracy (default: 3)")
     ens.add_argument("--epochs", type=at_least_one, default=None, help="retrain each member this long (default: its trial's epochs)")
     ens.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
     ens.set_defaults(handler=ensemble)

@@ -25,6 +25,7 @@ def training_curves(history: dict[str, list[float]], title: str = "") -> Figure:
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend()
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # no "epoch 2.5"
     fig.suptitle(title)
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.12, top=0.86, wspace=0.25)  # tight_layout would draw it once more
     return fig
@@ -55,6 +56,7 @@ def loss_curve(losses: list[float], title: str = "") -> Figure:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(range(1, len(losses) + 1), losses)
     ax.set(xlabel="epoch", ylabel="cross-entropy loss", title=title, yscale="log")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
@@ -116,7 +118,7 @@ def search_overview(trials, fields: list[str], row: int | None = None, linear: C
             ax.legend(fontsize=8)  # one for all: every panel colours the stages alike
     # margins in inches, alike for a whole figure and for a row (tight_layout would draw the figure once more)
     height = 3.5 * rows
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.7 / height, top=1 - 0.35 / height, wspace=0.3, hspace=0.35)
+    fig.subplots_adjust(left=0.8 / (4.5 * cols), right=0.98, bottom=0.7 / height, top=1 - 0.35 / height, wspace=0.3, hspace=0.35)
     return fig
 
 

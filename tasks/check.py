@@ -95,7 +95,7 @@ def overfit_tiny_subset(cfg: Config, prepared: Prepared, n: int = 20, budget_epo
         reason = f"{n} examples fit to {acc:.0%} training accuracy in {len(curve)} epochs (loss {curve[0]:.3g} → {curve[-1]:.3g}; {setting})"
     else:
         why = result.stop_reason if result.stop_reason else f"after {len(curve)} epochs (the budget)"
-        reason = f"{n} examples reach only {acc:.0%} training accuracy, {why}; loss per epoch {shown} ({setting}): check the loss, labels and learning rate"
+        reason = f"{n} examples reach only {acc:.0%} training accuracy, {why}; loss over its {len(curve)} epochs {shown} ({setting}): check the loss, labels and learning rate"
     return CheckResult("tiny-subset overfit", passed, reason, curve=curve,
                        data={"n": n, "epochs": len(curve), "accuracy": acc, "stop_reason": result.stop_reason})
 

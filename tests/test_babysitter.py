@@ -355,6 +355,7 @@ def test_search_advice_names_the_best_trial_as_the_search_does_pruned_or_tied():
     trials = pd.DataFrame({"stage": ["coarse", "coarse", "fine", "fine"], "status": ["finished", "pruned", "finished", "finished"],
                            "val_acc": [0.90, 0.95, 0.93, 0.93], "flags": "", "param.optim.lr": [1e-3, 2e-3, 3e-3, 4e-3]})
     assert "best trial: validation accuracy 95.0% (coarse stage) with optim.lr = 0.002." in search_advice(trials, [])  # pruned, yet the best
+    assert "1 of 2 coarse trials was pruned early" in search_advice(trials, [])
     tied = trials.assign(val_acc=[0.93, 0.90, 0.93, 0.93])
     assert "best trial: validation accuracy 93.0% (fine stage) with optim.lr = 0.004." in search_advice(tied, [])  # the latest of the tied
 

@@ -171,6 +171,13 @@ def test_train_on_another_store_hints_at_it_even_after_logging_a_model(prefect_h
     assert os.environ.get("MLFLOW_TRACKING_URI") == tracking_uri  # put back: the next run of this process goes to its own store
 
 
+def test_help_shows_a_search_file_for_search_and_the_ensembles_default_size(capsys):
+    for argv, shown in ((["search", "--help"], "conf/search_digits.yaml"), (["train", "--help"], "conf/digits_mlp.yaml"), (["ensemble", "--help"], "(default: 3)")):
+        with pytest.raises(SystemExit):
+            parser().parse_args(argv)
+        assert shown in " ".join(capsys.readouterr().out.split())
+
+
 def test_ui_arguments():
     args = parser().parse_args(["ui", "--port", "5001"])
     assert (args.command, args.port, args.host, args.uri) == ("ui", 5001, "127.0.0.1", None)
