@@ -184,6 +184,17 @@ def start_temporary_server_apart() -> None:
     finally:
         subprocess.Popen = popen
     atexit.register(stop_uninterrupted, server)  # after Prefect's own exit handler: runs before it
+    _STARTED.append(server)
+
+
+_STARTED: list = []  # the temporary servers start_temporary_server_apart started
+
+
+def stop_temporary_servers() -> None:
+    """Stop the temporary servers this process started, now rather than at its exit (pytest
+    closes its captured output first, and Prefect's 'Stopping temporary server' then fails to log)."""
+    while _STARTED:
+        stop_uninterrupted(_STARTED.pop())
 
 
 def stop_uninterrupted(server) -> None:

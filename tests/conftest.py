@@ -21,6 +21,17 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def temporary_servers_stop_before_pytest_closes_its_output():
+    """Temporary Prefect servers that `babysit` commands started in tests stop at the session's end:
+    at the process's exit, Prefect's 'Stopping temporary server' line found pytest's captured
+    output closed and printed a logging traceback after the summary."""
+    yield
+    from babysit.servers import stop_temporary_servers
+
+    stop_temporary_servers()
+
+
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch):
     """A fresh SQLite MLflow store in a temporary folder, also exported as $MLFLOW_TRACKING_URI."""
