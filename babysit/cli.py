@@ -342,7 +342,9 @@ def ensemble(args: argparse.Namespace) -> int:
 
     tracking.check_reachable(tracking.resolve_uri(args.uri))  # before Prefect starts, as train and search do
     with console.status("starting Prefect (ephemeral server unless PREFECT_API_URL is set)..."):
-        from flows.ensemble import ensemble_flow
+        from flows.ensemble import ensemble_flow, search_parent
+
+        search_parent(tracking.resolve_uri(args.uri), args.run_id)  # a wrong id, before a server starts and a flow run fails
     quiet_user_errors()
     with servers.temporary_server_settings():
         summary = ensemble_flow(search_run_id=args.run_id, top=args.top, epochs=args.epochs, tracking_uri=args.uri)
@@ -454,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    # with a tracking server MLflow prints "View run ... at" for every run it ends: a line per trial; babysit prints its own links
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     args = parser().parse_args(argv)
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints where every thread of a stuck command is
         try:

@@ -66,10 +66,16 @@ def ensemble_probabilities(member_probabilities: list[np.ndarray]) -> np.ndarray
     return np.mean(np.stack(member_probabilities), axis=0)
 
 
-def top_trials(uri: str, search_run_id: str, k: int) -> list:
+def search_parent(uri: str, search_run_id: str) -> tracking.RunRecord:
+    """The parent run of a search; a BabysitError when there is none of that id, or it is no search."""
     parent = tracking.read_run(uri, search_run_id)
     if parent.tags.get("babysit.kind") != "search":
         raise BabysitError(f"MLflow run '{search_run_id}' is not a babysit search (no tag babysit.kind=search); pass a search's parent run id.")
+    return parent
+
+
+def top_trials(uri: str, search_run_id: str, k: int) -> list:
+    parent = search_parent(uri, search_run_id)
     experiment_id = tracking.get_run(uri, search_run_id).info.experiment_id
     trials = [r for r in search_trials(uri, experiment_id, search_run_id, parent.tags.get("babysit.reused_from"))
               if r.info.status == "FINISHED" and r.data.tags.get("babysit.stage") != "final" and r.data.tags.get("babysit.status") == "finished"]

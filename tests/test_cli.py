@@ -258,6 +258,17 @@ def test_ui_on_a_port_already_taken_says_so_instead_of_exiting_0(capsys):
     assert "--host 192.0.2.1" in said and "cannot serve there" in said and "taken" not in said
 
 
+def test_ensemble_of_a_run_that_is_no_search_is_refused_before_a_flow_runs(tmp_path, capsys):
+    from babysit import servers, tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    trained = tracking.start_run(uri, "babysit", "a train run", {}, {"babysit.kind": "train"})
+    assert main(["ensemble", trained.run_id, "--uri", uri]) == 2
+    out = capsys.readouterr()
+    assert "is not a babysit search" in one_paragraph(out.out)
+    assert "Flow run" not in out.err and not servers._STARTED  # before: a temporary server, then a flow run that failed
+
+
 @pytest.mark.parametrize("argv", [["report", "0123abc"], ["ensemble", "0123abc"], ["ui"]])
 def test_report_ensemble_and_ui_on_a_tracking_server_that_does_not_answer_say_so_at_once(argv, capsys):
     assert main([*argv, "--uri", "http://127.0.0.1:1"]) == 2  # before: minutes of retries, then "check the id"
