@@ -241,3 +241,13 @@ def test_unfreeze_epochs_without_a_transferred_model_fails_at_load():
     with pytest.raises(BabysitError, match=r"train.unfreeze_epochs 2 fine-tunes a transferred model .*set model.init_from"):
         load_config(CONF / "digits_mlp.yaml", ["train.unfreeze_epochs=2"])
     assert load_config(CONF / "digits_5to9_transfer.yaml", ["model.init_from=weights.pt", "train.unfreeze_epochs=2"]).train.unfreeze_epochs == 2
+
+
+@pytest.mark.parametrize("method", ["pca", "whiten"])
+def test_images_refuse_the_feature_vector_transforms(method):
+    # PCA and whitening rotate a flat feature vector: an image's pixels would lose their layout,
+    # which a CNN needs. Both are refused at load; the per-channel ones are fine.
+    with pytest.raises(BabysitError, match=rf"preprocess.method '{method}' works on feature vectors.*per channel"):
+        load_config(CONF / "digits_mlp.yaml", ["data.source=digits_images", f"preprocess.method={method}"])
+    for fine in ("none", "center", "standardize"):
+        assert load_config(CONF / "digits_mlp.yaml", ["data.source=digits_images", f"preprocess.method={fine}"]).preprocess.method == fine

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from babysit.config import FlagsConfig
-from babysit.flags import diverged, overfitting, run_flags
+from babysit.flags import diverged, lr_too_high, overfitting, run_flags
 
 INITIAL = math.log(10)  # 2.303: a 10-class model at init
 
@@ -55,6 +55,14 @@ def test_gap_is_checked_at_the_last_epoch_only():
     assert overfitting(history, gap=0.03, patience=3) is not None
 
 
+
+def test_validation_above_training_accuracy_is_not_overfitting():
+    # val acc 0.15 above train acc (heavy dropout, or an easy validation split): the gap that
+    # signals overfitting is train above val, never the other way round
+    history = {**HEALTHY, "train_acc": [0.5, 0.6, 0.65, 0.7, 0.72, 0.75], "val_acc": [0.6, 0.7, 0.8, 0.85, 0.88, 0.90]}
+    assert overfitting(history, gap=0.10, patience=3) is None
+    assert "overfitting" not in run_flags(history, INITIAL, FlagsConfig(overfit_gap=0.10))
+
 def test_overfitting_on_rising_val_loss_while_train_falls():
     history = {
         "train_loss": [2.0, 1.0, 0.7, 0.5, 0.4, 0.3],
@@ -97,3 +105,12 @@ def test_run_flags_collects_both():
     flags = run_flags(history, INITIAL, FlagsConfig(overfit_gap=0.2))
     assert {"diverged", "overfitting"} <= set(flags)
     assert all(isinstance(reason, str) and reason for reason in flags.values())
+
+
+def test_lr_too_high_needs_large_update_ratios_in_most_early_epochs_not_one_spike():
+    # the rule reads the median of the early epochs' update ratios: one spiky epoch among healthy
+    # ones (≈ 1e-3) is noise, two of three large ones are a rate too high
+    falling = [2.0, 1.5, 1.2]
+    assert lr_too_high(falling, INITIAL, [1e-3, 0.5, 1e-3], 3, 0.05, 0.03) is None
+    reason = lr_too_high(falling, INITIAL, [1e-3, 0.5, 0.2], 3, 0.05, 0.03)
+    assert reason is not None and "2.0e-01" in reason  # the median, 0.2, is what it reports

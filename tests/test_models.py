@@ -228,3 +228,37 @@ def test_dropout_masks_survive_pickling_as_their_seed():
     first = dropout_masks(model, x)
     copy = pickle.loads(pickle.dumps(model))  # a logged model: its generator restarts from the seed
     assert torch.equal(dropout_masks(copy, x)[0], first[0])
+
+
+def test_tanh_saturation_counts_both_flat_tails():
+    from tasks.build import saturated
+
+    # |tanh| > 0.99 is flat on either side: −1 saturates as much as +1
+    assert saturated(torch.tensor([-0.999, -0.5, 0.0, 0.5, 0.999]), "tanh").tolist() == [True, False, False, False, True]
+    # inputs 30× too large drive a tanh layer into both tails about equally: the reported share is
+    # that of |h| > 0.99, nearly all units, not the half on the positive side
+    X = 30 * np.random.default_rng(0).normal(size=(256, 20)).astype(np.float32)
+    cfg = ModelConfig(hidden=[64], activation="tanh", init="xavier")
+    report = inspect_init(cfg, 20, 4, 0, X)
+    (h,) = build_model(cfg, 20, 4, seed=0).eval().hidden_activations(torch.as_tensor(X))
+    assert report.layer_stats["act_frac_saturated"][0] == pytest.approx((h.abs() > 0.99).float().mean().item())
+    assert report.layer_stats["act_frac_saturated"][0] > 0.8
+    assert (h < -0.99).float().mean().item() > 0.3  # precondition: the negative tail holds a good share
+
+
+def test_dead_unit_probe_counts_a_unit_alive_if_any_chunk_saw_it_fire():
+    from babysit.diagnostics import dead_unit_probe
+    from tasks.train import evaluate
+
+    # validation in two chunks: the first all-zero rows (zero biases at init: every ReLU outputs 0),
+    # the second real inputs. A unit that fires only in the second chunk is alive; the dead share
+    # is that of the second chunk alone, not every unit
+    model = build_model(ModelConfig(hidden=[32, 16]), 20, 4, seed=0)
+    real = torch.as_tensor(np.random.default_rng(0).normal(size=(64, 20)).astype(np.float32))
+    X, y = torch.cat([torch.zeros(64, 20), real]), torch.zeros(128, dtype=torch.long)
+    with dead_unit_probe(model) as dead:
+        evaluate(model, X, y, chunk=64)
+    with dead_unit_probe(model) as dead_in_real:
+        evaluate(model, real, y[:64])
+    assert dead == dead_in_real
+    assert all(fraction < 0.5 for fraction in dead), dead

@@ -12,7 +12,7 @@ import pytest
 from babysit.config import SearchExperiment, load_config
 from babysit.errors import BabysitError
 from babysit.pruning import Pruner, SharedReports
-from babysit.space import Dist, Narrowing, edge_band, grid_shortfall, inside_declared, narrow, parse_dist, sample, top_count
+from babysit.space import Dist, Narrowing, edge_band, edge_side, grid_shortfall, inside_declared, narrow, parse_dist, sample, top_count
 
 
 def space_of(**specs):
@@ -555,3 +555,18 @@ def test_a_dropout_range_moved_up_stops_short_of_its_degenerate_limit():
     assert edges == {"model.dropout": "high"} and new["model.dropout"].high == pytest.approx(0.9)
     again, edges = narrow(new, trials_for([{"model.dropout": v} for v in (0.5, 0.89)], lambda p: p["model.dropout"]), Narrowing(top_k=1), valid)
     assert again["model.dropout"].high == pytest.approx(0.9) and edges == {}  # there already: nothing moves, no edge
+
+
+def test_a_value_exactly_at_the_edge_band_counts_as_at_the_edge():
+    # uniform(0, 4), edge 0.25: positions ≤ 0.25 (values ≤ 1) are at the low edge, ≥ 0.75 (≥ 3) at the high one
+    dist = parse_dist("x", "uniform(0, 4)")
+    assert [edge_side(dist, v, 0.25) for v in (0.0, 1.0, 1.01, 2.0, 2.99, 3.0, 4.0)] == ["low", "low", None, None, None, "high", "high"]
+    logs = parse_dist("lr", "loguniform(1e-4, 1e0)")  # on its log scale: 1e-3 sits at 0.25, 1e-1 at 0.75
+    assert edge_side(logs, 1e-3, 0.25) == "low" and edge_side(logs, 1e-1, 0.25) == "high"
+
+
+def test_a_top_share_rounds_to_the_nearest_count():
+    # a share of the scored trials is rounded, not truncated: 0.25 × 14 = 3.5 → 4, 0.3 × 9 = 2.7 → 3
+    assert top_count(0.25, 14) == 4
+    assert top_count(0.3, 9) == 3
+    assert top_count(0.3, 11) == 3  # 3.3 → 3

@@ -282,3 +282,25 @@ def test_a_training_run_left_running_by_a_process_that_is_gone_is_ended_failed_b
     assert tracking.get_run(tracking_uri, left["alive"].run_id).info.status == "RUNNING"  # its process may still end it
     tags = tracking.get_run(tracking_uri, summary.run_id).data.tags
     assert tags["babysit.kind"] == "train" and tags[owners.TAG] == owners.process_identity()
+
+
+def test_logged_best_val_acc_is_the_best_epochs_not_the_last(tmp_path, one_thread):
+    # Adam at 0.05 is noisy: validation accuracy peaks before the last epoch, and the run's
+    # best_val_acc (what a search ranks trials by) must be that peak, the kept weights' accuracy
+    from babysit import tracking
+    from tasks.preprocess import fit_preprocess
+    from tasks.track import log_outcome
+    from tasks.train import train_and_test
+
+    cfg = load_config(None, ["model.hidden=[64]", "optim.lr=0.05", "train.epochs=8", "train.device=cpu", "train.threads=1", "train.diagnostics=false"])
+    prepared = fit_preprocess(split_dataset(load_dataset(cfg.data, seed=0), cfg.data.val_fraction, cfg.data.test_fraction, seed=0), cfg.preprocess)
+    result, _ = train_and_test(cfg, prepared)
+    val_acc = result.history["val_acc"]
+    assert val_acc[-1] < max(val_acc), "precondition: the last epoch is not the best one"
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    run = tracking.start_run(uri, "best-epoch", None, {}, {})
+    log_outcome(run, cfg, result, {}, prepared)
+    tracking.end_run(run)
+    metrics = tracking.get_run(uri, run.run_id).data.metrics
+    assert metrics["best_val_acc"] == pytest.approx(max(val_acc))
+    assert metrics["best_epoch"] == val_acc.index(max(val_acc)) + 1

@@ -1,0 +1,190 @@
+"""The training loop's mechanics, observed on real digits training: train/eval modes, the epoch's
+loss, the scheduled learning rate reaching the optimizer, the overfit check without
+regularization, and transfer learning's two phases (which weights train, at what rate, which are kept)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from babysit.config import Config, load_config
+from models.mlp import build_model
+from tasks.check import overfit_tiny_subset
+from tasks.data import load_dataset, split_dataset
+from tasks.preprocess import Prepared, fit_preprocess
+from tasks.train import evaluate, fit, train_and_test
+
+
+def config(*overrides: str) -> Config:
+    # one torch thread and no diagnostics: small, fast models on a shared 2-core machine
+    return load_config(None, ["train.device=cpu", "train.threads=1", "train.diagnostics=false", "model.hidden=[32]", *overrides])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits() -> Prepared:
+    cfg = Config()  # digits, standardized, 15% val, 15% test
+    splits = split_dataset(load_dataset(cfg.data, seed=0), cfg.data.val_fraction, cfg.data.test_fraction, seed=0)
+    return fit_preprocess(splits, cfg.preprocess)
+
+
+def tensors(prepared: Prepared, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    s = prepared.splits
+    return torch.as_tensor(getattr(s, f"X_{split}")), torch.as_tensor(getattr(s, f"y_{split}"))
+
+
+# --- train mode while training, eval mode while evaluating ---------------------------------------
+
+
+def test_training_runs_in_train_mode_so_batchnorm_tracks_every_step(digits):
+    # BatchNorm updates its running statistics only in train mode: after one epoch it has counted
+    # every training step and its running mean has moved off its initial 0
+    batch = 100
+    result, model = train_and_test(config("model.batchnorm=true", "train.epochs=1", f"train.batch_size={batch}"), digits, test=False)
+    n = len(digits.splits.y_train)
+    steps = -(-n // batch) - (1 if n % batch == 1 else 0)  # a last batch of one row joins the one before
+    bn = model.blocks[0][1]
+    assert isinstance(bn, torch.nn.BatchNorm1d)
+    assert result.best_epoch == 1  # the kept weights (and buffers) are those after the epoch
+    assert int(bn.num_batches_tracked) == steps
+    assert bn.running_mean.abs().max() > 1e-3
+
+
+def test_training_runs_in_train_mode_so_dropout_is_active(digits):
+    # a trained network, given dropout 0.5 and trained one more epoch at lr 1e-12 (its weights stay
+    # put): with units dropped, the epoch's training loss and accuracy are clearly worse than the
+    # same weights score on the same rows in eval mode. Trained in eval mode they would be equal.
+    _, trained = train_and_test(config("model.hidden=[64]", "train.epochs=3", "optim.lr=3e-3"), digits, test=False)
+    clean_loss, clean_acc = evaluate(trained, *tensors(digits, "train"))
+    cfg = config("model.hidden=[64]", "model.dropout=0.5", "optim.lr=1e-12", "train.epochs=1")
+    model = build_model(cfg.model, 64, 10, seed=0)
+    model.load_state_dict(trained.state_dict())  # dropout has no parameters: the same keys
+    result = fit(model, *tensors(digits, "train"), *tensors(digits, "val"), cfg.optim, cfg.train, cfg.flags.diverge_factor, cfg.seed)
+    assert result.initial_loss == pytest.approx(clean_loss, rel=1e-6)  # evaluated in eval mode: no dropout
+    assert result.history["train_loss"][0] > 1.3 * clean_loss, (result.history["train_loss"], clean_loss)
+    assert result.history["train_acc"][0] < clean_acc - 0.04, (result.history["train_acc"], clean_acc)
+
+
+def test_evaluate_switches_a_model_left_in_train_mode_to_eval_mode(digits):
+    # a model with dropout 0.5 handed over in train mode: evaluate turns dropout off, so two calls
+    # agree, and they match the loss and accuracy computed by hand in eval mode
+    model = build_model(config("model.dropout=0.5").model, 64, 10, seed=0)
+    X, y = tensors(digits, "val")
+    first = evaluate(model.train(), X, y)
+    second = evaluate(model.train(), X, y)
+    assert first == second
+    assert not model.training
+    with torch.no_grad():
+        logits = model.eval()(X)
+    assert first[0] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert first[1] == (logits.argmax(1) == y).sum().item() / len(y)
+
+
+# --- the epoch's training loss ---------------------------------------------------------------------
+
+
+def test_epoch_train_loss_weights_each_batch_by_its_rows(digits):
+    # the weights barely move at lr 1e-12, so the epoch's training loss is the initial loss over
+    # the same rows, provided each batch's mean counts by its row count: the ragged last batch
+    # (a few rows) must not count as much as a full one
+    n = len(digits.splits.y_train)
+    batch = next(b for b in range(200, n) if 2 <= n % b <= 8)  # a last batch of 2-8 rows
+    result, _ = train_and_test(config("optim.lr=1e-12", "train.epochs=1", f"train.batch_size={batch}"), digits, test=False)
+    assert result.history["train_loss"][0] == pytest.approx(result.initial_loss, rel=1e-5)
+
+
+# --- the learning-rate schedule reaches the optimizer ----------------------------------------------
+
+
+def test_scheduled_learning_rate_is_what_the_optimizer_steps_with(digits):
+    # plain SGD, step decay ×0.1 every epoch: each epoch moves the weights about a tenth as far as
+    # the one before (the gradients change little at this small rate); an optimizer left at the
+    # base rate would move them about as far every epoch
+    cfg = config("optim.name=sgd", "optim.lr=0.01", "optim.schedule=step", "optim.step_epochs=1", "optim.gamma=0.1", "train.epochs=3")
+    model = build_model(cfg.model, 64, 10, seed=0)
+    weights = [model.blocks[0][0].weight.detach().clone()]
+
+    def record(epoch, metrics):
+        weights.append(model.blocks[0][0].weight.detach().clone())
+
+    result = fit(model, *tensors(digits, "train"), *tensors(digits, "val"), cfg.optim, cfg.train, cfg.flags.diverge_factor, cfg.seed, record)
+    assert result.history["lr"] == pytest.approx([0.01, 0.001, 0.0001])
+    moves = [(after - before).norm().item() for before, after in zip(weights, weights[1:])]
+    assert moves[1] / moves[0] == pytest.approx(0.1, rel=0.5), moves
+    assert moves[2] / moves[1] == pytest.approx(0.1, rel=0.5), moves
+
+
+# --- the pre-flight overfit check turns regularization off ----------------------------------------
+
+
+def test_overfit_check_ignores_the_configured_dropout(digits):
+    # the lecture overfits a tiny subset with regularization off: a config with dropout 0.5 is
+    # checked exactly as the same config without dropout (same curve, same verdict)
+    with_dropout = overfit_tiny_subset(config("model.dropout=0.5", "optim.lr=1e-2"), digits, budget_epochs=30)
+    without = overfit_tiny_subset(config("model.dropout=0.0", "optim.lr=1e-2"), digits, budget_epochs=30)
+    assert with_dropout.curve == without.curve
+    assert with_dropout.passed == without.passed
+
+
+# --- transfer learning: the frozen phase, then fine-tuning ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> tuple[str, dict[str, torch.Tensor]]:
+    """A state-dict file for model.init_from: a random [32] MLP (its weights are what we track)."""
+    path = tmp_path_factory.mktemp("source") / "source.pt"
+    state = build_model(config().model, 64, 10, seed=1).state_dict()
+    torch.save(state, path)
+    return str(path), state
+
+
+def transfer(source_path: str, *overrides: str) -> Config:
+    return config(f"model.init_from={source_path}", "model.freeze=1", "train.epochs=2", "train.unfreeze_epochs=2", *overrides)
+
+
+def stop_after(last: int):
+    """on_epoch that stops training after epoch `last`: here, the last frozen epoch (a pruned trial)."""
+    return lambda epoch, metrics: "stopped by test" if epoch == last else None
+
+
+def test_fine_tuning_trains_the_frozen_block_after_the_frozen_epochs(digits, source):
+    path, state = source
+    cfg = transfer(path, "train.epochs=1", "train.unfreeze_epochs=3", "train.unfreeze_lr_factor=1")
+    # phase 1 alone (stopped after it): the frozen block is the source's, untouched
+    frozen_only, model = train_and_test(cfg, digits, stop_after(1), test=False)
+    assert frozen_only.epochs_run == 1
+    assert torch.equal(model.blocks[0][0].weight, state["blocks.0.0.weight"])
+    # both phases: training every layer from random features beats training the head alone, and the
+    # kept weights of the first block have moved
+    result, model = train_and_test(cfg, digits, test=False)
+    assert result.epochs_run == 4
+    assert result.best_epoch > 1, "precondition: a fine-tuned epoch is the best"
+    assert not torch.equal(model.blocks[0][0].weight, state["blocks.0.0.weight"])
+
+
+def test_fine_tuning_runs_at_lr_times_unfreeze_lr_factor(digits, source):
+    path, _ = source
+    result, _ = train_and_test(transfer(path, "optim.lr=2e-3", "train.unfreeze_lr_factor=0.1"), digits, test=False)
+    assert result.history["lr"] == pytest.approx([2e-3, 2e-3, 2e-4, 2e-4])
+
+
+def test_a_fine_tune_that_does_not_beat_the_frozen_phase_is_discarded(digits, source):
+    # at 1e-6 × the rate the fine-tuned epochs change the weights a little but not the validation
+    # accuracy: not better than the frozen phase, so the model is the frozen phase's best, exactly
+    path, _ = source
+    cfg = transfer(path, "train.unfreeze_lr_factor=1e-6")
+    frozen_only, frozen_model = train_and_test(cfg, digits, stop_after(2), test=False)
+    result, model = train_and_test(cfg, digits, test=False)
+    assert result.epochs_run == 4 and result.stop_reason is None
+    assert max(result.history["val_acc"][2:]) <= max(result.history["val_acc"][:2]), "precondition: fine-tuning did not help"
+    assert result.best_epoch == frozen_only.best_epoch <= 2
+    assert result.best_val_acc == frozen_only.best_val_acc
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), frozen_model.state_dict().values()))
+    assert evaluate(model, *tensors(digits, "val"))[1] == pytest.approx(frozen_only.best_val_acc, abs=1e-12)
