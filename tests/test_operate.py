@@ -8,6 +8,7 @@ schedules) are tested on hand-made data first.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -145,7 +146,7 @@ def test_the_dask_runner_makes_a_loopback_localcluster_or_joins_a_scheduler():
     local = scaleout.task_runner("dask", 3, None, "http://127.0.0.1:4200/api")
     assert local.address is None and local.cluster_kwargs == {
         "n_workers": 3, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
-        "dashboard_address": "127.0.0.1:8787", "env": {"PREFECT_API_URL": "http://127.0.0.1:4200/api"}}
+        "dashboard_address": "127.0.0.1:8787", "env": {"PREFECT_API_URL": "http://127.0.0.1:4200/api"}, "silence_logs": logging.ERROR}
     assert scaleout.task_runner("dask", 3, "tcp://10.0.0.5:8786").address == "tcp://10.0.0.5:8786"
     assert scaleout.task_runner("threads", 2)._max_workers == 2
     assert scaleout.task_runner("processes", 2)._max_workers == 4  # one trial waits, queued, for each worker process
