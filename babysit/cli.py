@@ -445,6 +445,14 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+class HangUp(KeyboardInterrupt):
+    """SIGHUP (a closed terminal, a dropped SSH session), handled as Ctrl-C is: runs in progress end FAILED."""
+
+
+def hang_up(signum: int, frame: object) -> None:
+    raise HangUp
+
+
 def main(argv: list[str] | None = None) -> int:
     # Offline machines: Prefect's telemetry would only log a connection error.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -464,15 +472,20 @@ def main(argv: list[str] | None = None) -> int:
             faulthandler.register(signal.SIGUSR1, all_threads=True)
         except ValueError:  # stderr without a file descriptor (captured, as under pytest): nowhere to print
             pass
+    if hasattr(signal, "SIGHUP") and args.command != "ui":  # ui stops its own process group on a hang-up
+        signal.signal(signal.SIGHUP, hang_up)
     try:
         return args.handler(args)
     except BabysitError as err:
         console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)  # a user's choice([a, b]) is not markup
         return 2
-    except KeyboardInterrupt:
-        console.print("[bold red]interrupted:[/] runs in progress are marked FAILED in MLflow; finished trials are kept, "
-                      "and running the same command again resumes a search.", highlight=False)
-        return 130
+    except KeyboardInterrupt as err:
+        if args.command in ("train", "search", "ensemble"):
+            console.print("[bold red]interrupted:[/] runs in progress are marked FAILED in MLflow; finished trials are kept, "
+                          "and running the same command again resumes a search.", highlight=False)
+        else:
+            console.print("[bold red]interrupted.[/]", highlight=False)
+        return 128 + signal.SIGHUP if isinstance(err, HangUp) else 130
     except Exception as err:
         if (lost := lost_server(err)) is None:
             raise

@@ -171,6 +171,8 @@ def _start_worker(prepared: Prepared, reports: SharedReports, stop: Any, slots: 
     # process turns it into an interruption (Prefect's handler, which a fork would otherwise inherit
     # and raise in the middle of a trial, with a traceback)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):  # a closed terminal hangs up the whole group too: the flow stops them, as for Ctrl-C
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if sys.platform == "linux":
         # die with the flow's process, kill -9 included: an orphan that went on to finish its
         # trial would add a second finished run to a key the resumed search runs again

@@ -249,7 +249,9 @@ def trial_runs(database: Path) -> int:
         return 0
 
 
-def test_ctrl_c_stops_a_search_at_once_leaving_no_run_running(prefect_harness, tmp_path):
+@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGHUP, 129)], ids=["ctrl-c", "hang-up"])
+def test_ctrl_c_or_a_hang_up_stops_a_search_at_once_leaving_no_run_running(prefect_harness, tmp_path, signum, status):
+    # a hang-up (a closed terminal, a dropped SSH session) left the parent and its trials RUNNING, exit 129, no word (QA)
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -264,7 +266,7 @@ def test_ctrl_c_stops_a_search_at_once_leaving_no_run_running(prefect_harness, t
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and search.poll() is None and trial_runs(tmp_path / "mlflow.db") < 2:  # both workers are training
             time.sleep(0.5)
-        os.killpg(search.pid, signal.SIGINT)
+        os.killpg(search.pid, signum)
         try:
             out, _ = search.communicate(timeout=90)  # before: minutes, retrying a server the signal had stopped
         except subprocess.TimeoutExpired:  # show where it is stuck: babysit prints its threads' stacks on SIGUSR1
@@ -276,7 +278,7 @@ def test_ctrl_c_stops_a_search_at_once_leaving_no_run_running(prefect_harness, t
     finally:
         if search.poll() is None:
             os.killpg(search.pid, signal.SIGKILL)
-    assert search.returncode == 130, out[-3000:]
+    assert search.returncode == status, out[-3000:]
     assert "interrupted:" in out and "Traceback" not in out
     client = MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
