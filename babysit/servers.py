@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -179,10 +180,24 @@ def start_temporary_server_apart() -> None:
         options["preexec_fn"] = lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
     popen = subprocess.Popen
     subprocess.Popen = functools.partial(popen, **options)  # Prefect's start() takes no Popen options
+    interrupted: list[int] = []
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    held = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_interrupt) if held else None
     try:
         server.start()
+    except Exception:
+        if interrupted:  # Prefect can wrap the KeyboardInterrupt (a PydanticSerializationError, with a traceback): Ctrl-C it was
+            raise KeyboardInterrupt from None
+        raise
     finally:
         subprocess.Popen = popen
+        if held:
+            signal.signal(signal.SIGINT, previous)
     atexit.register(stop_uninterrupted, server)  # after Prefect's own exit handler: runs before it
     _STARTED.append(server)
 
