@@ -385,6 +385,8 @@ def ui(args: argparse.Namespace) -> int:
     check_can_serve(args.host, args.port)
     if db := tracking.sqlite_path(uri):
         db.parent.mkdir(parents=True, exist_ok=True)
+    if db is None or db.is_file():  # one MLflow cannot use: its UI died in its child process with a traceback (QA)
+        tracking.check_store(uri)
     console.print(f"MLflow UI for {uri} on http://{args.host}:{args.port}/#/experiments?{tracking.UI_VIEW} (Ctrl-C stops it)")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port), "--workers", "1"]
     return servers.run_in_own_group(command)

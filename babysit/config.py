@@ -322,9 +322,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise BabysitError(f"{path}: a folder, not a config file (expected a YAML experiment file such as conf/digits_mlp.yaml).")
     if not path.is_file():
         raise BabysitError(f"{path}: config file not found (expected a YAML experiment file such as conf/digits_mlp.yaml).")
-    text = _utf8_text(path)
+    try:
+        text = _utf8_text(path)
+    except OSError as err:  # no permission to read it, for one
+        raise BabysitError(f"{path}: the config file cannot be read ({err.strerror or err}).") from None
     try:
         tree = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:

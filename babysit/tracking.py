@@ -131,15 +131,45 @@ def _find_experiment(uri: str, experiment: str) -> Any:
         if db is not None:
             db.parent.mkdir(parents=True, exist_ok=True)
             _check_writable(db)
+            _check_sqlite_file(db)
         else:
             check_reachable(uri)
         return _client(uri).get_experiment_by_name(experiment)
     except (MlflowException, OSError, SQLAlchemyError) as err:
-        raise BabysitError(
-            f"`tracking.uri` '{uri}' (or $MLFLOW_TRACKING_URI when the config leaves it unset): MLflow cannot use it as a tracking store "
-            f"({_mlflow_reason(err, uri)}); expected sqlite:///path/to/mlflow.db (the default is {DEFAULT_URI}), "
-            "an MLflow tracking server such as http://127.0.0.1:5000 (`babysit server up`), or a database URL (postgresql://..., mysql://...)."
-        ) from None
+        raise unusable_store(uri, err) from None
+
+
+def check_store(uri: str) -> None:
+    """For commands that read a store (report, ensemble, ui): a BabysitError when MLflow cannot
+    use `uri` (an unknown scheme, a file that is no database), before anything asks it for a run."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    check_reachable(uri)
+    try:
+        if (db := sqlite_path(uri)) is not None:
+            _check_sqlite_file(db)
+        _client(uri).search_experiments(max_results=1)
+    except (MlflowException, OSError, SQLAlchemyError) as err:
+        raise unusable_store(uri, err) from None
+
+
+def _check_sqlite_file(db: Path) -> None:
+    """An existing file that is no SQLite database: MLflow retried opening it for ~100 s."""
+    if db.is_file() and db.stat().st_size:
+        with open(db, "rb") as handle:
+            if handle.read(16) != b"SQLite format 3\x00":
+                raise OSError(f"{db} is not a SQLite database")
+
+
+def unusable_store(uri: str, err: Exception) -> Exception:
+    from babysit.errors import BabysitError
+
+    return BabysitError(
+        f"`tracking.uri` '{uri}' (or $MLFLOW_TRACKING_URI when the config leaves it unset): MLflow cannot use it as a tracking store "
+        f"({_mlflow_reason(err, uri)}); expected sqlite:///path/to/mlflow.db (the default is {DEFAULT_URI}), "
+        "an MLflow tracking server such as http://127.0.0.1:5000 (`babysit server up`), or a database URL (postgresql://..., mysql://...)."
+    )
 
 
 def check_reachable(uri: str) -> None:
@@ -522,6 +552,7 @@ def read_run(uri: str, run_id: str, history_keys: tuple[str, ...] = ()) -> RunRe
     db = sqlite_path(uri)
     if db is not None and not db.is_file():
         raise BabysitError(f"no MLflow store at {db} (tracking URI {uri}): train a model first, or pass --uri / set MLFLOW_TRACKING_URI to the store that holds run '{run_id}'.")
+    check_store(uri)  # else a file that is no database was a traceback, and an unknown scheme "no MLflow run" (QA)
     try:
         run = get_run(uri, run_id)
     except MlflowException:

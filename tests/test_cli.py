@@ -269,6 +269,19 @@ def test_ensemble_of_a_run_that_is_no_search_is_refused_before_a_flow_runs(tmp_p
     assert len(servers._STARTED) == started  # before: a temporary server, then a flow run that failed
 
 
+@pytest.mark.parametrize("argv", [["report", "0123abc"], ["ensemble", "0123abc"], ["ui", "--port", "5999"]])
+@pytest.mark.parametrize("store", ["not_a_database", "foo://"])
+def test_report_ensemble_and_ui_on_a_store_mlflow_cannot_use_say_so(argv, store, tmp_path, capsys):
+    # a file that is no database was a traceback (DatabaseError), an unknown scheme "no MLflow run" or, for ui, MLflow's own traceback (QA)
+    (tmp_path / "not_a_database").write_text("name: not a database\n")
+    uri = f"sqlite:///{tmp_path / 'not_a_database'}" if store == "not_a_database" else store
+    assert main([*argv, "--uri", uri]) == 2
+    said = one_paragraph(capsys.readouterr().out)
+    assert "`tracking.uri` '" in said and "MLflow cannot use it as a tracking store" in said  # rich may wrap the long path itself
+    assert ("is not a SQLite database" if store == "not_a_database" else "no MLflow store takes the scheme 'foo'") in said
+    assert (tmp_path / "not_a_database").read_text() == "name: not a database\n"  # left as it was
+
+
 @pytest.mark.parametrize("argv", [["report", "0123abc"], ["ensemble", "0123abc"], ["ui"]])
 def test_report_ensemble_and_ui_on_a_tracking_server_that_does_not_answer_say_so_at_once(argv, capsys):
     assert main([*argv, "--uri", "http://127.0.0.1:1"]) == 2  # before: minutes of retries, then "check the id"

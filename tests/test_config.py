@@ -251,3 +251,11 @@ def test_images_refuse_the_feature_vector_transforms(method):
         load_config(CONF / "digits_mlp.yaml", ["data.source=digits_images", f"preprocess.method={method}"])
     for fine in ("none", "center", "standardize"):
         assert load_config(CONF / "digits_mlp.yaml", ["data.source=digits_images", f"preprocess.method={fine}"]).preprocess.method == fine
+
+
+def test_a_config_that_is_a_folder_or_cannot_be_read_is_one_paragraph(tmp_path):
+    with pytest.raises(BabysitError, match=rf"{re.escape(str(tmp_path))}: a folder, not a config file"):
+        load_config(tmp_path)
+    # a file every read of which fails (root reads any file whatever its mode; this one fails for everyone): was a raw OSError traceback (QA)
+    with pytest.raises(BabysitError, match=r"/proc/self/mem: the config file cannot be read \(Input/output error\)"):
+        load_config("/proc/self/mem")
