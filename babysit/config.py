@@ -66,6 +66,16 @@ class DataConfig(Section):
     keep_classes: list[str] | None = None  # only rows of these labels (as text, e.g. ['5', '6'])
     train_fraction: float = Field(1.0, gt=0, le=1)  # use this stratified share of the training split (val/test stay whole)
 
+    @field_validator("keep_classes", mode="before")
+    @classmethod
+    def _labels_as_text(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if len(value) < 2:  # one class is no classifier; none, a run on no rows
+                raise ValueError(f"keep_classes {value} keeps {len(value)} class(es); list at least 2 labels, or leave it out for all")
+            # labels are compared as text: YAML's [5, 6] means the labels '5' and '6' (QA: it was refused)
+            return [str(label) if isinstance(label, (int, float)) and not isinstance(label, bool) else label for label in value]
+        return value
+
     @field_validator("path")
     @classmethod
     def _home(cls, value: Path | None) -> Path | None:

@@ -259,3 +259,11 @@ def test_a_config_that_is_a_folder_or_cannot_be_read_is_one_paragraph(tmp_path):
     # a file every read of which fails (root reads any file whatever its mode; this one fails for everyone): was a raw OSError traceback (QA)
     with pytest.raises(BabysitError, match=r"/proc/self/mem: the config file cannot be read \(Input/output error\)"):
         load_config("/proc/self/mem")
+
+
+def test_keep_classes_takes_numbers_as_labels_and_refuses_fewer_than_two():
+    # YAML's [5, 6] was refused ("valid string"), and [] passed, to fail later with "classes : no rows" (QA)
+    assert load_config(CONF / "digits_mlp.yaml", ["data.keep_classes=[5, 6]"]).data.keep_classes == ["5", "6"]
+    for kept in ("[]", "[5]"):
+        with pytest.raises(BabysitError, match=r"keep_classes .* list at least 2 labels"):
+            load_config(CONF / "digits_mlp.yaml", [f"data.keep_classes={kept}"])
