@@ -32,6 +32,28 @@ def temporary_servers_stop_before_pytest_closes_its_output():
     stop_temporary_servers()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def restore_torch_threads():
+    """Tests that train with train.threads=1 set torch's threads for the process: each module gets them back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """The default data, as a run prepares it: digits, standardized, 15% val, 15% test."""
+    from babysit.config import Config
+    from tasks.data import load_dataset, split_dataset
+    from tasks.preprocess import fit_preprocess
+
+    cfg = Config()
+    splits = split_dataset(load_dataset(cfg.data, seed=0), cfg.data.val_fraction, cfg.data.test_fraction, seed=0)
+    return fit_preprocess(splits, cfg.preprocess)
+
+
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch):
     """A fresh SQLite MLflow store in a temporary folder, also exported as $MLFLOW_TRACKING_URI."""

@@ -9,27 +9,12 @@ import torch
 
 from babysit.config import Config, load_config
 from flows.ensemble import ensemble_probabilities, member_task
-from tasks.data import load_dataset, split_dataset
-from tasks.preprocess import Prepared, fit_preprocess
+from tasks.preprocess import Prepared
 from tasks.train import train_and_test
 
 
 def config(*overrides: str) -> Config:
     return load_config(None, ["train.device=cpu", "train.threads=1", "train.diagnostics=false", "model.hidden=[32]", "train.epochs=2", *overrides])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits() -> Prepared:
-    cfg = Config()
-    splits = split_dataset(load_dataset(cfg.data, seed=0), cfg.data.val_fraction, cfg.data.test_fraction, seed=0)
-    return fit_preprocess(splits, cfg.preprocess)
 
 
 def softmax_of_retrained(cfg: Config, prepared: Prepared) -> np.ndarray:

@@ -13,27 +13,13 @@ from babysit.config import Config, load_config
 from babysit.flags import diverged
 from models.mlp import build_model
 from tasks.data import load_dataset, split_dataset
-from tasks.preprocess import Prepared, fit_preprocess
+from tasks.preprocess import Prepared
 from tasks.train import HISTORY_KEYS, deployable, evaluate, train_and_test
 
 
 def config(*overrides: str) -> Config:
     # one torch thread: on a small shared CPU, two spinning threads slow these tiny models down
     return load_config(None, ["train.device=cpu", "train.threads=1", *overrides])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def digits() -> Prepared:
-    cfg = Config()  # digits, standardized, 15% val, 15% test
-    splits = split_dataset(load_dataset(cfg.data, seed=0), cfg.data.val_fraction, cfg.data.test_fraction, seed=0)
-    return fit_preprocess(splits, cfg.preprocess)
 
 
 @pytest.fixture(scope="module")
