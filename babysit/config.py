@@ -87,10 +87,9 @@ class DataConfig(Section):
 
     def unread(self) -> set[str]:
         """The fields this source does not read (a digits run has no use for n_classes)."""
-        reads = {"spiral": {"n_samples", "n_classes", "noise"}, "blobs": {"n_samples", "n_classes", "noise"}, "csv": {"path", "target"},
-                 "parquet": {"path", "target"}, "npz": {"path"}, "image_folder": {"path", "image_size", "channels"}}.get(self.source, set())
-        if self.source in ("cifar10", "mnist", "fashion_mnist"):
-            reads = {"path", "download"}
+        generated, table, torchvision = {"n_samples", "n_classes", "noise"}, {"path", "target"}, {"path", "download"}
+        reads = {"spiral": generated, "blobs": generated, "csv": table, "parquet": table, "npz": {"path"}, "image_folder": {"path", "image_size", "channels"},
+                 "cifar10": torchvision, "mnist": torchvision, "fashion_mnist": torchvision}.get(self.source, set())
         return {"path", "target", "n_samples", "n_classes", "noise", "image_size", "channels", "download"} - reads
 
     @model_validator(mode="after")
