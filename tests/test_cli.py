@@ -244,6 +244,23 @@ def test_check_plots_in_a_folder_it_cannot_make_is_said_before_the_checks_run(ca
     assert "--plots /proc/babysit-plots: cannot make that folder" in message and "PASS" not in message
 
 
+def test_check_refuses_an_init_from_that_train_would_refuse(tmp_path, capsys):
+    # it ran every check on a fresh model and passed, exit 0, while train said "no such file" (QA)
+    assert main(["check", DIGITS, "--set", f"model.init_from={tmp_path / 'missing.pt'}"]) == 2
+    message = one_paragraph(capsys.readouterr().out)
+    assert "`model.init_from`" in message and "no such file" in message and "PASS" not in message
+    import torch
+
+    from babysit.config import load_config
+    from models.mlp import build_model
+
+    source = tmp_path / "source.pt"
+    torch.save(build_model(load_config(DIGITS).model, 64, 10, seed=1).state_dict(), source)
+    main(["check", DIGITS, "--set", f"model.init_from={source}", "--set", "train.threads=1", "--budget", "20"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"model.init_from {source}: read, and it fits" in out and "initial loss" in out
+
+
 def test_ui_on_a_port_already_taken_says_so_instead_of_exiting_0(capsys):
     import socket
 
