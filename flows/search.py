@@ -297,9 +297,9 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     splits = load_data_task(base.data, base.seed)
     prepared = preprocess_task(splits, base.preprocess)
     version = data_fingerprint(base.data)  # user data rewritten in place: other trial keys, nothing reused
-    if base.model.init_from:  # a missing or unreadable source is said before the parent run exists; whether it fits, each trial says (widths may be searched)
-        load_source(base.model.init_from, tracking.resolve_uri(base.tracking.uri))
     uri = tracking.resolve_uri(base.tracking.uri)
+    if base.model.init_from:  # a missing or unreadable source is said before the parent run exists; whether it fits, each trial says (widths may be searched)
+        load_source(base.model.init_from, uri)
     dask = exp.search.runner == "dask"
     if dask:  # every Dask worker must write to the same store and report to the same Prefect API
         if exp.search.dask_address:

@@ -186,10 +186,17 @@ def transfer_source(cfg: Config, input_shape: tuple[int, ...], n_classes: int) -
     if not cfg.model.init_from:
         return None
     source = load_source(cfg.model.init_from, tracking.resolve_uri(cfg.tracking.uri))
-    model = build_model(cfg.model, input_shape, n_classes, cfg.seed)
-    frozen = freeze(model, cfg.model.freeze)
-    check_frozen_were_copied(model, frozen, transfer_weights(model, source, cfg.model.init_from), cfg.model.init_from)
+    start_from(build_model(cfg.model, input_shape, n_classes, cfg.seed), cfg, source)
     return source
+
+
+def start_from(model: nn.Module, cfg: Config, source: dict[str, torch.Tensor]) -> list[str]:
+    """Freeze `model`'s first blocks (model.freeze) and copy into it what fits of `source`; the
+    copied names. A frozen block left at its random weights is a BabysitError."""
+    frozen = freeze(model, cfg.model.freeze)
+    copied = transfer_weights(model, source, cfg.model.init_from)
+    check_frozen_were_copied(model, frozen, copied, cfg.model.init_from)
+    return copied
 
 
 def train_and_test(
@@ -210,12 +217,9 @@ def train_and_test(
     model = build_model(cfg.model, s.input_shape, s.n_classes, cfg.seed)
     transfer = {}
     if cfg.model.init_from:
-        frozen = freeze(model, cfg.model.freeze)  # first: a count the model lacks is said before the source is fetched
         if source is None:
             source = load_source(cfg.model.init_from, tracking.resolve_uri(cfg.tracking.uri))
-        copied = transfer_weights(model, source, cfg.model.init_from)
-        check_frozen_were_copied(model, frozen, copied, cfg.model.init_from)
-        transfer = transfer_tags(model, copied)
+        transfer = transfer_tags(model, start_from(model, cfg, source))
     model = model.to(device)
     augment = None
     if X_train.dim() == 4:
