@@ -453,12 +453,18 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
-class HangUp(KeyboardInterrupt):
-    """SIGHUP (a closed terminal, a dropped SSH session), handled as Ctrl-C is: runs in progress end FAILED."""
+class StopSignal(KeyboardInterrupt):
+    """SIGHUP (a closed terminal, a dropped SSH session) or SIGTERM (`kill`, `timeout`, a process
+    manager), handled as Ctrl-C is: runs in progress end FAILED, the exit status names the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signal = signum  # as Prefect's TerminationSignal: babysit.failure names it (tracking.failure_reason)
 
 
-def hang_up(signum: int, frame: object) -> None:
-    raise HangUp
+def stop_on_signal(signum: int, frame: object) -> None:
+    # during a flow Prefect's own SIGTERM handler ends the flow run first, then hands the signal on to this one
+    raise StopSignal(signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -480,8 +486,10 @@ def main(argv: list[str] | None = None) -> int:
             faulthandler.register(signal.SIGUSR1, all_threads=True)
         except ValueError:  # stderr without a file descriptor (captured, as under pytest): nowhere to print
             pass
-    if hasattr(signal, "SIGHUP") and args.command != "ui":  # ui stops its own process group on a hang-up
-        signal.signal(signal.SIGHUP, hang_up)
+    if args.command != "ui":  # ui stops its own process group on a hang-up or SIGTERM
+        for signum in (getattr(signal, "SIGHUP", None), signal.SIGTERM):
+            if signum is not None:
+                signal.signal(signum, stop_on_signal)
     try:
         return args.handler(args)
     except BabysitError as err:
@@ -493,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
                           "and running the same command again resumes a search.", highlight=False)
         else:
             console.print("[bold red]interrupted.[/]", highlight=False)
-        return 128 + signal.SIGHUP if isinstance(err, HangUp) else 130
+        return 128 + err.signal if isinstance(err, StopSignal) else 130
     except Exception as err:
         if (lost := lost_server(err)) is None:
             raise

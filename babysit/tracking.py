@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -440,9 +441,18 @@ def finished_or_failed(run: RunRef) -> Iterator[RunRef]:
         yield run
     except BaseException as err:
         if lost_server(err) is None:
-            fail(run, "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {err}")
+            fail(run, failure_reason(err))
         raise
     end_run(run, "FINISHED")
+
+
+def failure_reason(err: BaseException) -> str:
+    """babysit.failure's text: the error, or what interrupted the run (Ctrl-C, or a signal such as
+    the SIGTERM of `kill`, `timeout` and process managers, which Prefect raises as TerminationSignal)."""
+    if isinstance(err, Exception):
+        return f"{type(err).__name__}: {err}"
+    signum = getattr(err, "signal", None)
+    return f"interrupted ({signal.Signals(signum).name})" if signum else "interrupted"
 
 
 def lost_server(err: BaseException) -> str | None:

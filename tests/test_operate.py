@@ -249,9 +249,11 @@ def trial_runs(database: Path) -> int:
         return 0
 
 
-@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGHUP, 129)], ids=["ctrl-c", "hang-up"])
-def test_ctrl_c_or_a_hang_up_stops_a_search_at_once_leaving_no_run_running(prefect_harness, tmp_path, signum, status):
-    # a hang-up (a closed terminal, a dropped SSH session) left the parent and its trials RUNNING, exit 129, no word (QA)
+@pytest.mark.parametrize("signum, status, reason", [(signal.SIGINT, 130, "interrupted"), (signal.SIGHUP, 129, "interrupted (SIGHUP)"),
+                                                    (signal.SIGTERM, 143, "interrupted (SIGTERM)")], ids=["ctrl-c", "hang-up", "kill"])
+def test_ctrl_c_a_hang_up_or_a_kill_stops_a_search_at_once_leaving_no_run_running(prefect_harness, tmp_path, signum, status, reason):
+    # a hang-up (a closed terminal, a dropped SSH session) left the parent and its trials RUNNING, exit 129, no word (QA);
+    # SIGTERM (`kill`, `timeout`) printed Prefect's "Crashed" lines only, and the runs' reason read "TerminationSignal: "
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -283,7 +285,9 @@ def test_ctrl_c_or_a_hang_up_stops_a_search_at_once_leaving_no_run_running(prefe
     client = MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert "RUNNING" not in {r.info.status for r in runs}
-    assert {r.data.tags.get("babysit.failure") for r in runs} == {"interrupted"}  # the trials and the parent
+    assert {r.data.tags.get("babysit.failure").removesuffix(f" ({signal.Signals(signum).name})") for r in runs} == {"interrupted"}  # the trials and the parent
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.data.tags["babysit.failure"] == reason
 
 
 def test_an_existing_dask_cluster_needs_a_prefect_server():
