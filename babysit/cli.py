@@ -185,7 +185,7 @@ def check(args: argparse.Namespace) -> int:
     import torch
 
     from tasks.check import preflight
-    from tasks.data import load_dataset, split_dataset
+    from tasks.data import load_splits
     from tasks.preprocess import fit_preprocess
 
     cfg = load_config(args.config, args.set)
@@ -193,7 +193,7 @@ def check(args: argparse.Namespace) -> int:
         plots_folder(args.plots)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    splits = split_dataset(load_dataset(cfg.data, cfg.seed), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    splits = load_splits(cfg.data, cfg.seed)
     prepared = fit_preprocess(splits, cfg.preprocess)
     if cfg.model.init_from:  # a source that train refuses, check refuses too (it passed every check, QA)
         from tasks.train import transfer_source

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import signal
+import sqlite3
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
+
+from babysit.errors import BabysitError
 
 DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 UI_VIEW = "workflowType=machine_learning"  # opens MLflow 3's "Model training" view, not GenAI's
@@ -77,7 +82,6 @@ def _write_ahead(db: Path) -> None:
 
 
 def _tune_sqlite(connection: Any, _record: Any) -> None:
-    import sqlite3
 
     if not isinstance(connection, sqlite3.Connection):
         return
@@ -101,16 +105,12 @@ def open_store(uri: str, experiment: str) -> str:
     if found is None:
         return _client(uri).create_experiment(experiment, artifact_location=local_artifact_root(uri))
     if found.lifecycle_stage == "deleted":  # MLflow keeps the name taken, and refuses runs in it
-        from babysit.errors import BabysitError
-
         raise BabysitError(
             f"`tracking.experiment` '{experiment}' is deleted in the MLflow store at {uri} (experiment id {found.experiment_id}), "
             f"and MLflow creates no runs in a deleted experiment: restore it with `MLFLOW_TRACKING_URI={uri} mlflow experiments restore "
             f"--experiment-id {found.experiment_id}`, or choose another name (--set tracking.experiment=NAME)."
         )
     if found.artifact_location.startswith("mlflow-artifacts:") and not is_remote(uri):
-        from babysit.errors import BabysitError
-
         raise BabysitError(
             f"`tracking.experiment` '{experiment}' in {uri} keeps its artifacts on an MLflow tracking server ({found.artifact_location}: "
             "it was created through one, such as `babysit server up`'s), which this store cannot reach: start that server and use it "
@@ -124,8 +124,6 @@ def _find_experiment(uri: str, experiment: str) -> Any:
     store, so MLflow's refusal of the URI itself (unknown scheme, file store) surfaces here."""
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
-
-    from babysit.errors import BabysitError
 
     try:
         db = sqlite_path(uri)
@@ -164,8 +162,6 @@ def _check_sqlite_file(db: Path) -> None:
 
 
 def unusable_store(uri: str, err: Exception) -> Exception:
-    from babysit.errors import BabysitError
-
     return BabysitError(
         f"`tracking.uri` '{uri}' (or $MLFLOW_TRACKING_URI when the config leaves it unset): MLflow cannot use it as a tracking store "
         f"({_mlflow_reason(err, uri)}); expected sqlite:///path/to/mlflow.db (the default is {DEFAULT_URI}), "
@@ -176,7 +172,6 @@ def unusable_store(uri: str, err: Exception) -> Exception:
 def check_reachable(uri: str) -> None:
     """A tracking server or database where nothing answers is a BabysitError at once: MLflow would
     retry for minutes, then fail with a traceback. Local stores pass."""
-    from babysit.errors import BabysitError
     from babysit.servers import answers, port_in_use
 
     said = f"`tracking.uri` '{uri}' (or $MLFLOW_TRACKING_URI when the config leaves it unset)"
@@ -206,8 +201,6 @@ def database_address(uri: str) -> tuple[str, int] | None:
 def _check_writable(db: Path) -> None:
     """SQLite writes the database and, beside it, its -wal and -shm files: a folder or file this
     process cannot write is a BabysitError now, not minutes of MLflow's retries and a traceback."""
-    from babysit.errors import BabysitError
-
     unwritable = db if db.exists() and not os.access(db, os.R_OK | os.W_OK) else db.parent if not os.access(db.parent, os.W_OK | os.X_OK) else None
     if unwritable is not None:
         raise BabysitError(f"the MLflow store {db} cannot be written here: {'the file' if unwritable == db else 'its folder'} {unwritable} is not writable by "
@@ -227,7 +220,6 @@ def forget_connections_after_fork() -> None:
     """Call first thing in a forked child process: drops the database connections inherited from
     the parent without closing them (SQLAlchemy's recipe for os.fork, `Engine.dispose(close=False)`),
     so the child opens its own instead of sharing the parent's SQLite file handles."""
-    import sys
 
     for module in ("mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store"):
         store = getattr(sys.modules.get(module), "SqlAlchemyStore", None)
@@ -395,8 +387,6 @@ def load_torch_model(model_uri: str, uri: str) -> Any:
     from mlflow.exceptions import MlflowException
     from mlflow.store.artifact.utils.models import get_model_name_and_version
 
-    from babysit.errors import BabysitError
-
     db = sqlite_path(uri)
     if db is not None and not db.is_file():  # asking would create an empty store there, which holds no run
         raise BabysitError(f"`model.init_from` {model_uri}: the tracking store {uri} (tracking.uri, else $MLFLOW_TRACKING_URI) does not exist yet, "
@@ -458,7 +448,6 @@ def failure_reason(err: BaseException) -> str:
 def lost_server(err: BaseException) -> str | None:
     """The address of the MLflow tracking server when `err`, or an exception it came from, is
     MLflow giving up on a request to it and the server does not answer now; else None."""
-    import re
 
     from babysit.servers import answers
 
@@ -556,8 +545,6 @@ def read_run(uri: str, run_id: str, history_keys: tuple[str, ...] = ()) -> RunRe
     or the run does not exist; a missing SQLite file is not created.
     """
     from mlflow.exceptions import MlflowException
-
-    from babysit.errors import BabysitError
 
     db = sqlite_path(uri)
     if db is not None and not db.is_file():

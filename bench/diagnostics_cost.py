@@ -21,7 +21,7 @@ import torch
 
 from babysit import tracking
 from babysit.config import load_config
-from tasks.data import load_dataset, split_dataset
+from tasks.data import load_splits
 from tasks.preprocess import fit_preprocess
 from babysit.diagnostics import dead_unit_metrics, dead_unit_probe, snapshot, step_diagnostics
 from models.mlp import build_model
@@ -83,7 +83,7 @@ def main() -> None:
         base.append(f"train.threads={args.threads}")
     cfg_on = load_config(args.config, [*base, "train.diagnostics=true"])
     cfg_off = load_config(args.config, [*base, "train.diagnostics=false"])
-    splits = split_dataset(load_dataset(cfg_on.data, cfg_on.seed), cfg_on.data.val_fraction, cfg_on.data.test_fraction, cfg_on.seed)
+    splits = load_splits(cfg_on.data, cfg_on.seed)
     prepared = fit_preprocess(splits, cfg_on.preprocess)
     scratch = tempfile.TemporaryDirectory(prefix="bench-diagnostics-", ignore_cleanup_errors=True)  # removed at exit
     uri = f"sqlite:///{scratch.name}/mlflow.db"

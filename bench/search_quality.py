@@ -46,7 +46,7 @@ from babysit.config import Config, SearchExperiment, field_problem, load_config,
 from babysit.flags import run_flags
 from babysit.space import Narrowing, Space, describe, narrow, parse_dist, sample
 from flows.search import trial_base
-from tasks.data import load_dataset, split_dataset
+from tasks.data import load_splits
 from tasks.preprocess import Prepared, fit_preprocess
 from tasks.train import train_and_test
 from tasks.trial import make_spec
@@ -152,7 +152,7 @@ def main() -> None:
     exp = load_config(args.config, args.overrides, model=SearchExperiment)
     base = exp.base_config()
     base_tree = trial_base(exp)  # as the flow: an lr left unset follows each trial's optimizer
-    splits = split_dataset(load_dataset(base.data, base.seed), base.data.val_fraction, base.data.test_fraction, base.seed)
+    splits = load_splits(base.data, base.seed)
     prepared = fit_preprocess(splits, base.preprocess)
     space = {field: parse_dist(field, spec) for field, spec in exp.search.space.items()}
     narrowing = Narrowing(exp.search.top_k, exp.search.pad, exp.search.edge, exp.search.widen)

@@ -80,7 +80,7 @@ from babysit import servers, tracking
 from babysit.config import Config, SearchExperiment, load_config
 from babysit.space import parse_dist, sample
 from flows.search import search_flow, threads_per_trial
-from tasks.data import load_dataset, split_dataset
+from tasks.data import load_splits
 from tasks.preprocess import Prepared, fit_preprocess
 from tasks.train import train_and_test
 from tasks.trial import make_spec
@@ -236,7 +236,7 @@ def main() -> None:
         Case(f"workers=1 threads, {small} trials", 1, "threads", small),
     ]
     base = load_config(args.config, cases[0].overrides(args.epochs), model=SearchExperiment).base_config()
-    splits = split_dataset(load_dataset(base.data, base.seed), base.data.val_fraction, base.data.test_fraction, base.seed)
+    splits = load_splits(base.data, base.seed)
     prepared = fit_preprocess(splits, base.preprocess)
     for case in cases:
         case.specs = trial_specs(args.config, case.overrides(args.epochs), case.threads)

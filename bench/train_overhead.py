@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from babysit import tracking
 from babysit.config import load_config
 from models.mlp import build_model
-from tasks.data import load_dataset, split_dataset
+from tasks.data import load_splits
 from tasks.preprocess import fit_preprocess
 from tasks.track import log_outcome
 from tasks.train import train_task
@@ -84,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config(args.config, [f"train.epochs={args.epochs}", "train.device=cpu"])
-    splits = split_dataset(load_dataset(cfg.data, cfg.seed), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    splits = load_splits(cfg.data, cfg.seed)
     prepared = fit_preprocess(splits, cfg.preprocess)
     scratch = tempfile.TemporaryDirectory(prefix="bench-train-", ignore_cleanup_errors=True)  # removed at exit
     uri = f"sqlite:///{scratch.name}/mlflow.db"

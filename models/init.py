@@ -14,8 +14,6 @@ Biases start at zero; BatchNorm starts as the identity (scale 1, shift 0).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -49,19 +47,3 @@ def init_layer(module: nn.Module, scheme: str, activation: str = "relu", distrib
         raise ValueError(f"unknown init scheme '{scheme}'")
     if module.bias is not None:
         nn.init.zeros_(module.bias)
-
-
-def expected_std(scheme: str, fan_in: int, fan_out: int, activation: str = "relu", leaky_slope: float = 0.01) -> float:
-    """The weight std each scheme aims for (orthogonal: per-entry std of a scaled orthogonal matrix)."""
-    if scheme == "small":
-        return 0.01
-    if scheme == "xavier":
-        return math.sqrt(2.0 / (fan_in + fan_out))
-    if scheme == "he":
-        slope = leaky_slope if activation == "leaky_relu" else 0.0
-        return math.sqrt(2.0 / ((1 + slope**2) * fan_in))
-    if scheme == "lecun":
-        return math.sqrt(1.0 / fan_in)
-    gain_name = GAIN_NAME[activation]
-    gain = nn.init.calculate_gain(gain_name, leaky_slope if gain_name == "leaky_relu" else None)
-    return gain / math.sqrt(max(fan_in, fan_out))

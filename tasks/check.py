@@ -6,8 +6,7 @@
 3. activations at init: no vanishing, exploding, saturated or dead hidden layers.
 
 Each is a pure function returning a `CheckResult`; `preflight` runs all three. `babysit check`
-calls them directly (no Prefect server); `preflight_task` / `overfit_task` wrap them for flows
-(e.g. an optional first stage of a search).
+calls them directly (no Prefect server), and a search runs the overfit check before its first stage.
 """
 
 from __future__ import annotations
@@ -17,8 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from babysit.config import Config
 from babysit.flags import init_flags, initial_loss_off
@@ -119,13 +116,3 @@ def check_activations(cfg: Config, prepared: Prepared) -> CheckResult:
 def preflight(cfg: Config, prepared: Prepared, n: int = 20, budget_epochs: int = 200) -> list[CheckResult]:
     """The three checks, cheapest first."""
     return [check_initial_loss(cfg, prepared), check_activations(cfg, prepared), overfit_tiny_subset(cfg, prepared, n, budget_epochs)]
-
-
-@task(name="overfit-tiny-subset", cache_policy=NO_CACHE)
-def overfit_task(cfg: Config, prepared: Prepared, n: int = 20, budget_epochs: int = 200) -> CheckResult:
-    return overfit_tiny_subset(cfg, prepared, n, budget_epochs)
-
-
-@task(name="preflight-checks", cache_policy=NO_CACHE)
-def preflight_task(cfg: Config, prepared: Prepared, n: int = 20, budget_epochs: int = 200) -> list[CheckResult]:
-    return preflight(cfg, prepared, n, budget_epochs)

@@ -285,7 +285,12 @@ def data_fingerprint(cfg: DataConfig) -> str:
     return digest.hexdigest()[:16]
 
 
-@task(name="load-data", cache_policy=NO_CACHE)
-def load_data_task(cfg: DataConfig, seed: int) -> Splits:
+def load_splits(cfg: DataConfig, seed: int) -> Splits:
+    """The dataset `cfg` names, split into train / val / test, its training split thinned to `train_fraction`."""
     splits = split_dataset(load_dataset(cfg, seed), cfg.val_fraction, cfg.test_fraction, seed)
     return thin_training(splits, cfg.train_fraction, seed)
+
+
+@task(name="load-data", cache_policy=NO_CACHE)
+def load_data_task(cfg: DataConfig, seed: int) -> Splits:
+    return load_splits(cfg, seed)

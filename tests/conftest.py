@@ -46,11 +46,11 @@ def restore_torch_threads():
 def digits():
     """The default data, as a run prepares it: digits, standardized, 15% val, 15% test."""
     from babysit.config import Config
-    from tasks.data import load_dataset, split_dataset
+    from tasks.data import load_splits
     from tasks.preprocess import fit_preprocess
 
     cfg = Config()
-    splits = split_dataset(load_dataset(cfg.data, seed=0), cfg.data.val_fraction, cfg.data.test_fraction, seed=0)
+    splits = load_splits(cfg.data, 0)
     return fit_preprocess(splits, cfg.preprocess)
 
 

@@ -17,7 +17,7 @@ from babysit.cli import main
 from babysit.config import FlagsConfig, load_config
 from babysit.diagnostics import dead_fractions, param_labels, snapshot, step_diagnostics
 from tasks.build import inspect_init
-from tasks.data import load_dataset, split_dataset
+from tasks.data import load_splits
 from tasks.preprocess import fit_preprocess
 from tasks.train import HISTORY_KEYS, fit, to_device, train_and_test
 
@@ -25,7 +25,7 @@ CFG = FlagsConfig()
 
 
 def prepared_for(cfg):
-    splits = split_dataset(load_dataset(cfg.data, cfg.seed), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    splits = load_splits(cfg.data, cfg.seed)
     return fit_preprocess(splits, cfg.preprocess)
 
 

@@ -8,13 +8,13 @@ import pytest
 
 from babysit.cli import main
 from babysit.config import load_config
-from tasks.check import check_activations, check_initial_loss, overfit_task, overfit_tiny_subset
-from tasks.data import load_dataset, split_dataset
+from tasks.check import check_activations, check_initial_loss, overfit_tiny_subset
+from tasks.data import load_splits
 from tasks.preprocess import fit_preprocess
 
 
 def prepared_for(cfg):
-    splits = split_dataset(load_dataset(cfg.data, cfg.seed), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    splits = load_splits(cfg.data, cfg.seed)
     return fit_preprocess(splits, cfg.preprocess)
 
 
@@ -69,7 +69,7 @@ def test_overfit_tiny_subset_reaches_100_percent_with_regularization_off(one_thr
 
 def test_overfit_check_fails_with_the_loss_curve_attached(one_thread):
     cfg = load_config("conf/digits_mlp.yaml", ["optim.lr=1e-7"])
-    result = overfit_task.fn(cfg, prepared_for(cfg), n=20, budget_epochs=15)
+    result = overfit_tiny_subset(cfg, prepared_for(cfg), n=20, budget_epochs=15)
     assert not result.passed
     assert len(result.curve) == 15 and "after 15 epochs (the budget)" in result.reason
     assert result.curve[-1] == pytest.approx(result.curve[0], rel=1e-3)  # lr 1e-7: nothing moves

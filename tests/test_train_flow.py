@@ -21,7 +21,7 @@ from mlflow.entities import Run
 from babysit.config import Config, load_config
 from babysit.errors import BabysitError
 from flows.train import RunSummary, train_flow
-from tasks.data import load_dataset, split_dataset
+from tasks.data import load_splits
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "conf" / "digits_mlp.yaml")
 EPOCHS = 3
@@ -190,7 +190,7 @@ def test_artifacts_config_curves_transformer(finished):
     # the transformer was fitted on the raw training split: its mean is that split's mean
     transformer = joblib.load(client.download_artifacts(summary.run_id, "preprocess/transformer.joblib"))
     cfg = load_config(CONFIG, OVERRIDES)
-    raw = split_dataset(load_dataset(cfg.data, cfg.seed), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    raw = load_splits(cfg.data, cfg.seed)
     np.testing.assert_allclose(transformer.mean_, raw.X_train.astype(np.float64).mean(axis=0), rtol=1e-6, atol=1e-9)
 
 
@@ -220,7 +220,7 @@ def test_logged_model_predicts_raw_test_inputs(finished):
     finally:
         mlflow.set_tracking_uri(previous)
     cfg = load_config(CONFIG, OVERRIDES)
-    raw = split_dataset(load_dataset(cfg.data, cfg.seed), cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)
+    raw = load_splits(cfg.data, cfg.seed)
     assert raw.X_test.max() == 16.0  # raw pixel intensities 0..16, not standardized
     with torch.no_grad():
         predicted = model(torch.as_tensor(raw.X_test)).argmax(1).numpy()
@@ -293,7 +293,7 @@ def test_logged_best_val_acc_is_the_best_epochs_not_the_last(tmp_path, one_threa
     from tasks.train import train_and_test
 
     cfg = load_config(None, ["model.hidden=[64]", "optim.lr=0.05", "train.epochs=8", "train.device=cpu", "train.threads=1", "train.diagnostics=false"])
-    prepared = fit_preprocess(split_dataset(load_dataset(cfg.data, seed=0), cfg.data.val_fraction, cfg.data.test_fraction, seed=0), cfg.preprocess)
+    prepared = fit_preprocess(load_splits(cfg.data, 0), cfg.preprocess)
     result, _ = train_and_test(cfg, prepared)
     val_acc = result.history["val_acc"]
     assert val_acc[-1] < max(val_acc), "precondition: the last epoch is not the best one"

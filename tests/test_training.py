@@ -12,7 +12,7 @@ from sklearn.metrics import accuracy_score, log_loss
 from babysit.config import Config, load_config
 from babysit.flags import diverged
 from models.mlp import build_model
-from tasks.data import load_dataset, split_dataset
+from tasks.data import load_splits
 from tasks.preprocess import Prepared
 from tasks.train import HISTORY_KEYS, deployable, evaluate, train_and_test
 
@@ -164,7 +164,7 @@ def test_batchnorm_and_dropout_train(digits):
 def test_deployable_model_takes_raw_inputs(default_run, digits):
     result, model = default_run
     cfg = Config()
-    raw = split_dataset(load_dataset(cfg.data, seed=0), cfg.data.val_fraction, cfg.data.test_fraction, seed=0)
+    raw = load_splits(cfg.data, 0)
     with torch.no_grad():
         logits = deployable(model, digits)(torch.as_tensor(raw.X_test))
     assert accuracy_score(raw.y_test, logits.argmax(1).numpy()) == pytest.approx(result.test_acc, abs=1e-9)
