@@ -1,4 +1,4 @@
-"""The `babysit` command: train, ui (and the commands later issues add).
+"""The `babysit` command: train, check, search, report, ensemble, server, ui.
 
 The config is validated here, before any flow or MLflow run exists: a bad file or `--set`
 exits with status 2 and one paragraph that names the field.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import logging
+import math
 import os
 import shlex
 import signal
@@ -126,7 +127,7 @@ def train(args: argparse.Namespace) -> int:
         summary = train_flow(config=args.config, overrides=args.set)
 
     table = summary_table(f"babysit train: {cfg.name}")
-    if summary.best_val_acc == summary.best_val_acc:  # not NaN
+    if not math.isnan(summary.best_val_acc):
         table.add_row("best validation accuracy", f"{summary.best_val_acc:.4f} (epoch {summary.best_epoch} of {summary.epochs_run})")
     else:  # no epoch scored: the loss diverged in the first one
         table.add_row("best validation accuracy", f"none ({summary.epochs_run} epoch(s) run, none scored; see flags)")
@@ -251,12 +252,12 @@ def report(args: argparse.Namespace) -> int:
     """Rebuild a run's report from what MLflow holds (tags flag.*, metric histories) and print it."""
     from babysit import tracking
     from babysit.advice import run_report
+    from tasks.track import flags_from_tags
 
     uri = tracking.resolve_uri(args.uri)
     tracking.check_reachable(uri)  # else minutes of MLflow's retries, then blame on the run id
     record = tracking.read_run(uri, args.run_id, ("train_loss", "train_acc", "val_loss", "val_acc", "update_ratio"))
-    names = [n for n in record.tags.get("babysit.flags", "").split(",") if n and n != "none"]
-    flags = {name: record.tags.get(f"flag.{name}", "") for name in names}
+    flags = flags_from_tags(record.tags)
     history = {key: record.histories[key] for key in ("train_loss", "train_acc", "val_loss", "val_acc") if key in record.histories}
     name = record.tags.get("babysit.config_name") or record.tags.get("mlflow.runName", args.run_id)
     kind = record.tags.get("babysit.kind")

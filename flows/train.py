@@ -15,8 +15,8 @@ from babysit.flags import init_flags, run_flags
 from tasks.build import build_task
 from tasks.data import load_data_task
 from tasks.preprocess import preprocess_task
-from tasks.track import log_init_report, log_results_task, run_logger, warn_init_flags
-from tasks.train import train_task, training_device, transfer_source
+from tasks.track import log_init_report, log_results_task, warn_init_flags
+from tasks.train import run_logger, train_task, training_device, transfer_source
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,10 @@ def run_training(cfg: Config) -> RunSummary:
     source = transfer_source(cfg, s.input_shape, s.n_classes)  # a bad model.init_from stops here: no run is left FAILED
 
     uri = tracking.resolve_uri(cfg.tracking.uri)
-    mine = {"babysit.kind": "train"}
-    if ended := tracking.end_abandoned(uri, tracking.open_store(uri, cfg.tracking.experiment), mine):
+    kind_tag = {"babysit.kind": "train"}
+    if ended := tracking.end_abandoned(uri, tracking.open_store(uri, cfg.tracking.experiment), kind_tag):
         run_logger().info("runs %s, left RUNNING by a process that ended before it could end them, are now FAILED", ", ".join(ended))
-    run = tracking.start_run(uri, cfg.tracking.experiment, cfg.tracking.run_name, cfg.flat(), {**provenance_tags(cfg), **mine, owners.TAG: owners.process_identity()})
+    run = tracking.start_run(uri, cfg.tracking.experiment, cfg.tracking.run_name, cfg.flat(), {**provenance_tags(cfg), **kind_tag, owners.TAG: owners.process_identity()})
     with tracking.finished_or_failed(run):
         log_init_report(run, init_report)
         warn_init_flags(run, init_flags(init_report.layer_stats, cfg.flags))  # before any epoch is spent

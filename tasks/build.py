@@ -30,7 +30,7 @@ class InitReport:
     histograms: list[tuple[list[int], list[float]]] = ()
 
 
-def saturated(activations: torch.Tensor, activation: str) -> torch.Tensor:
+def saturated_mask(activations: torch.Tensor, activation: str) -> torch.Tensor:
     """Where a squashing unit sits in its flat tail: |tanh| > 0.99, sigmoid < 0.01 or > 0.99."""
     if activation == "tanh":
         return activations.abs() > 0.99
@@ -59,7 +59,7 @@ def activation_stats(hidden: list[torch.Tensor], activation: str) -> dict[str, l
         stats["act_mean"].append(h.mean().item())
         stats["act_std"].append(h.std().item())
         stats["act_frac_zero"].append((h == 0).float().mean().item())
-        stats["act_frac_saturated"].append(saturated(h, activation).float().mean().item())
+        stats["act_frac_saturated"].append(saturated_mask(h, activation).float().mean().item())
     return stats
 
 

@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.exceptions import MissingContextError
 from torch import nn
 
 from babysit import plots, tracking
 from babysit.config import Config
 from tasks.build import InitReport
 from tasks.preprocess import Prepared
-from tasks.train import TrainResult, deployable
+from tasks.train import TrainResult, deployable, run_logger
 
 
 def flag_tags(flags: dict[str, str]) -> dict[str, str]:
     """Flags as MLflow tags: 'babysit.flags' lists them, 'flag.<name>' holds each reason."""
     return {"babysit.flags": ",".join(sorted(flags)) or "none", **{f"flag.{name}": reason for name, reason in flags.items()}}
+
+
+def flags_from_tags(tags: dict[str, str]) -> dict[str, str]:
+    """A run's flags back from its tags (flag_tags' inverse): name -> reason."""
+    return {key.removeprefix("flag."): reason for key, reason in sorted(tags.items()) if key.startswith("flag.")}
 
 
 def outcome_metrics(result: TrainResult) -> dict[str, float]:
@@ -49,13 +52,6 @@ def log_init_report(run: tracking.RunRef, report: InitReport) -> None:
         plots.close(figure)
 
 
-def run_logger() -> logging.Logger:
-    try:
-        return get_run_logger()
-    except MissingContextError:  # called outside a flow or task run (tests, scripts)
-        return logging.getLogger("babysit")
-
-
 def warn_init_flags(run: tracking.RunRef, flags: dict[str, str]) -> None:
     """Say what is wrong at init before the first epoch is spent, in the log and as run tags."""
     if flags:
@@ -63,9 +59,9 @@ def warn_init_flags(run: tracking.RunRef, flags: dict[str, str]) -> None:
         tracking.set_tags(run, flag_tags(flags))
 
 
-def run_status(flags: dict[str, str]) -> str:
-    """babysit.status tag: 'diverged' when the loss blew up, else 'finished' (search trials add more)."""
-    return "diverged" if "diverged" in flags else "finished"
+def run_status(flags: dict[str, str], stop_reason: str | None = None) -> str:
+    """babysit.status tag: 'diverged' when the loss blew up, 'pruned' when a search's pruner stopped it, else 'finished'."""
+    return "diverged" if "diverged" in flags else "pruned" if stop_reason and stop_reason.startswith("pruned") else "finished"
 
 
 def log_outcome(
@@ -75,7 +71,7 @@ def log_outcome(
     """Outcome metrics and flags; artifacts: report, curves, config, the fitted transform and, given
     `model` and `raw_example` (and tracking.log_model), the model behind its preprocessing."""
     tracking.log_metrics(run, outcome_metrics(result), step=result.epochs_run)
-    tracking.set_tags(run, {**flag_tags(flags), "babysit.stop_reason": result.stop_reason or "completed", "babysit.status": run_status(flags), **result.transfer})
+    tracking.set_tags(run, {**flag_tags(flags), "babysit.stop_reason": result.stop_reason or "completed", "babysit.status": run_status(flags, result.stop_reason), **result.transfer})
     if report:
         tracking.log_text(run, report, "report.md")
     figure = plots.training_curves(result.history, cfg.name)

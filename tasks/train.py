@@ -269,15 +269,20 @@ def deployable(model: nn.Module, prepared: Prepared) -> nn.Module:
     return nn.Sequential(preprocessing, model.cpu()).eval()
 
 
+def run_logger() -> logging.Logger:
+    """The Prefect run's logger; a plain one outside a flow or task run (tests, scripts, benchmarks)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("babysit")
+
+
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(cfg: Config, prepared: Prepared, run: tracking.RunRef, source: dict[str, torch.Tensor] | None = None) -> tuple[TrainResult, nn.Module]:
     """Train and test, with per-epoch metrics in MLflow (batched writes, see tracking.MetricBuffer).
     The run's artifacts, the model among them, are the tracking stage's (tasks.track). `source`:
     model.init_from's weights (transfer_source)."""
-    try:
-        logger = get_run_logger()
-    except MissingContextError:  # called as train_task.fn(...) outside a flow (tests, benchmarks)
-        logger = logging.getLogger("babysit.train")
+    logger = run_logger()
 
     metrics_out = tracking.MetricBuffer(run, cfg.tracking.flush_seconds)
     unfrozen_from = cfg.train.epochs + 1 if cfg.model.init_from and cfg.train.unfreeze_epochs else None  # fine_tune's epochs follow

@@ -31,7 +31,7 @@ from babysit.errors import BabysitError
 from babysit.flags import run_flags
 from babysit.pruning import Pruner, SharedReports
 from tasks.preprocess import Prepared
-from tasks.track import flag_tags, log_outcome, outcome_metrics
+from tasks.track import flag_tags, flags_from_tags, log_outcome, outcome_metrics, run_status
 from tasks.train import train_and_test
 
 
@@ -102,7 +102,7 @@ def run_trial(spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, prun
         result, model = train_and_test(cfg, prepared, on_epoch, test=final)
         flags = run_flags(result.history, result.initial_loss, cfg.flags, result.diagnostics, n_classes=prepared.splits.n_classes, base_lr=cfg.optim.lr)
         reason = result.stop_reason
-        status = "diverged" if "diverged" in flags else "pruned" if reason and reason.startswith("pruned") else "finished"
+        status = run_status(flags, reason)
         if final:
             metrics_out.flush()
             log_outcome(run, cfg, result, flags, prepared, model=model, raw_example=raw_example)
@@ -129,7 +129,7 @@ def run_trial(spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, prun
 def result_from_run(run: Any, spec: TrialSpec) -> TrialResult:
     """Rebuild a finished trial's result from its MLflow run (a resumed search)."""
     tags, metrics = run.data.tags, run.data.metrics
-    flags = {k.removeprefix("flag."): v for k, v in tags.items() if k.startswith("flag.")}
+    flags = flags_from_tags(tags)
     val_acc = metrics.get("best_val_acc")
     status = tags.get("babysit.status", "finished")
     return TrialResult(

@@ -229,10 +229,10 @@ def test_dropout_masks_survive_pickling_as_their_seed():
 
 
 def test_tanh_saturation_counts_both_flat_tails():
-    from tasks.build import saturated
+    from tasks.build import saturated_mask
 
     # |tanh| > 0.99 is flat on either side: −1 saturates as much as +1
-    assert saturated(torch.tensor([-0.999, -0.5, 0.0, 0.5, 0.999]), "tanh").tolist() == [True, False, False, False, True]
+    assert saturated_mask(torch.tensor([-0.999, -0.5, 0.0, 0.5, 0.999]), "tanh").tolist() == [True, False, False, False, True]
     # inputs 30× too large drive a tanh layer into both tails about equally: the reported share is
     # that of |h| > 0.99, nearly all units, not the half on the positive side
     X = 30 * np.random.default_rng(0).normal(size=(256, 20)).astype(np.float32)
