@@ -569,6 +569,21 @@ class SearchExperiment(Config):
         return Config.model_validate(self.model_dump(exclude={"search"}))
 
 
+PLACEMENT_FIELDS = ("train.threads", "train.device")  # where a config trains, not what it learns
+
+
+def result_identity(tree: dict[str, Any], data_version: str = "") -> dict[str, Any]:
+    """What of a config tree decides its training's result, for trial keys and search hashes: not
+    its tracking, nor where it trains (a resumed search on other hardware finds its trials), nor,
+    with a `data_version` (tasks.data.data_fingerprint), the path that named the data (one file by a
+    relative and an absolute path, or a moved project, is the same data)."""
+    kept = {section: values for section, values in tree.items() if section != "tracking"}
+    kept["train"] = {k: v for k, v in tree["train"].items() if f"train.{k}" not in PLACEMENT_FIELDS}
+    if data_version:
+        kept["data"] = {k: v for k, v in tree["data"].items() if k != "path"}
+    return kept
+
+
 def with_values(tree: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """A copy of a config tree with dotted fields set, e.g. {'optim.lr': 0.01}."""
     tree = copy.deepcopy(tree)

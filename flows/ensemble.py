@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from prefect.cache_policies import NO_CACHE
 
 from babysit import tracking
-from babysit.config import Config, with_values
+from babysit.config import PLACEMENT_FIELDS, Config, with_values
 from babysit.errors import BabysitError
 from tasks.data import load_data_task
 from tasks.preprocess import Prepared, preprocess_task
@@ -83,7 +83,7 @@ def top_trials(uri: str, search_run_id: str, k: int) -> list:
     ranked = sorted(trials, key=lambda r: (-r.data.metrics.get("best_val_acc", 0.0), r.data.tags.get("babysit.trial_key") != best))
     members, seen = [], set()
     for run in ranked:  # two stages can train the same config (same seed): one model, which an ensemble needs once
-        trained = tuple(sorted((key, value) for key, value in run.data.params.items() if key not in ("train.threads", "train.device")))
+        trained = tuple(sorted((key, value) for key, value in run.data.params.items() if key not in PLACEMENT_FIELDS))
         if trained not in seen:
             seen.add(trained)
             members.append(run)

@@ -30,7 +30,7 @@ from babysit import plots, recurring, scaleout, tracking
 from babysit.owners import alive_here, gone_here, process_identity
 from babysit.advice import search_advice
 from babysit.errors import BabysitError
-from babysit.config import Config, SearchExperiment, field_problem, load_config, reads_field, with_values
+from babysit.config import Config, SearchExperiment, field_problem, load_config, reads_field, result_identity, with_values
 from babysit.pruning import Pruner
 from babysit.space import Narrowing, describe, edge_band, edge_side, grid_shortfall, inside_declared, narrow, parse_dist, sample
 from flows.train import provenance_tags
@@ -74,15 +74,14 @@ def trials_frame(results: list[TrialResult]) -> pd.DataFrame:
 def search_hash(exp: SearchExperiment, data_version: str = "") -> str:
     """Identifies a search's definition, and the version of its data (tasks.data.data_fingerprint): a
     changed file, or data rewritten in place, starts a new parent run instead of resuming."""
-    # where trials run (workers, runner, device, threads) does not change results, as in trial keys (tasks.trial.make_spec)
-    tree = exp.model_dump(mode="json", exclude={"tracking": True, "search": {"workers", "runner", "dask_address"}, "train": {"device", "threads"}})
+    # where trials run (workers, runner) does not change results, as where one trains does not (trial keys)
+    tree = result_identity(exp.model_dump(mode="json", exclude={"search": {"workers", "runner", "dask_address"}}), data_version)
     # as parsed: loguniform(1e-4, 1e-1) and loguniform(0.0001, 0.1) are one range
     # in the file's order, which the samplers follow: the same ranges in another order sample other trials
     tree["search"]["space"] = [[field, dist.kind, dist.low, dist.high, dist.options] for field, dist in
                                ((field, parse_dist(field, spec)) for field, spec in exp.search.space.items())]
     if data_version:  # in place of the path, as in trial keys
         tree["data_version"] = data_version
-        tree["data"].pop("path")
     return hashlib.sha1(json.dumps(tree, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -26,7 +26,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from babysit import tracking
-from babysit.config import Config, with_values
+from babysit.config import Config, result_identity, with_values
 from babysit.errors import BabysitError
 from babysit.flags import run_flags
 from babysit.pruning import Pruner, SharedReports
@@ -71,12 +71,7 @@ def make_spec(base: dict[str, Any], stage: str, index: int, params: dict[str, An
     if device:
         overrides["train.device"] = device
     config = Config.model_validate(with_values(base, overrides)).model_dump(mode="json")
-    # threads and device do not change the result; leave them out of the key so a resumed
-    # search on other hardware still finds its finished trials
-    keyed = {k: v for k, v in config.items() if k != "tracking"}
-    keyed["train"] = {k: v for k, v in config["train"].items() if k not in ("threads", "device")}
-    if data_version:  # it names the files read: one file given by a relative and by an absolute path, or a moved project, is the same data
-        keyed["data"] = {k: v for k, v in config["data"].items() if k != "path"}
+    keyed = result_identity(config, data_version)
     digest = hashlib.sha1(json.dumps([stage, keyed, data_version] if data_version else [stage, keyed], sort_keys=True).encode()).hexdigest()[:16]
     return TrialSpec(stage, index, {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()}, config, digest)
 
