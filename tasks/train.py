@@ -96,6 +96,20 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int = 81
     return loss_sum / len(y), correct / len(y)
 
 
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, end) of each mini-batch over `n` rows. BatchNorm cannot normalise a batch of one
+    row: a last batch of one joins the one before."""
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
+def copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights and buffers, detached from later updates."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def fit(
     model: nn.Module,
     X_train: torch.Tensor, y_train: torch.Tensor, X_val: torch.Tensor, y_val: torch.Tensor,
@@ -118,16 +132,14 @@ def fit(
     started, device = time.perf_counter(), X_train.device
     optimizer = make_optimizer(model.parameters(), optim_cfg)
     generator = torch.Generator(device=device).manual_seed(seed)
-    n, batch, epochs = len(y_train), train_cfg.batch_size, train_cfg.epochs
-    bounds = [(start, min(start + batch, n)) for start in range(0, n, batch)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:  # BatchNorm cannot normalise a batch of one row: it joins the one before
-        bounds[-2:] = [(bounds[-2][0], n)]
+    n, epochs = len(y_train), train_cfg.epochs
+    bounds = batch_bounds(n, train_cfg.batch_size)
     steps_per_epoch = len(bounds)
     batch_sizes = torch.tensor([end - start for start, end in bounds], dtype=torch.float32, device=device)
     initial_loss, _ = evaluate(model, X_train, y_train)
     history, diagnostics = {key: [] for key in HISTORY_KEYS}, {}
     # best_epoch 0 keeps the initial weights: a run that diverged in its first epoch is tested, and logged, as it started
-    best_acc, best_epoch, best_state, stop_reason = -1.0, 0, {k: v.detach().clone() for k, v in model.state_dict().items()}, None
+    best_acc, best_epoch, best_state, stop_reason = -1.0, 0, copy_state(model), None
     for epoch in range(1, epochs + 1):
         # 1) one pass over the training set in a fresh random order
         model.train()
@@ -164,7 +176,7 @@ def fit(
             break
         if val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = copy_state(model)
         elif train_cfg.early_stopping_patience and epoch - best_epoch >= train_cfg.early_stopping_patience and epoch < epochs:
             stop_reason = f"early stopping in epoch {epoch}: no better validation accuracy since epoch {best_epoch}"
             break
@@ -243,7 +255,7 @@ def train_and_test(
 def fine_tune(model: nn.Module, frozen: TrainResult, cfg: Config, data: tuple, on_epoch, augment) -> TrainResult:
     """Transfer learning's second phase: every layer trainable, at unfreeze_lr_factor × lr, for
     unfreeze_epochs more epochs (numbered after the first phase's). Keeps the better phase's weights."""
-    kept = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    kept = copy_state(model)
     unfreeze(model)
     offset = frozen.epochs_run
     optim = cfg.optim.model_copy(update={"lr": cfg.optim.lr * cfg.train.unfreeze_lr_factor, "warmup_epochs": 0})

@@ -173,3 +173,12 @@ def test_a_fine_tune_that_does_not_beat_the_frozen_phase_is_discarded(digits, so
     assert result.best_val_acc == frozen_only.best_val_acc
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), frozen_model.state_dict().values()))
     assert evaluate(model, *tensors(digits, "val"))[1] == pytest.approx(frozen_only.best_val_acc, abs=1e-12)
+
+
+def test_batch_bounds_cover_every_row_once_and_never_leave_a_batch_of_one():
+    from tasks.train import batch_bounds
+
+    assert batch_bounds(64, 32) == [(0, 32), (32, 64)]
+    assert batch_bounds(65, 32) == [(0, 32), (32, 65)]  # BatchNorm cannot normalise one row: it joins the batch before
+    assert batch_bounds(66, 32) == [(0, 32), (32, 64), (64, 66)]
+    assert batch_bounds(1, 32) == [(0, 1)]  # a single batch stays, whatever its size
