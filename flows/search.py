@@ -199,6 +199,25 @@ def threads_per_trial(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+def trial_threads(exp: SearchExperiment) -> int | None:
+    """train.threads of each trial; None where trials train on other machines (a Dask cluster's)."""
+    if exp.search.runner == "dask" and exp.search.dask_address:
+        return None
+    if exp.search.runner == "processes" and forks_workers():
+        # as in DataLoader's workers: a forked child that runs OpenMP threads after its parent did hangs
+        return 1
+    # processes too: each worker process sets its trial's train.threads (torch's default is all cores)
+    return threads_per_trial(exp.search.workers)
+
+
+def top_k_warnings(exp: SearchExperiment) -> list[str]:
+    """A top_k count that takes in every trial of a stage narrows around all of them."""
+    return [f"search.top_k {exp.search.top_k}: stage {stage.name} has {stage.trials} trials, so every trial counts as a top one and its "
+            "ranges narrow around all of them; use fewer (or a share such as 0.25)"
+            for stage in exp.search.stages[:-1]  # the last one's top trials narrow nothing
+            if isinstance(exp.search.top_k, int) and exp.search.top_k >= stage.trials]
+
+
 def log_stage(stage: str, space_text: dict[str, str], results: list[TrialResult]) -> None:
     frame = trials_frame(results)
     table = frame.drop(columns=["trial_key", "run_id", "reason"]).sort_values("val_acc", ascending=False, na_position="last")
@@ -309,10 +328,8 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     named, recurrence, parent_name = recurrence_of(exp, uri)
     if exp.search.warm_start == "latest" and "babysit.warm_from" not in recurrence:
         logger.info("search.warm_start latest: no finished run of search %s yet, so the first stage samples the file's ranges", exp.name)
-    for stage in exp.search.stages[:-1]:  # the last one's top trials narrow nothing
-        if isinstance(exp.search.top_k, int) and exp.search.top_k >= stage.trials:
-            logger.warning("search.top_k %d: stage %s has %d trials, so every trial counts as a top one and its ranges narrow around "
-                           "all of them; use fewer (or a share such as 0.25)", exp.search.top_k, stage.name, stage.trials)
+    for warning in top_k_warnings(exp):
+        logger.warning(warning)
     parent, finished, reopened = open_parent(exp, uri, named, recurrence, parent_name, version)  # the store and experiment exist before any fan-out
     past = [run for run in named if run.info.status == "FINISHED"]
     ended = fail_abandoned(uri, named, keep=parent.run_id)
@@ -323,12 +340,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
                        "rerunning the file that started them resumes them and marks their interrupted trials FAILED", exp.name, ", ".join(stale))
     before = recurring.latest_before(past, reopened)
     previous = recurring.past_search(before, list(exp.search.space), [s.name for s in exp.search.stages]) if before is not None else None
-    # processes too: each worker process sets its trial's train.threads (torch's default is all cores)
-    on_this_machine = exp.search.runner in ("threads", "processes") or dask and not exp.search.dask_address
-    threads = threads_per_trial(exp.search.workers) if on_this_machine else None
-    if threads and exp.search.runner == "processes" and forks_workers():
-        # as in DataLoader's workers: a forked child that runs OpenMP threads after its parent did hangs
-        threads = 1
+    threads = trial_threads(exp)
     if threads and exp.search.runner == "threads":
         torch.set_num_threads(threads)
     if dask and any(stage.prune != "none" for stage in exp.search.stages):

@@ -854,3 +854,17 @@ def test_a_top_k_as_large_as_a_stage_and_a_warm_start_with_nothing_to_start_from
     assert "search.top_k 3: stage coarse has 3 trials, so every trial counts as a top one" in text
     assert "stage fine has" not in text  # the last stage narrows nothing
     assert "search.warm_start latest: no finished run of search search_digits yet" in text
+
+
+def test_trial_threads_share_the_cores_out_among_the_workers_that_train_here():
+    from flows.search import trial_threads
+    from tasks.trial import forks_workers
+
+    def threads(*overrides):
+        return trial_threads(load_config("conf/search_digits.yaml", list(overrides), model=SearchExperiment))
+
+    cores = os.cpu_count() or 1
+    assert threads("search.runner=threads", "search.workers=1") == cores
+    assert threads("search.runner=threads", f"search.workers={2 * cores}") == 1  # never zero
+    assert threads("search.runner=processes", "search.workers=2") == (1 if forks_workers() else max(1, cores // 2))
+    assert threads("search.runner=dask", "search.dask_address=tcp://10.0.0.5:8786") is None  # another machine's cores
