@@ -20,6 +20,7 @@ Activation = Literal["sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu"]
 InitScheme = Literal["small", "xavier", "he", "lecun", "orthogonal"]
 DataSource = Literal["digits", "spiral", "blobs", "csv", "parquet", "npz", "digits_images", "image_folder", "cifar10", "mnist", "fashion_mnist"]
 IMAGE_SOURCES = ("digits_images", "image_folder", "cifar10", "mnist", "fashion_mnist")
+PATH_SOURCES = ("csv", "parquet", "npz", "image_folder", "cifar10", "mnist", "fashion_mnist")  # the sources that read `data.path`
 Preprocess = Literal["none", "center", "standardize", "pca", "whiten"]
 Optimizer = Literal["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam", "adamw"]
 Schedule = Literal["constant", "step", "exponential", "cosine", "inverse_time"]
@@ -99,7 +100,7 @@ class DataConfig(Section):
                 f"val_fraction + test_fraction must be below 1 so that rows are left for training "
                 f"(got {self.val_fraction} + {self.test_fraction})"
             )
-        if self.source in ("csv", "parquet", "npz", "image_folder", "cifar10", "mnist", "fashion_mnist") and self.path is None:
+        if self.source in PATH_SOURCES and self.path is None:
             raise ValueError(f"source '{self.source}' needs `data.path`, the file to read")
         if self.source in ("csv", "parquet") and not self.target:
             raise ValueError(f"source '{self.source}' needs `data.target`, the label column's name")

@@ -19,11 +19,9 @@ from prefect.cache_policies import NO_CACHE
 from sklearn.datasets import load_digits, make_blobs
 from sklearn.model_selection import train_test_split
 
-from babysit.config import DataConfig
+from babysit.config import PATH_SOURCES, DataConfig
 from babysit.errors import BabysitError
 from tasks.images import TORCHVISION_FOLDERS, digits_images, image_files, read_image_folder, read_torchvision
-
-PATH_SOURCES = ("csv", "parquet", "npz", "image_folder", "cifar10", "mnist", "fashion_mnist")  # the sources that read `data.path`
 
 
 @dataclass(frozen=True)
@@ -132,7 +130,7 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
         (X, labels), origin = digits_images(), "sklearn digits as 1x8x8 images"
     elif cfg.source == "image_folder":
         (X, labels), origin = read_image_folder(Path(cfg.path), cfg.image_size, cfg.channels), str(cfg.path)
-    elif cfg.source in ("cifar10", "mnist", "fashion_mnist"):
+    elif cfg.source in TORCHVISION_FOLDERS:
         (X, labels), origin = read_torchvision(cfg.source, Path(cfg.path), cfg.download), f"{cfg.source} under {cfg.path}"
     elif cfg.source == "blobs":
         X, labels = make_blobs(cfg.n_samples, n_features=2, centers=cfg.n_classes, cluster_std=1.0 + cfg.noise, random_state=seed)
