@@ -236,17 +236,35 @@ def start_run(uri: str, experiment: str, run_name: str | None, params: dict[str,
         tags = {**tags, "mlflow.parentRunId": parent.run_id}
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     items = [Param(key, str(value)[:6000]) for key, value in params.items()]
-    for start in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
-        client.log_batch(run.info.run_id, params=items[start : start + 100])
+    for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        client.log_batch(run.info.run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
     return RunRef(uri, run.info.run_id, experiment_id)
+
+
+MAX_PARAMS_PER_BATCH, MAX_METRICS_PER_BATCH = 100, 1000  # what MLflow accepts in one log_batch
+
+
+def _metric_entities(points: Iterator[tuple[str, float, int]]) -> list:
+    """MLflow Metric entities for (key, value, step) points, stamped now."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(key, float(value), now, step) for key, value, step in points]
+
+
+def _write(run: RunRef, metrics: list, tags: list | None = None) -> None:
+    """`metrics` in as few log_batch calls as MLflow allows; `tags` with the first."""
+    client = _client(run.uri)
+    for start in range(0, max(len(metrics), 1), MAX_METRICS_PER_BATCH):
+        chunk = metrics[start : start + MAX_METRICS_PER_BATCH]
+        if chunk or tags:
+            client.log_batch(run.run_id, metrics=chunk, tags=tags or [])
+        tags = None
 
 
 def log_metrics(run: RunRef, metrics: dict[str, float], step: int = 0) -> None:
     """One batched write for all `metrics` at `step` (a per-value log_metric costs ~4 ms on SQLite)."""
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    _client(run.uri).log_batch(run.run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
+    _write(run, _metric_entities((key, value, step) for key, value in metrics.items()))
 
 
 class MetricBuffer:
@@ -262,34 +280,19 @@ class MetricBuffer:
         self._last_write = time.monotonic()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        self._pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self._pending += _metric_entities((key, value, step) for key, value in metrics.items())
         if time.monotonic() - self._last_write >= self.flush_seconds:
             self.flush()
 
     def flush(self, tags: dict[str, str] | None = None) -> None:
         """Write what is pending, and `tags`, in one call."""
-        run_tags = _run_tags(tags)
-        client = _client(self.run.uri)
-        for start in range(0, max(len(self._pending), 1), 1000):  # MLflow takes ≤ 1000 metrics per call
-            metrics = self._pending[start : start + 1000]
-            if metrics or run_tags:
-                client.log_batch(self.run.run_id, metrics=metrics, tags=run_tags)
-            run_tags = []
+        _write(self.run, self._pending, _run_tags(tags))
         self._pending, self._last_write = [], time.monotonic()
 
 
 def log_metric_series(run: RunRef, series: dict[str, list[float]], first_step: int = 0) -> None:
     """Whole histories in one write: {'layer_std': [..]} becomes steps first_step, first_step+1, ..."""
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    metrics = [Metric(key, float(v), now, first_step + i) for key, values in series.items() for i, v in enumerate(values)]
-    client = _client(run.uri)
-    for start in range(0, len(metrics), 1000):
-        client.log_batch(run.run_id, metrics=metrics[start : start + 1000])
+    _write(run, _metric_entities((key, value, first_step + i) for key, values in series.items() for i, value in enumerate(values)))
 
 
 def _run_tags(tags: dict[str, str] | None) -> list:
