@@ -31,9 +31,9 @@ from babysit.owners import alive_here, gone_here, process_identity
 from babysit.advice import search_advice
 from babysit.errors import BabysitError
 from babysit.config import Config, SearchExperiment, field_problem, load_config, reads_field, result_identity, with_values
+from babysit.provenance import provenance_tags
 from babysit.pruning import Pruner
 from babysit.space import Narrowing, describe, edge_band, edge_side, grid_shortfall, inside_declared, narrow, parse_dist, sample
-from flows.train import provenance_tags
 from models.transfer import load_source
 from tasks.check import overfit_tiny_subset
 from tasks.data import data_fingerprint, load_data_task

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
 
 from prefect import flow, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from babysit import owners, tracking
+from babysit.provenance import provenance_tags
 from babysit.config import Config, load_config
 from babysit.advice import run_report
 from babysit.flags import init_flags, run_flags
@@ -32,23 +32,6 @@ class RunSummary:
     flags: dict[str, str]
     stop_reason: str | None
     url: str
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def provenance_tags(cfg: Config) -> dict[str, str]:
-    tags = {"babysit.config_name": cfg.name, "babysit.seed": str(cfg.seed)}
-    if (flow_run_id := runtime.flow_run.id) is not None:
-        tags["prefect.flow_run_id"] = str(flow_run_id)
-    if commit := git_commit():
-        tags["mlflow.source.git.commit"] = commit
-    return tags
 
 
 def run_training(cfg: Config) -> RunSummary:
