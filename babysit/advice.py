@@ -200,65 +200,83 @@ def search_advice(trials: pd.DataFrame, edges: list[tuple[str, str]], unmoved: d
     """
     if trials.empty:
         return "No trials ran: nothing to advise.\n"
-    trials = trials.reset_index(drop=True)
+    defaults = {"stage": "all", "status": "finished", "val_acc": math.nan}  # what a frame without these columns means
+    trials = trials.reset_index(drop=True).assign(**{column: value for column, value in defaults.items() if column not in trials})
     flag_sets = _flag_sets(trials)
     params = [c for c in trials.columns if c.startswith("param.")]
-    status = trials["status"].astype(str) if "status" in trials else pd.Series(["finished"] * len(trials))
     lines = []
+    for stage in trials["stage"].astype(str).unique():
+        in_stage = trials["stage"].astype(str) == stage
+        lines += _stage_lines(stage, trials[in_stage], flag_sets[in_stage], params)
+    lines += _edge_lines(edges, unmoved or {}, causes or {}, narrowed or {})
+    lines += _best_trial_line(trials, params)
+    return "\n".join(f"- {line}" for line in lines) + "\n"
+
+
+def _stage_lines(stage: str, group: pd.DataFrame, group_flags: pd.Series, params: list[str]) -> list[str]:
+    """A stage's trials: what happened to them, which range holds the exploded and the too slow ones, the common flags."""
+    group_status = group["status"].astype(str)
+    counts = group_status.value_counts()
+    summary = ", ".join(f"{counts[s]} {s}" for s in ("finished", "diverged", "pruned", "failed") if s in counts)
+    best_acc = group["val_acc"].max()
+    lines = [f"{stage}: {len(group)} trial{'s' if len(group) > 1 else ''} ({summary})" + (f"; best validation accuracy {best_acc:.1%}." if pd.notna(best_acc) else ".")]
     # a learning rate that every trial shares is the file's, not a searched range
     lr_is, both = ("the learning-rate range is", "both bounds, ") if "param.optim.lr" in params else ("the learning rate (`optim.lr`, not searched) is", "")
-    for stage in trials["stage"].astype(str).unique() if "stage" in trials else ["all"]:
-        in_stage = trials["stage"].astype(str) == stage if "stage" in trials else pd.Series(True, index=trials.index)
-        group, group_flags, group_status = trials[in_stage], flag_sets[in_stage], status[in_stage]
-        counts = group_status.value_counts()
-        summary = ", ".join(f"{counts[s]} {s}" for s in ("finished", "diverged", "pruned", "failed") if s in counts)
-        best_acc = group["val_acc"].max() if "val_acc" in group else math.nan
-        lines.append(f"{stage}: {len(group)} trial{'s' if len(group) > 1 else ''} ({summary})" + (f"; best validation accuracy {best_acc:.1%}." if pd.notna(best_acc) else "."))
-        # a trial that failed with an error (a batch of 1 row under batch norm) says nothing of the rate: the flags are weighed among those that trained
-        trained = group_status != "failed"
-        group, group_flags, group_status = group[trained], group_flags[trained], group_status[trained]
-        exploded = (group_status == "diverged") | group_flags.map(lambda f: "diverged" in f)
-        if exploded.any():
-            lines.append(_problem_line("loss exploded", stage, group, exploded, params, everywhere=f"{lr_is} too high: lower it ({both}10×)",
-                                       never=("optim.lr", "below"), prefer="optim.lr"))
-        fast = group_flags.map(lambda f: "lr_too_high" in f)
-        if fast.any():  # with the exploded trials: together they can be every trial, the rate too high everywhere
-            lines.append(_problem_line("lr_too_high" + (" or loss exploded" if (exploded & ~fast).any() else ""), stage, group, fast | exploded, params,
-                                       everywhere=f"{lr_is} too high: lower it ({both}3–10×)", never=("optim.lr", "below"), prefer="optim.lr"))
-        slow = group_flags.map(lambda f: "lr_too_low" in f)
-        if slow.any():
-            lines.append(_problem_line("lr_too_low", stage, group, slow, params, everywhere=f"the loss barely moved anywhere, so {lr_is} too low: raise it (10×)",
-                                       never=("optim.lr", "above"), prefer="optim.lr"))
-        if (failed := int((~trained).sum())):
-            lines.append(f"{failed} {stage} trial(s) failed with an error: see the `babysit.failure` tag of their MLflow runs.")
-        if (pruned := int((group_status == "pruned").sum())):
-            lines.append(f"{pruned} of {len(group)} {stage} trials {'was' if pruned == 1 else 'were'} pruned early for poor validation accuracy.")
-        finished_flags = group_flags[group_status == "finished"]
-        for flag in ("overfitting", "underfitting", "plateau", "dead_relu"):
-            if (n := int(finished_flags.map(lambda f: flag in f).sum())) * 2 > max(len(finished_flags), 1):
-                lines.append(f"{flag} in {n} of {len(finished_flags)} finished {stage} trials: " + {
-                    "overfitting": "search stronger regularization (larger `optim.weight_decay`, `model.dropout`).",
-                    "underfitting": "search bigger models or a higher learning rate, or train longer.",
-                    "plateau": "add a learning-rate decay (`optim.schedule`).",
-                    "dead_relu": "lower the learning rate or try leaky ReLU.",
-                }[flag])
-    causes = causes or {}
+    # a trial that failed with an error (a batch of 1 row under batch norm) says nothing of the rate: the flags are weighed among those that trained
+    trained = group_status != "failed"
+    group, group_flags, group_status = group[trained], group_flags[trained], group_status[trained]
+    exploded = (group_status == "diverged") | group_flags.map(lambda f: "diverged" in f)
+    if exploded.any():
+        lines.append(_problem_line("loss exploded", stage, group, exploded, params, everywhere=f"{lr_is} too high: lower it ({both}10×)",
+                                   never=("optim.lr", "below"), prefer="optim.lr"))
+    fast = group_flags.map(lambda f: "lr_too_high" in f)
+    if fast.any():  # with the exploded trials: together they can be every trial, the rate too high everywhere
+        lines.append(_problem_line("lr_too_high" + (" or loss exploded" if (exploded & ~fast).any() else ""), stage, group, fast | exploded, params,
+                                   everywhere=f"{lr_is} too high: lower it ({both}3–10×)", never=("optim.lr", "below"), prefer="optim.lr"))
+    slow = group_flags.map(lambda f: "lr_too_low" in f)
+    if slow.any():
+        lines.append(_problem_line("lr_too_low", stage, group, slow, params, everywhere=f"the loss barely moved anywhere, so {lr_is} too low: raise it (10×)",
+                                   never=("optim.lr", "above"), prefer="optim.lr"))
+    if (failed := int((~trained).sum())):
+        lines.append(f"{failed} {stage} trial(s) failed with an error: see the `babysit.failure` tag of their MLflow runs.")
+    if (pruned := int((group_status == "pruned").sum())):
+        lines.append(f"{pruned} of {len(group)} {stage} trials {'was' if pruned == 1 else 'were'} pruned early for poor validation accuracy.")
+    finished_flags = group_flags[group_status == "finished"]
+    for flag in ("overfitting", "underfitting", "plateau", "dead_relu"):
+        if (n := int(finished_flags.map(lambda f: flag in f).sum())) * 2 > max(len(finished_flags), 1):
+            lines.append(f"{flag} in {n} of {len(finished_flags)} finished {stage} trials: " + {
+                "overfitting": "search stronger regularization (larger `optim.weight_decay`, `model.dropout`).",
+                "underfitting": "search bigger models or a higher learning rate, or train longer.",
+                "plateau": "add a learning-rate decay (`optim.schedule`).",
+                "dead_relu": "lower the learning rate or try leaky ReLU.",
+            }[flag])
+    return lines
+
+
+def _edge_lines(edges: list[tuple[str, str]], unmoved: dict[str, str], causes: dict[tuple[str, str], str], narrowed: dict[str, tuple[str, str]]) -> list[str]:
+    """The edges the stages moved past, then those the last stage left for the file to move."""
+    lines = []
     for field, side in edges:
         where = "upper" if side == "high" else "lower"
         lines.append(f"{field}: the next stage's range moved past its {where} edge ({causes.get((field, side), 'the best value sat at that edge')}): the optimum may lie beyond it.")
-    for field, side in (unmoved or {}).items():
+    for field, side in unmoved.items():
         where, bound = ("upper", "raise its upper bound") if side == "high" else ("lower", "lower its lower bound")
         said = f"{field}: the last stage's range should move past its {where} edge ({causes.get((field, side), 'the best value sat at that edge')})"
-        if field in (narrowed or {}):  # the file's range already goes past it: the stages stopped too soon
+        if field in narrowed:  # the file's range already goes past it: the stages stopped too soon
             last_range, declared = narrowed[field]
             lines.append(f"{said}, which narrowing set inside the file's range ({last_range} of {declared}): "
                          f"add a stage, whose range would move past that edge, or narrow less (a larger `search.pad`).")
         else:
             lines.append(f"{said}: {bound} in the file and search again.")
-    # as the search chooses its best: a pruned trial's score counts too
-    scored = trials[status.isin(["finished", "pruned"]) & trials["val_acc"].notna()] if "val_acc" in trials else trials.iloc[0:0]
-    if not scored.empty:
-        top = scored.loc[scored["val_acc"].iloc[::-1].idxmax()]  # a tie goes to the latest trial, as the search's best does
-        setting = ", ".join(f"{c.removeprefix('param.')} = {_fmt(top[c])}" for c in params)
-        lines.append(f"best trial: validation accuracy {top['val_acc']:.1%}" + (f" ({top['stage']} stage)" if "stage" in top else "") + (f" with {setting}." if setting else "."))
-    return "\n".join(f"- {line}" for line in lines) + "\n"
+    return lines
+
+
+def _best_trial_line(trials: pd.DataFrame, params: list[str]) -> list[str]:
+    """The best trial, chosen as the search chooses it: a pruned trial's score counts too, a tie goes to the latest."""
+    scored = trials[trials["status"].astype(str).isin(["finished", "pruned"]) & trials["val_acc"].notna()]
+    if scored.empty:
+        return []
+    top = scored.loc[scored["val_acc"].iloc[::-1].idxmax()]
+    setting = ", ".join(f"{c.removeprefix('param.')} = {_fmt(top[c])}" for c in params)
+    stage = f" ({top['stage']} stage)" if top["stage"] != "all" else ""
+    return [f"best trial: validation accuracy {top['val_acc']:.1%}{stage}" + (f" with {setting}." if setting else ".")]
