@@ -102,15 +102,17 @@ def see_it(url: str, uri: str, default: str) -> str:
 
 
 def before_starting(cfg) -> None:
-    """What a run cannot start without, checked before Prefect's server starts (15-25 s): its data,
-    its device, and a tracking server or database that answers. The flows check them again, for deployments."""
+    """What a run cannot start without, checked before Prefect's server starts (15-25 s): its
+    device, a tracking server or database that answers, and its data, loaded here for the flow.
+    The flows check them again, for deployments."""
     from babysit import tracking
-    from tasks.data import check_data_path
+    from tasks.data import check_data_path, load_ahead
     from tasks.train import training_device
 
     check_data_path(cfg.data)
     training_device(cfg)
     tracking.check_reachable(tracking.resolve_uri(cfg.tracking.uri))
+    load_ahead(cfg.data, cfg.seed)
 
 
 def train(args: argparse.Namespace) -> int:

@@ -211,3 +211,32 @@ def test_store_errors_cross_the_train_flow_as_one_paragraph(prefect_harness, tra
     assert expected in one_paragraph(out)
     assert "Traceback" not in out + err and "MlflowException" not in out + err
     assert running_runs(tracking_uri) == []
+
+
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_data_a_run_cannot_use_is_said_before_prefect_starts(tmp_path, tracking_uri, capsys, monkeypatch, command):
+    # bad contents (not a missing file) were said only once the flow ran, after Prefect's server started: 20-90 s
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    table = tmp_path / "table.csv"
+    table.write_text("a,b,kind\n" + "".join(f"{i},{i % 7},{i % 3}\n" for i in range(60)))
+    config = SEARCH if command == "search" else DIGITS
+    overrides = ["--set", "data.source=csv", "--set", f"data.path={table}", "--set", "data.target=label"]
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:1/api"}):  # nothing answers: reaching Prefect would be another error
+        assert main([command, config, *overrides]) == 2
+    said = one_paragraph(capsys.readouterr().out)
+    assert "no target column 'label'" in said and "PREFECT_API_URL" not in said
+    assert running_runs(tracking_uri) == []
+
+
+def test_data_loaded_before_the_flow_is_handed_to_it_once(tmp_path):
+    from tasks.data import load_ahead, load_data_task
+
+    cfg = load_config(DIGITS)
+    load_ahead(cfg.data, cfg.seed)
+    first = load_data_task.fn(cfg.data, cfg.seed)
+    again = load_data_task.fn(cfg.data, cfg.seed)  # a second flow in the same process reads the data itself
+    assert first is not again and (first.X_train == again.X_train).all()
+    other = cfg.data.model_copy(update={"val_fraction": 0.3})
+    load_ahead(cfg.data, cfg.seed)
+    assert len(load_data_task.fn(other, cfg.seed).y_val) != len(first.y_val)  # another config is not handed what was loaded for this one
