@@ -536,6 +536,7 @@ class RunRecord:
     """A logged run read back: what `babysit report` needs to rebuild the run's report."""
 
     run_id: str
+    experiment_id: str
     status: str  # MLflow's: FINISHED, FAILED, RUNNING, ...
     tags: dict[str, str]
     metrics: dict[str, float]  # the last value of each metric
@@ -558,7 +559,7 @@ def read_run(uri: str, run_id: str, history_keys: tuple[str, ...] = ()) -> RunRe
     except MlflowException:
         raise BabysitError(f"no MLflow run '{run_id}' in {uri}: check the id (`babysit ui` lists runs), or pass --uri / set MLFLOW_TRACKING_URI to the store that holds it.") from None
     wanted = [key for key in run.data.metrics if key in history_keys or any(p.endswith("/") and key.startswith(p) for p in history_keys)]
-    return RunRecord(run_id, run.info.status, dict(run.data.tags), dict(run.data.metrics), {key: metric_history(uri, run_id, key) for key in wanted})
+    return RunRecord(run_id, run.info.experiment_id, run.info.status, dict(run.data.tags), dict(run.data.metrics), {key: metric_history(uri, run_id, key) for key in wanted})
 
 
 def run_url(run: RunRef, host: str = "127.0.0.1", port: int = 5000) -> str:

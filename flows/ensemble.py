@@ -76,8 +76,7 @@ def search_parent(uri: str, search_run_id: str) -> tracking.RunRecord:
 
 def top_trials(uri: str, search_run_id: str, k: int) -> list:
     parent = search_parent(uri, search_run_id)
-    experiment_id = tracking.get_run(uri, search_run_id).info.experiment_id
-    trials = [r for r in search_trials(uri, experiment_id, search_run_id, parent.tags.get("babysit.reused_from"))
+    trials = [r for r in search_trials(uri, parent.experiment_id, search_run_id, parent.tags.get("babysit.reused_from"))
               if r.info.status == "FINISHED" and r.data.tags.get("babysit.stage") != "final" and r.data.tags.get("babysit.status") == "finished"]
     best = parent.tags.get("babysit.best_trial")  # first among the trials tied with it, as the search chose it
     ranked = sorted(trials, key=lambda r: (-r.data.metrics.get("best_val_acc", 0.0), r.data.tags.get("babysit.trial_key") != best))
@@ -130,8 +129,8 @@ def ensemble_flow(search_run_id: str, top: int = 3, epochs: int | None = None, t
     y_test = prepared.splits.y_test
     ensemble_acc = float((ensemble_probabilities([p for _, p in members]).argmax(1) == y_test).mean())
 
-    parent = tracking.get_run(uri, search_run_id)
-    run = tracking.start_run(uri, tracking.experiment_name(uri, parent.info.experiment_id), f"ensemble-top{top}", {"top": top, "epochs": epochs},
+    experiment_id = trials[0].info.experiment_id  # the search's
+    run = tracking.start_run(uri, tracking.experiment_name(uri, experiment_id), f"ensemble-top{top}", {"top": top, "epochs": epochs},
                              {"babysit.kind": "ensemble", "babysit.search_run_id": search_run_id, "babysit.members": ",".join(r.info.run_id for r in trials)})
     with tracking.finished_or_failed(run):
         tracking.log_metric_series(run, {"member_test_acc": [acc for acc, _ in members]}, first_step=1)
