@@ -228,7 +228,8 @@ class TrainConfig(Section):
 
 class FlagsConfig(Section):
     overfit_gap: float = Field(0.10, gt=0, lt=1)  # train acc - val acc above this: overfitting
-    overfit_patience: int = Field(3, ge=2)  # epochs of rising val loss while train loss falls
+    overfit_patience: int = Field(3, ge=2)  # epochs that val loss has stayed above its lowest while train loss fell
+    overfit_loss_rise: float = Field(0.05, ge=0)  # ... by more than this fraction of it (a rise of 0.3% is noise)
     diverge_factor: float = Field(3.0, gt=1)  # loss above this × the initial loss: diverged
     # Initial loss: softmax over C classes with small logits starts at ln(C) (ln 10 ≈ 2.303).
     initial_loss_tolerance: float = Field(0.1, gt=0)  # |loss − ln C| above this fraction of ln C: initial_loss_off

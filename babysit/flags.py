@@ -31,22 +31,25 @@ def diverged(train_loss: list[float], initial_loss: float, factor: float) -> str
     return None
 
 
-def overfitting(history: dict[str, list[float]], gap: float, patience: int) -> str | None:
-    """Overfitting when, at the last epoch, train acc − val acc > `gap`; or when validation loss
-    rose for `patience` epochs in a row while training loss fell in each of them.
+def overfitting(history: dict[str, list[float]], gap: float, patience: int, rise: float = 0.05) -> str | None:
+    """Overfitting when, at the last epoch, train acc − val acc > `gap`; or when validation loss has
+    stayed more than `rise` (a fraction) above its lowest for the last `patience` epochs, while
+    training loss fell below where it was then. A rise of a few thousandths is noise, not a
+    trend, and one dip in a real rise does not hide it.
     """
     train_acc, val_acc = history["train_acc"], history["val_acc"]
     if train_acc and train_acc[-1] - val_acc[-1] > gap:
         return f"train accuracy {train_acc[-1]:.3f} is {train_acc[-1] - val_acc[-1]:.3f} above validation {val_acc[-1]:.3f} (gap > {gap:g})"
     val_loss, train_loss = history["val_loss"], history["train_loss"]
-    rising = 0
-    for epoch in range(1, len(val_loss)):
-        if val_loss[epoch] > val_loss[epoch - 1] and train_loss[epoch] < train_loss[epoch - 1]:
-            rising += 1
-            if rising >= patience:
-                return f"validation loss rose for {rising} epochs in a row (to epoch {epoch + 1}) while training loss fell"
-        else:
-            rising = 0
+    finite = [v for v in val_loss if math.isfinite(v)]
+    if not finite:
+        return None
+    lowest = min(finite)
+    near = max(i for i, v in enumerate(val_loss) if v <= (1 + rise) * lowest)  # the last epoch at (about) its lowest
+    since = len(val_loss) - 1 - near
+    if since >= patience and train_loss[-1] < train_loss[near]:
+        return (f"validation loss has stayed above its lowest ({lowest:.3g}) for {since} epochs, to {val_loss[-1]:.3g} in epoch {len(val_loss)}, "
+                f"while training loss fell from {train_loss[near]:.3g} to {train_loss[-1]:.3g}")
     return None
 
 
@@ -206,7 +209,7 @@ def run_flags(
     """All flags that fire for a finished run: {flag name: reason}.
 
     `diagnostics` (TrainResult.diagnostics), `init_stats` (InitReport.layer_stats) and `n_classes`
-    enable the flags that need them. A diverged run is not also called lr_too_low, plateau or
+    (for a model that starts from random weights: initial_loss_off) enable the flags that need them. A diverged run is not also called lr_too_low, plateau or
     underfitting (its curves are garbage), and a run with lr_too_low is not also a plateau.
     dead_relu is judged at init and, if it did not fire there, after the last epoch. With `base_lr`
     (optim.lr), update ratios measured while a schedule ran far below it are not judged.
@@ -227,7 +230,7 @@ def run_flags(
         if not found["lr_too_low"]:
             found["plateau"] = plateau(history["train_loss"], history["train_acc"], cfg.plateau_epochs, cfg.plateau_min_drop, cfg.plateau_max_acc)
         found["underfitting"] = underfitting(history, cfg.underfit_acc, cfg.underfit_gap)
-    found["overfitting"] = overfitting(history, cfg.overfit_gap, cfg.overfit_patience)
+    found["overfitting"] = overfitting(history, cfg.overfit_gap, cfg.overfit_patience, cfg.overfit_loss_rise)
     if (dead_now := [layer[-1] for layer in layer_series(diagnostics, "dead_frac/layer") if layer]) and not found.get("dead_relu"):
         found["dead_relu"] = dead_relu(dead_now, cfg.dead_fraction, f"after epoch {len(history['train_loss'])}")
     return {name: reason for name, reason in found.items() if reason}

@@ -11,7 +11,12 @@ from babysit.config import OptimConfig
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The lecture's update rules; all of them are torch's own implementations."""
+    """The lecture's update rules; all of them are torch's own implementations. The L2 penalty
+    (weight_decay) falls on the weight matrices and kernels only, as the lecture's R(W) does: not
+    on biases nor BatchNorm's scale and shift."""
+    params = list(params)
+    groups = [{"params": [p for p in params if p.ndim >= 2]}, {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    params = [group for group in groups if group["params"]]
     common = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, **common)

@@ -52,7 +52,9 @@ def run_training(cfg: Config) -> RunSummary:
         log_init_report(run, init_report)
         warn_init_flags(run, init_flags(init_report.layer_stats, cfg.flags))  # before any epoch is spent
         result, model = train_task(cfg, prepared, run, source)
-        flags = run_flags(result.history, result.initial_loss, cfg.flags, result.diagnostics, init_report.layer_stats, s.n_classes, cfg.optim.lr)
+        # ln(classes) is the loss of random weights: a transferred model starts from what it learned
+        flags = run_flags(result.history, result.initial_loss, cfg.flags, result.diagnostics, init_report.layer_stats,
+                          None if cfg.model.init_from else s.n_classes, cfg.optim.lr)
         report = run_report(cfg.name, flags, result.history, result.initial_loss, result.diagnostics, result.stop_reason, run.run_id)
         log_results_task(run, cfg, result, flags, prepared, report, model, splits.X_train[:5])
     url = tracking.run_url(run)

@@ -22,7 +22,7 @@ from babysit.flags import init_flags, initial_loss_off
 from models.mlp import build_model
 from tasks.build import inspect_init
 from tasks.preprocess import Prepared
-from tasks.train import evaluate, fit, to_device, training_device
+from tasks.train import fit, starting_loss, to_device, training_device
 
 REACHED = "reached the target accuracy"  # fit's stop reason when the overfit check succeeds
 
@@ -46,15 +46,16 @@ def without_regularization(cfg: Config) -> Config:
 
 
 def check_initial_loss(cfg: Config, prepared: Prepared) -> CheckResult:
-    """The fresh model's mean loss on the training split vs ln(classes).
+    """The fresh model's mean loss on the training split vs ln(classes), as training's first steps
+    see it (tasks.train.starting_loss: BatchNorm normalising each mini-batch).
 
-    The data loss has no regularization in it (L2 lives in the optimizer, dropout is off in eval
-    mode); the L2 term 0.5·λ·‖W‖² that the weight decay corresponds to is reported beside it.
+    The data loss has no regularization in it (L2 lives in the optimizer, dropout is off); the L2
+    term 0.5·λ·‖W‖² that the weight decay corresponds to is reported beside it.
     """
     s = prepared.splits
     model = build_model(cfg.model, s.input_shape, s.n_classes, cfg.seed)
     X, y = to_device(s.X_train, s.y_train, device=torch.device("cpu"))
-    loss, _ = evaluate(model, X, y)
+    loss = starting_loss(model, X, y, cfg.train.batch_size)
     expected = math.log(s.n_classes)
     off = initial_loss_off(loss, s.n_classes, cfg.flags.initial_loss_tolerance)
     reason = off or f"{loss:.3f} vs ln({s.n_classes}) = {expected:.3f} expected (within {cfg.flags.initial_loss_tolerance:.0%})"
@@ -114,5 +115,6 @@ def check_activations(cfg: Config, prepared: Prepared) -> CheckResult:
 
 
 def preflight(cfg: Config, prepared: Prepared, n: int = 20, budget_epochs: int = 200) -> list[CheckResult]:
-    """The three checks, cheapest first."""
+    """The three checks, cheapest first; a config that cannot train here (a BabysitError) none of them."""
+    training_device(cfg)
     return [check_initial_loss(cfg, prepared), check_activations(cfg, prepared), overfit_tiny_subset(cfg, prepared, n, budget_epochs)]

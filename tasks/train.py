@@ -96,6 +96,45 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int = 81
     return loss_sum / len(y), correct / len(y)
 
 
+@torch.no_grad()
+def starting_loss(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """The mean loss training starts from, as its first steps see it: trainable BatchNorm layers
+    normalise each mini-batch by its own statistics (a fresh layer's running ones are mean 0,
+    variance 1: in eval mode unnormalised data gave a loss of 178 for a true 2.3), dropout is off,
+    and the running statistics are left as they were."""
+    norms = trainable_batchnorms(model)
+    if not norms:
+        return evaluate(model, X, y)[0]
+    kept = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    model.eval()
+    for norm in norms:
+        norm.train()
+    loss_sum = 0.0
+    for start, end in batch_bounds(len(y), batch_size):
+        with mixed_precision(X.device):
+            logits = model(X[start:end]).float()
+        loss_sum += F.cross_entropy(logits, y[start:end], reduction="sum").item()
+    for name, buffer in model.named_buffers():
+        buffer.copy_(kept[name])
+    model.eval()
+    return loss_sum / len(y)
+
+
+def trainable_batchnorms(model: nn.Module) -> list[nn.Module]:
+    """BatchNorm layers whose scale and shift train. A frozen one (transfer learning) keeps its
+    running statistics too: it normalises as it did in the source model."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in m.parameters())]
+
+
+def train_mode(model: nn.Module) -> None:
+    """Training mode, but for frozen BatchNorm layers (see trainable_batchnorms)."""
+    model.train()
+    trainable = set(map(id, trainable_batchnorms(model)))
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in trainable:
+            m.eval()
+
+
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     """(start, end) of each mini-batch over `n` rows. BatchNorm cannot normalise a batch of one
     row: a last batch of one joins the one before."""
@@ -110,21 +149,29 @@ def copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@dataclass(frozen=True)
+class Phase:
+    """Where a fit stands in a run of several (transfer learning: the frozen phase, then fine-tuning)."""
+
+    epochs_before: int = 0  # the epochs of the phases before: this one's are numbered after them
+    last: bool = True  # False: another phase follows, so early stopping ends this one only and a verdict in its last epoch is heeded
+    start_loss: float | None = None  # the run's starting loss, which divergence is judged against (default: this phase's)
+
+
 def fit(
     model: nn.Module,
     X_train: torch.Tensor, y_train: torch.Tensor, X_val: torch.Tensor, y_val: torch.Tensor,
     optim_cfg: OptimConfig, train_cfg: TrainConfig, diverge_factor: float, seed: int,
     on_epoch: Callable[[int, dict[str, float]], str | None] | None = None, diagnose: bool = False,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None, last_phase: bool = True,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None, phase: Phase = Phase(),
 ) -> TrainResult:
     """Mini-batch training with per-epoch validation; keeps the best-validation weights.
 
     Batches are index slices of a per-epoch permutation of tensors already on the device.
-    Stops early when the loss diverges (NaN/Inf or > diverge_factor × initial loss) or when
+    Stops early when the loss diverges (NaN/Inf or > diverge_factor × the starting loss) or when
     validation accuracy has not improved for `early_stopping_patience` epochs. `on_epoch` gets
-    each epoch's metrics and may return a reason to stop (a search pruning a poor trial), heeded
-    in the last epoch too when another phase follows (`last_phase` False: transfer learning's
-    frozen phase, before fine-tuning).
+    each epoch's metrics and may return a reason to stop (a search pruning a poor trial). `phase`:
+    see Phase; frozen BatchNorm layers stay in eval mode (train_mode).
     `augment` transforms each training batch on the device. `diagnose` adds per-layer gradient
     norms, update ratios and dead units, measured on each epoch's last step, to the metrics and
     to `TrainResult.diagnostics`.
@@ -136,13 +183,14 @@ def fit(
     bounds = batch_bounds(n, train_cfg.batch_size)
     steps_per_epoch = len(bounds)
     batch_sizes = torch.tensor([end - start for start, end in bounds], dtype=torch.float32, device=device)
-    initial_loss, _ = evaluate(model, X_train, y_train)
+    initial_loss = starting_loss(model, X_train, y_train, train_cfg.batch_size)
+    reference = initial_loss if phase.start_loss is None else phase.start_loss
     history, diagnostics = {key: [] for key in HISTORY_KEYS}, {}
     # best_epoch 0 keeps the initial weights: a run that diverged in its first epoch is tested, and logged, as it started
     best_acc, best_epoch, best_state, stop_reason = -1.0, 0, copy_state(model), None
     for epoch in range(1, epochs + 1):
         # 1) one pass over the training set in a fresh random order
-        model.train()
+        train_mode(model)
         order = torch.randperm(n, device=device, generator=generator)
         losses, predictions = [], []  # reduced once per epoch: a few kernels fewer per step
         for step, (start, end) in enumerate(bounds):
@@ -169,18 +217,20 @@ def fit(
             metrics |= step_diagnostics(model, before) | dead_unit_metrics(dead)
         for key, value in metrics.items():
             (history if key in HISTORY_KEYS else diagnostics).setdefault(key, []).append(value)
-        verdict = on_epoch(epoch, metrics) if on_epoch is not None else None
+        at = phase.epochs_before + epoch  # as the run numbers its epochs
+        verdict = on_epoch(at, metrics) if on_epoch is not None else None
         # 3) stop on divergence, keep the best weights, stop when validation stalls or when told
-        if not math.isfinite(metrics["train_loss"]) or metrics["train_loss"] > diverge_factor * initial_loss:
-            stop_reason = f"diverged in epoch {epoch}: training loss {metrics['train_loss']:.3g} (initial {initial_loss:.3g})"
+        if not math.isfinite(train_loss) or train_loss > diverge_factor * reference:
+            stop_reason = f"diverged in epoch {at}: training loss {train_loss:.3g} (initial {reference:.3g})"
             break
         if val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch
             best_state = copy_state(model)
         elif train_cfg.early_stopping_patience and epoch - best_epoch >= train_cfg.early_stopping_patience and epoch < epochs:
-            stop_reason = f"early stopping in epoch {epoch}: no better validation accuracy since epoch {best_epoch}"
+            # a phase that another follows ends here: the run goes on to it (fine-tuning)
+            stop_reason = f"early stopping in epoch {at}: no better validation accuracy since epoch {phase.epochs_before + best_epoch}" if phase.last else None
             break
-        if verdict and (epoch < epochs or not last_phase):  # after the last epoch of all nothing is left to stop: a trial pruned there trained in full
+        if verdict and (epoch < epochs or not phase.last):  # after the last epoch of all nothing is left to stop: a trial pruned there trained in full
             stop_reason = verdict
             break
     model.load_state_dict(best_state)
@@ -243,7 +293,7 @@ def train_and_test(
             augment = partial(augment_batch, flip=cfg.train.flip, translate=cfg.train.translate, generator=generator)
     fine_tuning = bool(cfg.model.init_from and cfg.train.unfreeze_epochs)
     result = fit(model, X_train, y_train, X_val, y_val, cfg.optim, cfg.train, cfg.flags.diverge_factor, cfg.seed, on_epoch, cfg.train.diagnostics, augment,
-                 last_phase=not fine_tuning)
+                 Phase(last=not fine_tuning))
     if fine_tuning and not result.stop_reason:
         result = fine_tune(model, result, cfg, (X_train, y_train, X_val, y_val), on_epoch, augment)
     if test:
@@ -260,8 +310,9 @@ def fine_tune(model: nn.Module, frozen: TrainResult, cfg: Config, data: tuple, o
     offset = frozen.epochs_run
     optim = cfg.optim.model_copy(update={"lr": cfg.optim.lr * cfg.train.unfreeze_lr_factor, "warmup_epochs": 0})
     train = cfg.train.model_copy(update={"epochs": cfg.train.unfreeze_epochs})
-    shifted = (lambda epoch, metrics: on_epoch(offset + epoch, metrics)) if on_epoch else None
-    tuned = fit(model, *data, optim, train, cfg.flags.diverge_factor, cfg.seed + 1, shifted, cfg.train.diagnostics, augment)
+    # diverged: judged against the loss the run started from, not the trained model's (with dropout on, its training loss is above that)
+    tuned = fit(model, *data, optim, train, cfg.flags.diverge_factor, cfg.seed + 1, on_epoch, cfg.train.diagnostics, augment,
+                Phase(epochs_before=offset, start_loss=frozen.initial_loss))
     better = tuned.best_val_acc > frozen.best_val_acc
     if not better:
         model.load_state_dict(kept)
@@ -281,12 +332,12 @@ def deployable(model: nn.Module, prepared: Prepared) -> nn.Module:
     return nn.Sequential(preprocessing, model.cpu()).eval()
 
 
-def run_logger() -> logging.Logger:
-    """The Prefect run's logger; a plain one outside a flow or task run (tests, scripts, benchmarks)."""
+def run_logger(fallback: str = "babysit") -> logging.Logger:
+    """The Prefect run's logger; outside a flow or task run (tests, scripts, benchmarks) the logger `fallback`."""
     try:
         return get_run_logger()
     except MissingContextError:
-        return logging.getLogger("babysit")
+        return logging.getLogger(fallback)
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -294,7 +345,7 @@ def train_task(cfg: Config, prepared: Prepared, run: tracking.RunRef, source: di
     """Train and test, with per-epoch metrics in MLflow (batched writes, see tracking.MetricBuffer).
     The run's artifacts, the model among them, are the tracking stage's (tasks.track). `source`:
     model.init_from's weights (transfer_source)."""
-    logger = run_logger()
+    logger = run_logger("babysit.train")
 
     metrics_out = tracking.MetricBuffer(run, cfg.tracking.flush_seconds)
     unfrozen_from = cfg.train.epochs + 1 if cfg.model.init_from and cfg.train.unfreeze_epochs else None  # fine_tune's epochs follow

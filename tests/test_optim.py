@@ -31,21 +31,24 @@ def test_optimizer_class_and_hyperparameters(name, cls, expected):
     cfg = OptimConfig(name=name, lr=0.05, momentum=0.8, weight_decay=3e-4, betas=(0.8, 0.9), alpha=0.95)
     opt = make_optimizer(params(), cfg)
     assert type(opt) is cls
-    group = opt.param_groups[0]
-    assert group["lr"] == 0.05
-    assert group["weight_decay"] == 3e-4
-    for key, value in expected.items():
-        assert group[key] == value, key
-    assert len(group["params"]) == 2
+    weights, others = opt.param_groups
+    for group in weights, others:
+        assert group["lr"] == 0.05
+        for key, value in expected.items():
+            assert group[key] == value, key
+    # L2 on the weight matrix, as the lecture's R(W); not on the bias
+    assert [p.shape for p in weights["params"]] == [(2, 3)] and weights["weight_decay"] == 3e-4
+    assert [p.shape for p in others["params"]] == [(2,)] and others["weight_decay"] == 0.0
 
 
 def test_sgd_step_is_the_plain_update():
-    # w <- w - lr * (grad + weight_decay * w), the lecture's vanilla update with L2
-    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
-    opt = make_optimizer([w], OptimConfig(name="sgd", lr=0.1, weight_decay=0.5))
-    (w**2).sum().backward()  # grad = 2w
+    # W <- W - lr * (grad + weight_decay * W), the lecture's vanilla update with L2; a bias: no L2
+    w, b = torch.nn.Parameter(torch.tensor([[1.0, -2.0]])), torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = make_optimizer([w, b], OptimConfig(name="sgd", lr=0.1, weight_decay=0.5))
+    ((w**2).sum() + (b**2).sum()).backward()  # grad = 2w, 2b
     opt.step()
-    torch.testing.assert_close(w.detach(), torch.tensor([1.0, -2.0]) * (1 - 0.1 * (2 + 0.5)))
+    torch.testing.assert_close(w.detach(), torch.tensor([[1.0, -2.0]]) * (1 - 0.1 * (2 + 0.5)))
+    torch.testing.assert_close(b.detach(), torch.tensor([1.0, -2.0]) * (1 - 0.1 * 2))
 
 
 def cfg(**kw) -> OptimConfig:

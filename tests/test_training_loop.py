@@ -182,3 +182,59 @@ def test_batch_bounds_cover_every_row_once_and_never_leave_a_batch_of_one():
     assert batch_bounds(65, 32) == [(0, 32), (32, 65)]  # BatchNorm cannot normalise one row: it joins the batch before
     assert batch_bounds(66, 32) == [(0, 32), (32, 64), (64, 66)]
     assert batch_bounds(1, 32) == [(0, 1)]  # a single batch stays, whatever its size
+
+
+# --- the loss training starts from; transfer learning's phases ----------------------------------
+
+
+def test_the_starting_loss_of_a_batchnorm_net_is_its_first_steps_loss_and_leaves_its_statistics(digits):
+    # unpreprocessed-scale inputs: in eval mode a fresh BatchNorm (running mean 0, variance 1) passes
+    # them through unnormalised and the loss was 178 for a true 2.3, hiding a divergence to 140 (QA)
+    from tasks.train import starting_loss
+
+    cfg = config("model.batchnorm=true")
+    model = build_model(cfg.model, digits.splits.input_shape, digits.splits.n_classes, cfg.seed)
+    X, y = tensors(digits, "train")
+    X = X * 100
+    before = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    assert evaluate(model, X, y)[0] > 10
+    assert starting_loss(model, X, y, cfg.train.batch_size) == pytest.approx(torch.log(torch.tensor(10.0)).item(), rel=0.1)
+    assert all(torch.equal(buffer, before[name]) for name, buffer in model.named_buffers())
+    assert not model.training
+
+
+def source_weights(digits, *overrides: str) -> dict[str, torch.Tensor]:
+    """A network trained on digits: what model.init_from would read."""
+    _, model = train_and_test(config("train.epochs=8", *overrides), digits, test=False)  # the later train.epochs wins
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_fine_tuning_with_dropout_is_not_called_diverged_against_the_trained_models_loss(digits):
+    # fine-tuning judged divergence against the trained model's loss in eval mode (0.02); its training
+    # loss with dropout on (0.15) was "diverged in epoch 1" and 9 of 10 fine-tuning epochs never ran (QA)
+    source = source_weights(digits, "model.hidden=[256, 256]", "train.epochs=10")
+    cfg = config("model.hidden=[256, 256]", "model.dropout=0.7", "model.init_from=source.pt", "model.freeze=all", "train.epochs=3", "train.unfreeze_epochs=4")
+    result, _ = train_and_test(cfg, digits, test=False, source=source)
+    assert result.stop_reason is None and result.epochs_run == 7
+
+
+def test_early_stopping_in_the_frozen_phase_goes_on_to_fine_tuning(digits):
+    # the frozen phase's early stop ended the whole run: fine-tuning never ran (QA)
+    source = source_weights(digits, "model.hidden=[64]")
+    cfg = config("model.hidden=[64]", "model.init_from=source.pt", "model.freeze=all", "train.epochs=40", "train.early_stopping_patience=2",
+                 "train.unfreeze_epochs=3", "train.unfreeze_lr_factor=0.1")
+    result, _ = train_and_test(cfg, digits, test=False, source=source)
+    frozen_epochs = result.epochs_run - 3
+    assert frozen_epochs < 40  # it stopped early ...
+    assert result.history["lr"][frozen_epochs:] == pytest.approx([0.1 * cfg.optim.lr] * 3)  # ... and fine-tuned after
+
+
+def test_frozen_batchnorm_layers_keep_the_sources_running_statistics(digits):
+    # freezing stopped the gradients, but the frozen BatchNorm layers went on updating their running
+    # statistics on the new data (up to 0.34 off the source's): frozen features moved (QA)
+    source = source_weights(digits, "model.hidden=[64, 32]", "model.batchnorm=true")
+    cfg = config("model.hidden=[64, 32]", "model.batchnorm=true", "model.init_from=source.pt", "model.freeze=1", "train.epochs=2")
+    _, model = train_and_test(cfg, digits, test=False, source=source)
+    frozen, trained = model.blocks[0][1], model.blocks[1][1]
+    assert torch.equal(frozen.running_mean, source["blocks.0.1.running_mean"]) and torch.equal(frozen.running_var, source["blocks.0.1.running_var"])
+    assert not torch.equal(trained.running_mean, source["blocks.1.1.running_mean"])  # the block that trains tracks the new data
