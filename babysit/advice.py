@@ -246,7 +246,8 @@ def _stage_lines(stage: str, group: pd.DataFrame, group_flags: pd.Series, params
         if (n := int(finished_flags.map(lambda f: flag in f).sum())) * 2 > max(len(finished_flags), 1):
             lines.append(f"{flag} in {n} of {len(finished_flags)} finished {stage} trials: " + {
                 "overfitting": "search stronger regularization (larger `optim.weight_decay`, `model.dropout`).",
-                "underfitting": "search bigger models or a higher learning rate, or train longer.",
+                # a stage whose rates were too high (or exploded) is not told to raise them too (QA)
+                "underfitting": "search bigger models or train longer." if (fast | exploded).any() else "search bigger models or a higher learning rate, or train longer.",
                 "plateau": "add a learning-rate decay (`optim.schedule`).",
                 "dead_relu": "lower the learning rate or try leaky ReLU.",
             }[flag])

@@ -352,13 +352,17 @@ def _above_what_barely_learned(space: Space, trials: list[dict[str, Any]], cfg: 
 def _below_what_diverged(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid: Any) -> tuple[Space, dict[str, str]]:
     """No trial finished, or every one that did learned too fast (lr_too_high: its loss rose, or its
     updates were large for its weights): the learning rate's range moves below the lowest of
-    them, past its low edge (the lecture: a loss that rises or explodes means the rate is too high)."""
+    them, past its low edge (the lecture: a loss that rises or explodes means the rate is too high),
+    but keeps the best trial's rate: a flag on the update ratio alone is no reason to leave behind
+    the best score (QA: 0.756 scored 95.6%, and a range below 0.348 found nothing as good)."""
     field, dist = cfg.learning_rate, space.get(cfg.learning_rate)
     too_high = [t for t in trials if t.get("diverged") or t.get("too_fast")]
     diverged = [dist.to_unit(t["params"][field]) for t in too_high] if dist is not None and dist.numeric else []
     if not diverged:
         return space, {}
-    moved = _rebuild(field, dist, -_edge_shift(dist, cfg.widen), min(diverged), is_valid)
+    scored = [t for t in trials if t["score"] is not None and not t.get("diverged")]
+    best = [dist.to_unit(max(scored, key=lambda t: t["score"])["params"][field])] if scored else []
+    moved = _rebuild(field, dist, -_edge_shift(dist, cfg.widen), max([min(diverged), *best]), is_valid)
     return {**space, field: moved}, ({field: "low"} if moved.low < dist.low else {})
 
 

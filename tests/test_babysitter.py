@@ -340,6 +340,9 @@ def test_search_advice_says_the_rate_is_too_high_when_every_trial_that_did_not_e
     assert "lr_too_high or loss exploded in all 5 c trials: the learning-rate range is too high: lower it (both bounds, 3–10×)" in text
     some = trials.assign(flags=["", "lr_too_high", "lr_too_high", "diverged", "diverged"])
     assert "lr_too_high or loss exploded in 4 of 5 c trials, all with optim.lr >= 0.2: lower the upper bound of optim.lr" in search_advice(some, [])
+    # underfitting beside it: not also "a higher learning rate" (QA: the report said lower it, then raise it)
+    underfit = search_advice(trials.assign(flags=["lr_too_high,underfitting"] * 3 + ["diverged"] * 2), [])
+    assert "underfitting in 3 of 3 finished c trials: search bigger models or train longer." in underfit and "higher learning rate" not in underfit
 
 
 def test_search_advice_weighs_flags_among_the_trials_that_trained_not_those_that_failed():

@@ -259,6 +259,17 @@ def test_a_stage_where_every_finished_trial_learned_too_fast_moves_the_learning_
     assert narrowed["optim.lr"].low == pytest.approx(0.3) and narrowed["optim.lr"].high == pytest.approx(0.5)
 
 
+def test_when_every_trial_learned_too_fast_the_lower_range_still_holds_the_best_trial():
+    # all four flagged lr_too_high by their update ratio alone, the best (0.756) scoring 95.6%: the next
+    # range went below 0.348, the lowest of them, and none of its trials did as well (QA)
+    space = space_of(optim__lr="loguniform(0.03, 3.0)")
+    trials = [{"params": {"optim.lr": lr}, "score": score, "diverged": False, "too_fast": True}
+              for lr, score in [(0.348, 0.944), (0.756, 0.956), (1.5, 0.90), (2.5, 0.85)]]
+    moved, edges = narrow(space, trials, Narrowing(top_k=2, pad=0.0))
+    assert edges == {"optim.lr": "low"} and moved["optim.lr"].low < 0.03
+    assert moved["optim.lr"].high == pytest.approx(0.756)
+
+
 def test_a_choice_keeps_the_options_of_the_top_trials_and_those_no_trial_tried():
     space = space_of(model__activation="choice([relu, tanh, sigmoid, elu])")
     points = [{"model.activation": a} for a in ("relu", "relu", "tanh", "sigmoid")]  # elu never sampled
