@@ -657,18 +657,29 @@ def reads_field(field: str, values: dict[str, Any], base: dict[str, Any]) -> boo
     return values.get(switch, reads_switch(switch, base)) in readers
 
 
+def untrainable(cfg: Config) -> str | None:
+    """Why a valid config still cannot train, or None. Not a validation error: a search may sample
+    it from two fields that are each fine alone (its trial then fails, and the search goes on)."""
+    if cfg.model.batchnorm and cfg.train.batch_size < 2:  # BatchNorm's training statistics need 2 rows
+        return (f"train.batch_size {cfg.train.batch_size} with model.batchnorm: true: batch norm normalizes each batch by its own "
+                "mean and variance, which needs at least 2 rows; raise train.batch_size or set model.batchnorm: false.")
+    return None
+
+
 def field_problem(base: dict[str, Any], field: str, value: Any) -> str | None:
-    """Why `field = value` is not a legal training config, or None if it is."""
+    """Why `field = value` is not a legal training config, or one that cannot train; None if it is."""
     problem = _unsearchable(field)
     if problem:
         return problem
+    shown = f"{value:.10g}" if isinstance(value, float) else repr(list(value)) if isinstance(value, tuple) else repr(value)  # a choice's lists are kept as tuples
     try:
-        Config.model_validate(with_values(base, {field: value}))
+        cfg = Config.model_validate(with_values(base, {field: value}))
     except (ValidationError, AttributeError, TypeError) as err:
         detail = err.errors()[0] if isinstance(err, ValidationError) else {"msg": str(err), "loc": ()}
         where = ".".join(map(str, detail["loc"])) or field
-        shown = f"{value:.10g}" if isinstance(value, float) else repr(list(value)) if isinstance(value, tuple) else repr(value)  # a choice's lists are kept as tuples
         return f"`{field}` cannot take {shown} (`{where}`: {detail['msg']})"
+    if why := untrainable(cfg):  # a searched batch size of 1 beside the file's batch norm (QA)
+        return f"`{field}` cannot take {shown}: {why.rstrip('.')}"
     return None
 
 

@@ -19,7 +19,7 @@ from prefect.exceptions import MissingContextError
 from torch import nn
 
 from babysit import tracking
-from babysit.config import Config, OptimConfig, TrainConfig
+from babysit.config import Config, OptimConfig, TrainConfig, untrainable
 from babysit.diagnostics import dead_unit_metrics, dead_unit_probe, snapshot, step_diagnostics
 from babysit.errors import BabysitError
 from babysit.optim import lr_at, make_optimizer
@@ -56,9 +56,8 @@ class TrainResult:
 def training_device(cfg: Config) -> torch.device:
     """The device `cfg` trains on. A config this machine or PyTorch cannot train is a
     BabysitError, raised before anything is created or trained."""
-    if cfg.model.batchnorm and cfg.train.batch_size < 2:  # BatchNorm's training statistics need 2 rows
-        raise BabysitError(f"train.batch_size {cfg.train.batch_size} with model.batchnorm: true: batch norm normalizes each batch by its own "
-                           "mean and variance, which needs at least 2 rows; raise train.batch_size or set model.batchnorm: false.")
+    if why := untrainable(cfg):
+        raise BabysitError(why)
     return pick_device(cfg.train.device)
 
 

@@ -293,10 +293,10 @@ def test_runs_a_killed_process_of_this_machine_left_running_are_failed_when_an_e
 def test_a_stage_whose_every_trial_failed_stops_the_search_with_the_first_failure(prefect_harness, fresh_uri):
     from babysit.errors import BabysitError
 
-    # the base config trains; every sampled one asks batch norm of single-row batches
+    # the base config trains, and each searched value would beside it; every sampled pair asks batch norm of single-row batches
     with pytest.raises(BabysitError, match=r"all 2 trials of stage coarse failed with an error, so the search stopped there; the first failure: "
                                            r"BabysitError: train.batch_size 1 with model.batchnorm: true.* set model.batchnorm: false\. The trials"):
-        small_search(fresh_uri, "train.batch_size=1", "search.space={optim.lr: 'loguniform(1e-3, 1e-2)', model.batchnorm: 'choice([true])'}",
+        small_search(fresh_uri, "search.space={optim.lr: 'loguniform(1e-3, 1e-2)', model.batchnorm: 'choice([true])', train.batch_size: 'choice([1])'}",
                      "search.stages=[{name: coarse, trials: 2, epochs: 1}, {name: fine, trials: 2, epochs: 1}]")
     client = tracking._client(fresh_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -344,8 +344,7 @@ def test_failed_trials_are_recorded_and_do_not_stop_the_search(prefect_harness, 
     tracking_uri = fresh_uri
     # batch norm cannot train on batches of one row: those trials fail, the rest go on
     overrides = SMALL[:2] + [
-        "train.batch_size=1",
-        "search.space={optim.lr: 'loguniform(1e-3, 1e-2)', model.batchnorm: 'choice([false, true])'}",
+        "search.space={optim.lr: 'loguniform(1e-3, 1e-2)', model.batchnorm: 'choice([false, true])', train.batch_size: 'choice([1])'}",
         "search.stages=[{name: coarse, trials: 6, epochs: 1}]",
         "search.final=null",
         "data.max_rows=300",  # batches of one row: a small set keeps the epoch short
