@@ -183,6 +183,14 @@ def run_stage(specs: list[TrialSpec], finished: dict, prepared: Prepared, parent
     return [reused.get(s.key) or fresh[s.key] for s in specs]
 
 
+def init_sources(exp: SearchExperiment) -> list[str]:
+    """The model.init_from sources the search's trials may read: the file's, and those a searched choice offers."""
+    sources = [exp.model.init_from] if exp.model.init_from else []
+    if "model.init_from" in exp.search.space:
+        sources += [str(option) for option in parse_dist("model.init_from", exp.search.space["model.init_from"]).options or [] if option]
+    return list(dict.fromkeys(sources))
+
+
 def check_searched_devices(exp: SearchExperiment) -> None:
     """Every `train.device` the search may sample trains here, or the search stops before it starts."""
     if "train.device" not in exp.search.space:
@@ -316,8 +324,9 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     prepared = preprocess_task(splits, base.preprocess)
     version = data_fingerprint(base.data)  # user data rewritten in place: other trial keys, nothing reused
     uri = tracking.resolve_uri(base.tracking.uri)
-    if base.model.init_from:  # a missing or unreadable source is said before the parent run exists; whether it fits, each trial says (widths may be searched)
-        load_source(base.model.init_from, uri)
+    # a missing or unreadable source is said before the parent run exists; whether it fits, each trial says (widths may be searched)
+    for source in init_sources(exp):
+        load_source(source, uri)
     dask = exp.search.runner == "dask"
     if dask:  # every Dask worker must write to the same store and report to the same Prefect API
         if exp.search.dask_address:

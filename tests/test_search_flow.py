@@ -313,11 +313,15 @@ def test_a_searched_device_that_cannot_train_here_stops_the_search_before_mlflow
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
 
-def test_a_missing_init_from_stops_the_search_before_mlflow_has_a_run(prefect_harness, fresh_uri, tmp_path):
+@pytest.mark.parametrize("where", ["file", "searched"])
+def test_a_missing_init_from_stops_the_search_before_mlflow_has_a_run(prefect_harness, fresh_uri, tmp_path, where):
     from babysit.errors import BabysitError
 
+    missing = tmp_path / "missing.pt"
+    # searched: a choice of sources passed, and every trial failed under a parent run (QA)
+    override = f"model.init_from={missing}" if where == "file" else f"search.space={{optim.lr: 'loguniform(1e-3, 1e-2)', model.init_from: 'choice([null, {missing}])'}}"
     with pytest.raises(BabysitError, match=r"`model.init_from` .*missing.pt: no such file"):
-        small_search(fresh_uri, f"model.init_from={tmp_path / 'missing.pt'}")
+        small_search(fresh_uri, override)
     client = tracking._client(fresh_uri)
     assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
 
