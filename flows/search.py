@@ -183,6 +183,20 @@ def run_stage(specs: list[TrialSpec], finished: dict, prepared: Prepared, parent
     return [reused.get(s.key) or fresh[s.key] for s in specs]
 
 
+def numeric_choice_warnings(exp: SearchExperiment) -> list[str]:
+    """A choice of numbers is a grid along its field: nothing narrows between its values, nor moves
+    past its ends (QA: every trial barely learned at the larger of two rates, and no edge was said)."""
+    warnings = []
+    for field, spec in exp.search.space.items():
+        dist = parse_dist(field, spec)
+        options = dist.options or ()
+        if not dist.numeric and len(options) > 1 and all(isinstance(o, (int, float)) and not isinstance(o, bool) for o in options):
+            warnings.append(f"search.space `{field}` ~ {dist.describe()}: a choice of numbers searches those values only; the stages neither narrow "
+                            "between them nor move past the largest or smallest, and a best value at either end is not flagged as an edge: "
+                            "use loguniform, uniform or int(low, high) to let them")
+    return warnings
+
+
 def init_sources(exp: SearchExperiment) -> list[str]:
     """The model.init_from sources the search's trials may read: the file's, and those a searched choice offers."""
     sources = [exp.model.init_from] if exp.model.init_from else []
@@ -337,7 +351,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     named, recurrence, parent_name = recurrence_of(exp, uri)
     if exp.search.warm_start == "latest" and "babysit.warm_from" not in recurrence:
         logger.info("search.warm_start latest: no finished run of search %s yet, so the first stage samples the file's ranges", exp.name)
-    for warning in top_k_warnings(exp):
+    for warning in top_k_warnings(exp) + numeric_choice_warnings(exp):
         logger.warning(warning)
     parent, finished, reopened = open_parent(exp, uri, named, recurrence, parent_name, version)  # the store and experiment exist before any fan-out
     past = [run for run in named if run.info.status == "FINISHED"]

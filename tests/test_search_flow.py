@@ -871,3 +871,14 @@ def test_trial_threads_share_the_cores_out_among_the_workers_that_train_here():
     assert threads("search.runner=threads", f"search.workers={2 * cores}") == 1  # never zero
     assert threads("search.runner=processes", "search.workers=2") == (1 if forks_workers() else max(1, cores // 2))
     assert threads("search.runner=dask", "search.dask_address=tcp://10.0.0.5:8786") is None  # another machine's cores
+
+
+def test_a_choice_of_numbers_is_said_to_search_those_values_only():
+    from flows.search import numeric_choice_warnings
+
+    def warnings(space):
+        return numeric_choice_warnings(load_config("conf/search_digits.yaml", [f"search.space={space}"], model=SearchExperiment))
+
+    said = warnings("{optim.lr: 'choice([1e-6, 1e-5])', model.activation: 'choice([relu, tanh])', model.batchnorm: 'choice([true, false])'}")
+    assert len(said) == 1 and said[0].startswith("search.space `optim.lr` ~ choice([1.0e-06, 1.0e-05]): a choice of numbers searches those values only")
+    assert warnings("{optim.lr: 'loguniform(1e-4, 1e-1)', train.batch_size: 'choice([64])'}") == []  # one value: nothing to narrow
