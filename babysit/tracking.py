@@ -101,9 +101,10 @@ def open_store(uri: str, experiment: str) -> str:
     so callers do this in the flow, before trials start. Returns the experiment id. Raises
     BabysitError, before any run exists, when MLflow cannot use `uri` or `experiment` is deleted.
     """
-    found = _find_experiment(uri, experiment)
-    if found is None:
-        return _client(uri).create_experiment(experiment, artifact_location=local_artifact_root(uri))
+    with _creating(uri):
+        found = _find_experiment(uri, experiment)
+        if found is None:
+            return _client(uri).create_experiment(experiment, artifact_location=local_artifact_root(uri))
     if found.lifecycle_stage == "deleted":  # MLflow keeps the name taken, and refuses runs in it
         raise BabysitError(
             f"`tracking.experiment` '{experiment}' is deleted in the MLflow store at {uri} (experiment id {found.experiment_id}), "
@@ -117,6 +118,33 @@ def open_store(uri: str, experiment: str) -> str:
             "(`babysit server up`, then the `export` lines of `babysit server env`), or choose another experiment (--set tracking.experiment=NAME)."
         )
     return found.experiment_id
+
+
+@contextmanager
+def _creating(uri: str) -> Iterator[None]:
+    """For a SQLite store, one babysit process at a time creates its tables and experiments. Two
+    commands started together on a new store both migrated its schema: one failed with alembic's
+    traceback, and the store could be left half-migrated for good (QA); this one waits instead."""
+    db = sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(f"{db}.lock", timeout=300)
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except Timeout:  # an OSError too: first
+        raise BabysitError(f"the MLflow store {db} has been locked for 5 minutes by another process creating it ({db}.lock): "
+                           "if no babysit command is running, delete that lock file and run again.") from None
+    except OSError:  # a folder this user cannot write: the store's own check says so
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _find_experiment(uri: str, experiment: str) -> Any:
