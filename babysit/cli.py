@@ -266,10 +266,14 @@ def report(args: argparse.Namespace) -> int:
     if kind == "search":  # a parent run: the search wrote its own report (ranges, edges, stages), not a training's
         try:
             text = f"# Search {name} ({args.run_id})\n\n" + tracking.read_text(uri, args.run_id, "report.md")
-        except Exception:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
+        except Exception as err:  # noqa: BLE001 - MLflow raises several kinds for a missing artifact
             why = record.tags.get("babysit.failure")
-            text = (f"# Search {name} ({args.run_id})\n\nNo report.md: the search stopped before it ended (MLflow status {record.status}"
-                    f"{': ' + why if why else ''}); run the same search again to resume it: it writes report.md when it ends.\n")
+            if record.status == "FINISHED":  # it wrote one: its artifact store does not answer (QA: "the search stopped before it ended")
+                text = (f"# Search {name} ({args.run_id})\n\nreport.md could not be read from the run's artifact store ({' '.join(str(err).split())[:300]}); "
+                        "if the run was logged through a tracking server (`babysit server up`), start it again.\n")
+            else:
+                text = (f"# Search {name} ({args.run_id})\n\nNo report.md: the search stopped before it ended (MLflow status {record.status}"
+                        f"{': ' + why if why else ''}); run the same search again to resume it: it writes report.md when it ends.\n")
     elif kind == "ensemble":
         members = record.tags.get("babysit.members", "").split(",")
         text = (f"# Ensemble {name} ({args.run_id})\n\n{len(members)} members from search {record.tags.get('babysit.search_run_id')}: "
@@ -398,6 +402,8 @@ def ui(args: argparse.Namespace) -> int:
         tracking.check_store(uri)
     console.print(f"MLflow UI for {uri} on http://{args.host}:{args.port}/#/experiments?{tracking.UI_VIEW} (Ctrl-C stops it)")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port), "--workers", "1"]
+    if (served := tracking.served_artifacts(uri)) is not None:  # runs logged through `babysit server up` show their artifacts (QA: 404)
+        command += ["--artifacts-destination", str(served.resolve())]
     return servers.run_in_own_group(command)
 
 
@@ -456,6 +462,13 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+INTERRUPTED = {  # what an interrupted command left in MLflow
+    "train": "the run in progress is marked FAILED in MLflow (a training does not resume: run it again to start afresh).",
+    "search": "runs in progress are marked FAILED in MLflow; finished trials are kept, and running the same command again resumes the search.",
+    "ensemble": "the members trained so far are not kept: run the same command again.",
+}
+
+
 class StopSignal(KeyboardInterrupt):
     """SIGHUP (a closed terminal, a dropped SSH session) or SIGTERM (`kill`, `timeout`, a process
     manager), handled as Ctrl-C is: runs in progress end FAILED, the exit status names the signal."""
@@ -499,9 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)  # a user's choice([a, b]) is not markup
         return 2
     except KeyboardInterrupt as err:
-        if args.command in ("train", "search", "ensemble"):
-            console.print("[bold red]interrupted:[/] runs in progress are marked FAILED in MLflow; finished trials are kept, "
-                          "and running the same command again resumes a search.", highlight=False)
+        if args.command in INTERRUPTED:
+            console.print(f"[bold red]interrupted:[/] {INTERRUPTED[args.command]}", highlight=False)
         else:
             console.print("[bold red]interrupted.[/]", highlight=False)
         return 128 + err.signal if isinstance(err, StopSignal) else 130

@@ -115,7 +115,7 @@ def open_store(uri: str, experiment: str) -> str:
         raise BabysitError(
             f"`tracking.experiment` '{experiment}' in {uri} keeps its artifacts on an MLflow tracking server ({found.artifact_location}: "
             "it was created through one, such as `babysit server up`'s), which this store cannot reach: start that server and use it "
-            "(`babysit server up`, then the `export` lines of `babysit server env`), or choose another experiment (--set tracking.experiment=NAME)."
+            "(`babysit server up`, then the `export` lines of `babysit server env`), or (train, search) choose another experiment: --set tracking.experiment=NAME."
         )
     return found.experiment_id
 
@@ -189,9 +189,14 @@ def _check_sqlite_file(db: Path) -> None:
                 raise OSError(f"{db} is not a SQLite database")
 
 
+def _said(uri: str) -> str:
+    # commands with a config read it from `tracking.uri`; report, ensemble and ui from --uri (QA: ui was told about a config field)
+    return f"the tracking URI '{uri}' (`tracking.uri` of a config, a command's --uri, or $MLFLOW_TRACKING_URI)"
+
+
 def unusable_store(uri: str, err: Exception) -> Exception:
     return BabysitError(
-        f"`tracking.uri` '{uri}' (or $MLFLOW_TRACKING_URI when the config leaves it unset): MLflow cannot use it as a tracking store "
+        f"{_said(uri)}: MLflow cannot use it as a tracking store "
         f"({_mlflow_reason(err, uri)}); expected sqlite:///path/to/mlflow.db (the default is {DEFAULT_URI}), "
         "an MLflow tracking server such as http://127.0.0.1:5000 (`babysit server up`), or a database URL (postgresql://..., mysql://...)."
     )
@@ -202,7 +207,7 @@ def check_reachable(uri: str) -> None:
     retry for minutes, then fail with a traceback. Local stores pass."""
     from babysit.servers import answers, port_in_use
 
-    said = f"`tracking.uri` '{uri}' (or $MLFLOW_TRACKING_URI when the config leaves it unset)"
+    said = _said(uri)
     if is_remote(uri) and urlparse(uri).scheme != "databricks":
         if not answers(uri):
             raise BabysitError(f"{said}: no MLflow tracking server answers there; start it (`babysit server up`), or unset "
@@ -545,10 +550,24 @@ def get_run(uri: str, run_id: str):
     return _client(uri).get_run(run_id)
 
 
+def served_artifacts(uri: str) -> Path | None:
+    """Where `babysit server up` keeps the artifacts it serves for the SQLite store `uri` (beside
+    it); None for other stores. A local UI or report reads them there when the server is down."""
+    db = sqlite_path(uri)
+    return db.parent / "served-artifacts" if db is not None else None
+
+
 def read_text(uri: str, run_id: str, artifact_file: str) -> str:
-    """A text artifact of a run (e.g. report.md)."""
+    """A text artifact of a run (e.g. report.md); for a run logged through `babysit server up`
+    on this store, read from the server's folder (QA: with the server down, report said no report.md)."""
+    client = _client(uri)
+    artifact_uri = client.get_run(run_id).info.artifact_uri
+    if artifact_uri.startswith("mlflow-artifacts:") and (served := served_artifacts(uri)) is not None:
+        local = served / urlparse(artifact_uri).path.lstrip("/") / artifact_file
+        if local.is_file():
+            return local.read_text()
     with tempfile.TemporaryDirectory() as tmp:
-        return Path(_client(uri).download_artifacts(run_id, artifact_file, tmp)).read_text()
+        return Path(client.download_artifacts(run_id, artifact_file, tmp)).read_text()
 
 
 def experiment_name(uri: str, experiment_id: str) -> str:

@@ -137,7 +137,7 @@ def test_an_unusable_tracking_uri_names_the_field_and_what_is_accepted(tmp_path,
     with pytest.raises(BabysitError) as err:
         tracking.start_run(uri, "babysit", None, {"lr": 0.1}, {})
     message = str(err.value)
-    assert f"`tracking.uri` '{uri}'" in message and reason in message
+    assert f"the tracking URI '{uri}'" in message and reason in message
     assert "sqlite:///path/to/mlflow.db" in message and "http://" in message
     assert "\n" not in message and "migrate" not in message  # MLflow's reason, not its advice
     assert not (tmp_path / "filestore").exists()  # no store was made, so no run can be RUNNING
@@ -147,7 +147,7 @@ def test_a_tracking_server_that_does_not_answer_is_said_at_once():
     import time
 
     started = time.perf_counter()
-    with pytest.raises(BabysitError, match=r"`tracking.uri` 'http://127.0.0.1:1' .*no MLflow tracking server answers there; start it"):
+    with pytest.raises(BabysitError, match=r"the tracking URI 'http://127.0.0.1:1' .*no MLflow tracking server answers there; start it"):
         tracking.open_store("http://127.0.0.1:1", "babysit")
     assert time.perf_counter() - started < 30  # MLflow's own retries took minutes
 
@@ -157,7 +157,7 @@ def test_a_tracking_database_that_does_not_answer_is_said_at_once(uri, address):
     import time
 
     started = time.perf_counter()
-    with pytest.raises(BabysitError, match=rf"`tracking.uri` '{re.escape(uri)}' .*no database answers at {address}; start it"):
+    with pytest.raises(BabysitError, match=rf"the tracking URI '{re.escape(uri)}' .*no database answers at {address}; start it"):
         tracking.open_store(uri, "babysit")
     assert time.perf_counter() - started < 30  # MLflow's own retries took ~2 minutes, then a traceback
     assert tracking.database_address("postgresql://u@db.example/runs") == ("db.example", 5432)  # the server's default port
@@ -203,7 +203,7 @@ def test_store_errors_cross_the_train_flow_as_one_paragraph(prefect_harness, tra
         deleted_experiment(tracking_uri, "qa_deleted")
         overrides, expected = ["tracking.experiment=qa_deleted"], "mlflow experiments restore"
     else:
-        overrides, expected = ["tracking.uri=foo://bar"], "`tracking.uri` 'foo://bar'"
+        overrides, expected = ["tracking.uri=foo://bar"], "the tracking URI 'foo://bar'"
     argv = ["train", DIGITS, "--set", "model.hidden=[8]", *[arg for item in overrides for arg in ("--set", item)]]
     code = main(argv)
     out, err = capfd.readouterr()

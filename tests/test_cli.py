@@ -294,7 +294,7 @@ def test_report_ensemble_and_ui_on_a_store_mlflow_cannot_use_say_so(argv, store,
     uri = f"sqlite:///{tmp_path / 'not_a_database'}" if store == "not_a_database" else store
     assert main([*argv, "--uri", uri]) == 2
     said = one_paragraph(capsys.readouterr().out)
-    assert "`tracking.uri` '" in said and "MLflow cannot use it as a tracking store" in said  # rich may wrap the long path itself
+    assert "the tracking URI '" in said and "MLflow cannot use it as a tracking store" in said  # rich may wrap the long path itself
     assert ("is not a SQLite database" if store == "not_a_database" else "no MLflow store takes the scheme 'foo'") in said
     assert (tmp_path / "not_a_database").read_text() == "name: not a database\n"  # left as it was
 
@@ -303,3 +303,18 @@ def test_report_ensemble_and_ui_on_a_store_mlflow_cannot_use_say_so(argv, store,
 def test_report_ensemble_and_ui_on_a_tracking_server_that_does_not_answer_say_so_at_once(argv, capsys):
     assert main([*argv, "--uri", "http://127.0.0.1:1"]) == 2  # before: minutes of retries, then "check the id"
     assert "no MLflow tracking server answers there" in one_paragraph(capsys.readouterr().out)
+
+
+def test_a_run_logged_through_the_tracking_server_reads_its_artifacts_from_the_servers_folder_when_it_is_down(tmp_path):
+    # with `babysit server up` stopped, report said a FINISHED search had no report.md, and the local UI gave 404s (QA)
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("served", artifact_location="mlflow-artifacts:/7")  # as the server creates it
+    run = client.create_run(experiment)
+    folder = tmp_path / "served-artifacts" / "7" / run.info.run_id / "artifacts"
+    folder.mkdir(parents=True)
+    (folder / "report.md").write_text("- coarse: 4 trials\n")
+    assert tracking.served_artifacts(uri) == tmp_path / "served-artifacts"
+    assert tracking.read_text(uri, run.info.run_id, "report.md") == "- coarse: 4 trials\n"
