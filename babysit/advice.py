@@ -83,7 +83,8 @@ def run_report(
         i = ordered.index("lr_too_low")  # a loss that does not move may be the init's fault
         advice[i] += " But fix the init first: with vanishing or saturated activations the gradients, not the learning rate, are too small."
     if not advice and not finished:
-        advice = ["No flags in the epochs it ran, but the run did not finish: its curves stop early; run it again before judging it."]
+        advice = ["No flags in the epochs it ran, but the run did not finish (its curves may stop early, or its model and artifacts be missing); "
+                  "run it again before judging it."]
     if not advice:
         advice = ["No flags: the run looks healthy. Next, tune the learning rate and regularization with a "
                   "coarse-to-fine random search (log-uniform ranges, a few epochs per trial first)."]

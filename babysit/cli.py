@@ -357,7 +357,10 @@ def ensemble(args: argparse.Namespace) -> int:
     with console.status("starting Prefect (ephemeral server unless PREFECT_API_URL is set)..."):
         from flows.ensemble import ensemble_flow, search_parent
 
-        search_parent(tracking.resolve_uri(args.uri), args.run_id)  # a wrong id, before a server starts and a flow run fails
+        parent = search_parent(tracking.resolve_uri(args.uri), args.run_id)  # a wrong id, before a server starts and a flow run fails
+    if parent.status != "FINISHED":  # killed or interrupted: its later stages and final retrain may never have run (QA)
+        console.print(f"[yellow]note:[/] search {args.run_id} is {parent.status} in MLflow, not FINISHED: the ensemble takes the best of the trials "
+                      "it finished; run the search again to finish it first.", highlight=False)
     quiet_user_errors()
     with servers.temporary_server_settings():
         summary = ensemble_flow(search_run_id=args.run_id, top=args.top, epochs=args.epochs, tracking_uri=args.uri)

@@ -503,8 +503,20 @@ def end_abandoned(uri: str, experiment_id: str, tags: dict[str, str]) -> list[st
     for found in find_runs(uri, experiment_id, tags):
         if found.info.status == "RUNNING" and gone_here(found.data.tags.get(TAG, "")):
             fail(RunRef(uri, found.info.run_id, experiment_id), "interrupted: its process ended before it ended the run")
+            fail_pending_models(uri, experiment_id, found.info.run_id)
             ended.append(found.info.run_id)
     return ended
+
+
+def fail_pending_models(uri: str, experiment_id: str, run_id: str) -> None:
+    """Mark FAILED the models of a run that its killed process left PENDING, half-written (QA:
+    a kill -9 while the model was logged left one in MLflow's Models view for good)."""
+    from mlflow.entities import LoggedModelStatus
+
+    client = _client(uri)
+    for model in client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'"):
+        if model.status == LoggedModelStatus.PENDING:
+            client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
 
 
 def log_csv(run: RunRef, frame: Any, artifact_file: str) -> None:
@@ -544,6 +556,7 @@ def mark_failed(uri: str, run_id: str, reason: str) -> None:
     run = RunRef(uri, run_id, "")
     set_tags(run, {"babysit.failure": reason, "babysit.status": "failed"})
     end_run(run, "FAILED")
+    fail_pending_models(uri, _client(uri).get_run(run_id).info.experiment_id, run_id)  # a final retrain logs its model
 
 
 def get_run(uri: str, run_id: str):

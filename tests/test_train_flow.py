@@ -274,11 +274,14 @@ def test_a_training_run_left_running_by_a_process_that_is_gone_is_ended_failed_b
         killed.wait()
         left = {who: tracking.start_run(tracking_uri, "flow-test", who, {}, {"babysit.kind": "train", owners.TAG: identity})
                 for who, identity in identities.items()}
+        client = tracking._client(tracking_uri)  # killed while its model was logged: MLflow's model stays PENDING (QA)
+        half_written = client.create_logged_model(left["killed"].experiment_id, source_run_id=left["killed"].run_id, name="model")
         summary = train_flow(config=CONFIG, overrides=OVERRIDES)
     finally:
         alive.kill()
     ended = tracking.get_run(tracking_uri, left["killed"].run_id)
     assert ended.info.status == "FAILED" and ended.data.tags["babysit.failure"].startswith("interrupted: its process ended")
+    assert str(client.get_logged_model(half_written.model_id).status) == "FAILED"
     assert tracking.get_run(tracking_uri, left["alive"].run_id).info.status == "RUNNING"  # its process may still end it
     tags = tracking.get_run(tracking_uri, summary.run_id).data.tags
     assert tags["babysit.kind"] == "train" and tags[owners.TAG] == owners.process_identity()
