@@ -323,16 +323,21 @@ import os, sys, time
 from babysit import tracking
 import mlflow.store.tracking.sqlalchemy_store  # imported before the start: the processes race on the store, not on imports
 open(os.path.join(sys.argv[1], f"ready-{os.getpid()}"), "w").close()
-while not os.path.exists(os.path.join(sys.argv[1], "go")):
+deadline = time.monotonic() + 180  # never left waiting, whatever happens to the test
+while not os.path.exists(os.path.join(sys.argv[1], "go")) and time.monotonic() < deadline:
     time.sleep(0.001)
 print(tracking.open_store(f"sqlite:///{sys.argv[1]}/mlflow.db", "babysit"))
 """
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
-    deadline = time.monotonic() + 120
-    while len(list(tmp_path.glob("ready-*"))) < 4 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    (tmp_path / "go").touch()
-    outs = [p.communicate(timeout=120) for p in procs]
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(tmp_path.glob("ready-*"))) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (tmp_path / "go").touch()
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
     assert [p.returncode for p in procs] == [0] * 4, [err[-2000:] for _, err in outs]
     assert {out.strip() for out, _ in outs} == {"1"}  # one experiment, created once
     run = tracking.start_run(f"sqlite:///{tmp_path}/mlflow.db", "babysit", None, {}, {})
