@@ -677,7 +677,10 @@ def field_problem(base: dict[str, Any], field: str, value: Any) -> str | None:
     except (ValidationError, AttributeError, TypeError) as err:
         detail = err.errors()[0] if isinstance(err, ValidationError) else {"msg": str(err), "loc": ()}
         where = ".".join(map(str, detail["loc"])) or field
-        return f"`{field}` cannot take {shown} (`{where}`: {detail['msg']})"
+        hint = ""
+        if detail.get("type") == "list_type" and not isinstance(value, (list, tuple)):  # QA: model.hidden: int(8, 64)
+            hint = f"; `{field}` is a list: search whole lists, e.g. choice([[64], [128, 64], [256, 256]])"
+        return f"`{field}` cannot take {shown} (`{where}`: {detail['msg']}){hint}"
     if why := untrainable(cfg):  # a searched batch size of 1 beside the file's batch norm (QA)
         return f"`{field}` cannot take {shown}: {why.rstrip('.')}"
     return None

@@ -267,3 +267,11 @@ def test_keep_classes_takes_numbers_as_labels_and_refuses_fewer_than_two():
     for kept in ("[]", "[5]"):
         with pytest.raises(BabysitError, match=r"keep_classes .* list at least 2 labels"):
             load_config(CONF / "digits_mlp.yaml", [f"data.keep_classes={kept}"])
+
+
+def test_a_numeric_range_for_a_list_field_says_how_lists_are_searched():
+    # model.hidden: int(8, 64) said only "Input should be a valid list" (QA)
+    from babysit.config import SearchExperiment
+
+    with pytest.raises(BabysitError, match=r"`model.hidden` is a list: search whole lists, e.g. choice\(\[\[64\], \[128, 64\]"):
+        load_config("conf/search_digits.yaml", ["search.space={optim.lr: 'loguniform(1e-4, 1e-1)', model.hidden: 'int(8, 64)'}"], model=SearchExperiment)
