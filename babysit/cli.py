@@ -342,8 +342,11 @@ def server(args: argparse.Namespace) -> int:
         records = servers.up(specs, state, args.timeout)
         if "prefect" in names:
             servers.ensure_work_pool(records[0].export["PREFECT_API_URL"])
+    asked = {"prefect": args.prefect_port, "mlflow": args.mlflow_port}
     for record in records:
         since = f"healthy after {record.healthy_after_s:.1f} s" if record.started >= began else "already running"
+        if record.started < began and record.port != asked[record.name]:  # QA: the ports asked for were silently not used
+            since += f" on port {record.port}, not the {asked[record.name]} asked for (babysit server down first to move it)"
         console.print(f"{record.name}: pid {record.pid}, {since}, UI {record.ui} (log {record.log})", highlight=False)
     console.print("point babysit, prefect and mlflow at them (babysit server env prints these; babysit server down stops them):", highlight=False)
     print("\n".join(servers.exports(records)))
@@ -469,6 +472,7 @@ INTERRUPTED = {  # what an interrupted command left in MLflow
     "train": "the run in progress is marked FAILED in MLflow (a training does not resume: run it again to start afresh).",
     "search": "runs in progress are marked FAILED in MLflow; finished trials are kept, and running the same command again resumes the search.",
     "ensemble": "the members trained so far are not kept: run the same command again.",
+    "server up": "servers it started may still be starting, in process groups of their own: `babysit server status` lists them, `babysit server down` stops them.",
 }
 
 
@@ -515,8 +519,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)  # a user's choice([a, b]) is not markup
         return 2
     except KeyboardInterrupt as err:
-        if args.command in INTERRUPTED:
-            console.print(f"[bold red]interrupted:[/] {INTERRUPTED[args.command]}", highlight=False)
+        if (said := INTERRUPTED.get(args.command if args.command != "server" else f"server {args.action}")) is not None:
+            console.print(f"[bold red]interrupted:[/] {said}", highlight=False)
         else:
             console.print("[bold red]interrupted.[/]", highlight=False)
         return 128 + err.signal if isinstance(err, StopSignal) else 130
