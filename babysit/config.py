@@ -574,15 +574,25 @@ class SearchExperiment(Config):
 PLACEMENT_FIELDS = ("train.threads", "train.device")  # where a config trains, not what it learns
 
 
+# Fields added after searches were first keyed, with their defaults: at the default they leave trial
+# keys and search hashes as they were, so a search started by an earlier babysit still resumes.
+ADDED_LATER = {"flags.overfit_loss_rise": 0.05}
+
+
 def result_identity(tree: dict[str, Any], data_version: str = "") -> dict[str, Any]:
     """What of a config tree decides its training's result, for trial keys and search hashes: not
     its tracking, nor where it trains (a resumed search on other hardware finds its trials), nor,
     with a `data_version` (tasks.data.data_fingerprint), the path that named the data (one file by a
-    relative and an absolute path, or a moved project, is the same data)."""
+    relative and an absolute path, or a moved project, is the same data), nor a later field at its
+    default (ADDED_LATER)."""
     kept = {section: values for section, values in tree.items() if section != "tracking"}
     kept["train"] = {k: v for k, v in tree["train"].items() if f"train.{k}" not in PLACEMENT_FIELDS}
     if data_version:
         kept["data"] = {k: v for k, v in tree["data"].items() if k != "path"}
+    for dotted, default in ADDED_LATER.items():
+        section, name = dotted.split(".")
+        if section in kept and kept[section].get(name, default) == default:
+            kept[section] = {k: v for k, v in kept[section].items() if k != name}
     return kept
 
 
