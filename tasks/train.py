@@ -225,12 +225,12 @@ def fit(
         if val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch
             best_state = copy_state(model)
-        elif train_cfg.early_stopping_patience and epoch - best_epoch >= train_cfg.early_stopping_patience and epoch < epochs:
+        if verdict and (epoch < epochs or not phase.last):  # after the last epoch of all nothing is left to stop: a trial pruned there trained in full
+            stop_reason = verdict  # before early stopping's: a pruned trial is pruned, also in a phase that another follows
+            break
+        if train_cfg.early_stopping_patience and epoch - best_epoch >= train_cfg.early_stopping_patience and epoch < epochs:
             # a phase that another follows ends here: the run goes on to it (fine-tuning)
             stop_reason = f"early stopping in epoch {at}: no better validation accuracy since epoch {phase.epochs_before + best_epoch}" if phase.last else None
-            break
-        if verdict and (epoch < epochs or not phase.last):  # after the last epoch of all nothing is left to stop: a trial pruned there trained in full
-            stop_reason = verdict
             break
     model.load_state_dict(best_state)
     return TrainResult(history, initial_loss, best_epoch, stop_reason, seconds=time.perf_counter() - started, diagnostics=diagnostics)
@@ -262,7 +262,7 @@ def start_from(model: nn.Module, cfg: Config, source: dict[str, torch.Tensor]) -
 
 def train_and_test(
     cfg: Config, prepared: Prepared, on_epoch: Callable[[int, dict[str, float]], str | None] | None = None, test: bool = True,
-    source: dict[str, torch.Tensor] | None = None,
+    source: dict[str, torch.Tensor] | None = None, on_unfreeze: Callable[[int], None] | None = None,
 ) -> tuple[TrainResult, nn.Module]:
     """Build, train and (unless `test` is False: search trials) test one model. `source`:
     `model.init_from`'s weights when the caller has them (transfer_source), else read here.
@@ -294,6 +294,8 @@ def train_and_test(
     result = fit(model, X_train, y_train, X_val, y_val, cfg.optim, cfg.train, cfg.flags.diverge_factor, cfg.seed, on_epoch, cfg.train.diagnostics, augment,
                  Phase(last=not fine_tuning))
     if fine_tuning and not result.stop_reason:
+        if on_unfreeze is not None:  # the frozen phase may have stopped early: fine-tuning starts after the epochs it ran
+            on_unfreeze(result.epochs_run + 1)
         result = fine_tune(model, result, cfg, (X_train, y_train, X_val, y_val), on_epoch, augment)
     if test:
         result.test_loss, result.test_acc = evaluate(model, X_test, y_test)
@@ -347,19 +349,19 @@ def train_task(cfg: Config, prepared: Prepared, run: tracking.RunRef, source: di
     logger = run_logger("babysit.train")
 
     metrics_out = tracking.MetricBuffer(run, cfg.tracking.flush_seconds)
-    unfrozen_from = cfg.train.epochs + 1 if cfg.model.init_from and cfg.train.unfreeze_epochs else None  # fine_tune's epochs follow
-    total = cfg.train.epochs + (cfg.train.unfreeze_epochs if unfrozen_from else 0)
+    total = cfg.train.epochs + (cfg.train.unfreeze_epochs if cfg.model.init_from else 0)  # at most: early stopping may end either phase
+
+    def on_unfreeze(epoch: int) -> None:
+        logger.info("epoch %d on: every layer trains (train.unfreeze_epochs %d, at %g × the learning rate)", epoch, cfg.train.unfreeze_epochs, cfg.train.unfreeze_lr_factor)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:  # never asks to stop
         metrics_out.log(metrics, step=epoch)
-        if epoch == unfrozen_from:
-            logger.info("epoch %d on: every layer trains (train.unfreeze_epochs %d, at %g × the learning rate)", epoch, cfg.train.unfreeze_epochs, cfg.train.unfreeze_lr_factor)
         logger.info(
             "epoch %d/%d  train loss %.4f acc %.3f | val loss %.4f acc %.3f | lr %.2e",
             epoch, total, metrics["train_loss"], metrics["train_acc"], metrics["val_loss"], metrics["val_acc"], metrics["lr"],
         )
 
     try:
-        return train_and_test(cfg, prepared, on_epoch, source=source)
+        return train_and_test(cfg, prepared, on_epoch, source=source, on_unfreeze=on_unfreeze)
     finally:  # the epochs that did finish are kept, also when training fails
         metrics_out.flush()

@@ -238,3 +238,18 @@ def test_frozen_batchnorm_layers_keep_the_sources_running_statistics(digits):
     frozen, trained = model.blocks[0][1], model.blocks[1][1]
     assert torch.equal(frozen.running_mean, source["blocks.0.1.running_mean"]) and torch.equal(frozen.running_var, source["blocks.0.1.running_var"])
     assert not torch.equal(trained.running_mean, source["blocks.1.1.running_mean"])  # the block that trains tracks the new data
+
+
+def test_a_pruners_verdict_in_the_frozen_phase_stands_when_early_stopping_fires_in_the_same_epoch(digits):
+    # early stopping ended the frozen phase first and dropped the verdict: the pruned trial went on to fine-tune (review)
+    source = source_weights(digits, "model.hidden=[64]")
+    cfg = config("model.hidden=[64]", "model.init_from=source.pt", "model.freeze=all", "train.epochs=6", "train.unfreeze_epochs=3",
+                 "train.early_stopping_patience=1", "optim.lr=1e-12")  # nothing improves after epoch 1: early stopping fires in epoch 2
+    seen = []
+
+    def prune_at_two(epoch, metrics):
+        seen.append(epoch)
+        return "pruned: below the median" if epoch == 2 else None
+
+    result, _ = train_and_test(cfg, digits, prune_at_two, test=False, source=source)
+    assert seen == [1, 2] and result.stop_reason == "pruned: below the median"

@@ -236,3 +236,23 @@ def test_the_epoch_log_counts_the_fine_tuning_epochs_and_says_when_every_layer_t
     lines = [r.getMessage() for r in caplog.records if r.name == "babysit.train"]
     assert [line.split()[1] for line in lines if line.startswith("epoch") and "/" in line.split()[1]] == ["1/4", "2/4", "3/4", "4/4"]  # was 3/2, 4/2 (QA)
     assert "epoch 3 on: every layer trains (train.unfreeze_epochs 2, at 0.1 × the learning rate)" in lines
+
+
+def test_the_epoch_log_says_when_every_layer_trains_after_a_frozen_phase_that_stopped_early(tmp_path, caplog):
+    # the line was due at epoch `train.epochs + 1`: after an early stop it came late, or never (review)
+    from babysit import tracking
+    from tasks.train import train_task
+
+    base = ["model.hidden=[32]", "train.diagnostics=false", "train.threads=1"]
+    cfg = load_config("conf/digits_mlp.yaml", base)
+    checkpoint = tmp_path / "source.pt"
+    torch.save(build_model(cfg.model, 64, 10, seed=1).state_dict(), checkpoint)
+    cfg = load_config("conf/digits_mlp.yaml", [*base, f"model.init_from={checkpoint}", "model.freeze=all", "train.epochs=30",
+                                               "train.early_stopping_patience=1", "optim.lr=1e-12", "train.unfreeze_epochs=2"])
+    prepared = fit_preprocess(load_data_task.fn(cfg.data, cfg.seed), cfg.preprocess)
+    run = tracking.start_run(f"sqlite:///{tmp_path}/mlflow.db", "t", None, {}, {})
+    with caplog.at_level("INFO", logger="babysit.train"):
+        result, _ = train_task.fn(cfg, prepared, run)
+    lines = [r.getMessage() for r in caplog.records if r.name == "babysit.train"]
+    frozen = result.epochs_run - 2
+    assert frozen < 30 and f"epoch {frozen + 1} on: every layer trains (train.unfreeze_epochs 2, at 0.1 × the learning rate)" in lines
