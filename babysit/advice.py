@@ -69,9 +69,12 @@ def run_report(
             + (f"(best validation {history['val_acc'][best]:.1%} in epoch {best + 1}); " if best is not None else "(no epoch kept: the loss diverged in the first; the initial weights were kept); ")
             + f"training loss {f'{initial_loss:.3g}' if math.isfinite(initial_loss) else 'not recorded'} at init → {history['train_loss'][-1]:.3g}."
         )
-    ratio = [r for r in (diagnostics or {}).get("update_ratio", []) if math.isfinite(r)]
+    measured = (diagnostics or {}).get("update_ratio", [])
+    ratio = [r for r in measured if math.isfinite(r)]
     if ratio:
-        lines.append(f"Update/weight ratio {ratio[0]:.1e} in epoch 1 → {ratio[-1]:.1e} at the end (rule of thumb: about 1e-3).")
+        # not measured while every hidden layer was frozen (transfer learning's first phase): those epochs come first
+        first = max(1, epochs - len(measured) + 1)
+        lines.append(f"Update/weight ratio {ratio[0]:.1e} in epoch {first} → {ratio[-1]:.1e} at the end (rule of thumb: about 1e-3).")
     if stop_reason and stop_reason != "completed":
         lines.append(f"Stopped early: {stop_reason}.")
     ordered = sorted(flags, key=lambda flag: ORDER.index(flag) if flag in ORDER else len(ORDER))
@@ -79,6 +82,8 @@ def run_report(
     lines += [f"- **{flag}**: {flags[flag]}" for flag in ordered] or ["- none"]
     lines += ["", "## What to do next", ""]
     advice = [ADVICE[flag](flags[flag], history) if flag in ADVICE else f"{flag}: {flags[flag]}." for flag in ordered]
+    if "underfitting" in flags and {"lr_too_high", "dead_relu"} & set(flags):  # not "raise the learning rate" beside "lower it" (QA)
+        advice[ordered.index("underfitting")] = advice[ordered.index("underfitting")].replace(", raise the learning rate or lower regularization", " or lower regularization")
     if "lr_too_low" in flags and {"vanishing_activations", "saturated"} & set(flags):
         i = ordered.index("lr_too_low")  # a loss that does not move may be the init's fault
         advice[i] += " But fix the init first: with vanishing or saturated activations the gradients, not the learning rate, are too small."

@@ -288,6 +288,8 @@ class Config(Section):
     def _model_fits_data(self) -> Config:
         if self.model.kind != "mlp" and not self.data.images:
             raise ValueError(f"model.kind '{self.model.kind}' needs image data (data.source one of {', '.join(IMAGE_SOURCES)}), got '{self.data.source}'")
+        if (self.train.flip or self.train.translate) and not self.data.images:  # QA: accepted, logged, and ignored
+            raise ValueError(f"train.flip and train.translate augment images; data.source '{self.data.source}' gives feature vectors: set them off")
         if self.data.images and self.preprocess.method in ("pca", "whiten"):
             raise ValueError(f"preprocess.method '{self.preprocess.method}' works on feature vectors; for images use none, center or standardize (per channel)")
         if self.train.unfreeze_epochs and not self.model.init_from:  # it would be ignored: there is nothing frozen to unfreeze

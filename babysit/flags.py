@@ -137,11 +137,11 @@ def lr_too_low(train_loss: list[float], initial_loss: float, update_ratio: list[
     drop the loss slowly); or when the median over the first `early_epochs` epochs of the update
     ratio is below `ratio_low`.
     """
-    if not train_loss or not math.isfinite(initial_loss):
-        return None
     early = [r for r in update_ratio[:early_epochs] if math.isfinite(r)]
     if early and (ratio := statistics.median(early)) < ratio_low:
         return f"update/weight ratio {ratio:.1e} in the first {len(early)} epoch(s), below {ratio_low:.0e} (rule of thumb: about 1e-3)"
+    if not train_loss or not math.isfinite(initial_loss):  # no loss to judge (none given: only the ratio speaks)
+        return None
     if early and statistics.median(early) >= RULE_OF_THUMB:  # the weights move as fast as they should: a slow loss has another cause (few steps, capacity, init)
         return None
     epoch = min(early_epochs, len(train_loss))
@@ -204,33 +204,45 @@ def ratios_at_full_rate(base_lr: float, update_ratio: list[float], step_lr: list
 def run_flags(
     history: dict[str, list[float]], initial_loss: float, cfg: FlagsConfig,
     diagnostics: dict[str, list[float]] | None = None, init_stats: dict[str, list[float]] | None = None, n_classes: int | None = None,
-    base_lr: float | None = None,
+    base_lr: float | None = None, transferred: bool = False,
 ) -> dict[str, str]:
     """All flags that fire for a finished run: {flag name: reason}.
 
     `diagnostics` (TrainResult.diagnostics), `init_stats` (InitReport.layer_stats) and `n_classes`
-    (for a model that starts from random weights: initial_loss_off) enable the flags that need them. A diverged run is not also called lr_too_low, plateau or
-    underfitting (its curves are garbage), and a run with lr_too_low is not also a plateau.
+    enable the flags that need them. The flags agree with each other, so that their cures do not
+    point opposite ways (QA):
+    - a diverged run is not also called lr_too_low, plateau, underfitting or overfitting, nor
+      dead_relu after training (its curves and units are garbage; its accuracies a NaN model's);
+    - with vanishing, exploding or saturated activations at init, the update ratio measures the
+      init's tiny or huge weights, not the rate: it judges no lr flag;
+    - a run with lr_too_low is not also a plateau; an underfitting one not overfitting by its
+      validation loss (the gap rule and underfitting exclude each other);
+    - a `transferred` model (model.init_from) starts from learned weights: its loss is not ln(classes)
+      and need not drop 10% in its first epochs, so only its update ratio says lr_too_low.
     dead_relu is judged at init and, if it did not fire there, after the last epoch. With `base_lr`
     (optim.lr), update ratios measured while a schedule ran far below it are not judged.
     """
     diagnostics = diagnostics or {}
     found = init_flags(init_stats or {}, cfg)
-    if n_classes is not None:
+    if n_classes is not None and not transferred:
         found["initial_loss_off"] = initial_loss_off(initial_loss, n_classes, cfg.initial_loss_tolerance)
     ratio = diagnostics.get("update_ratio", [])
     if base_lr and history.get("lr"):
         ratio = ratios_at_full_rate(base_lr, ratio, history["lr"])
+    if {"vanishing_activations", "exploding_activations", "saturated"} & found.keys():
+        ratio = []
     found["diverged"] = diverged(history["train_loss"], initial_loss, cfg.diverge_factor)
     found["lr_too_high"] = lr_too_high(history["train_loss"], initial_loss, ratio, cfg.early_epochs, cfg.early_loss_rise, cfg.update_ratio_high)
-    if not found["diverged"]:
-        # a loss that rose is a rate too high, never one too low (the cures point opposite ways)
-        found["lr_too_low"] = None if found["lr_too_high"] else lr_too_low(
-            history["train_loss"], initial_loss, ratio, cfg.early_epochs, cfg.min_loss_drop, cfg.update_ratio_low, cfg.early_loss_rise)
-        if not found["lr_too_low"]:
-            found["plateau"] = plateau(history["train_loss"], history["train_acc"], cfg.plateau_epochs, cfg.plateau_min_drop, cfg.plateau_max_acc)
-        found["underfitting"] = underfitting(history, cfg.underfit_acc, cfg.underfit_gap)
-    found["overfitting"] = overfitting(history, cfg.overfit_gap, cfg.overfit_patience, cfg.overfit_loss_rise)
+    if found["diverged"]:
+        return {name: reason for name, reason in found.items() if reason}
+    # a loss that rose is a rate too high, never one too low (the cures point opposite ways)
+    found["lr_too_low"] = None if found["lr_too_high"] else lr_too_low(
+        [] if transferred else history["train_loss"], initial_loss, ratio, cfg.early_epochs, cfg.min_loss_drop, cfg.update_ratio_low, cfg.early_loss_rise)
+    if not found["lr_too_low"]:
+        found["plateau"] = plateau(history["train_loss"], history["train_acc"], cfg.plateau_epochs, cfg.plateau_min_drop, cfg.plateau_max_acc)
+    found["underfitting"] = underfitting(history, cfg.underfit_acc, cfg.underfit_gap)
+    if not found["underfitting"]:
+        found["overfitting"] = overfitting(history, cfg.overfit_gap, cfg.overfit_patience, cfg.overfit_loss_rise)
     if (dead_now := [layer[-1] for layer in layer_series(diagnostics, "dead_frac/layer") if layer]) and not found.get("dead_relu"):
         found["dead_relu"] = dead_relu(dead_now, cfg.dead_fraction, f"after epoch {len(history['train_loss'])}")
     return {name: reason for name, reason in found.items() if reason}

@@ -119,7 +119,9 @@ def open_parent(exp: SearchExperiment, uri: str, named: list, recurrence: dict[s
         finished = finished_trials(uri, experiment_id, [parent.run_id], own=True)
     else:
         versioned = {"babysit.data_version": data_version} if data_version else {}
-        parent = tracking.start_run(uri, exp.tracking.experiment, run_name or exp.tracking.run_name or exp.name, exp.flat(),
+        # a searched field's param is its range, not the file's base value (QA: optim.lr=0.001 read as the search's rate)
+        params = {**exp.flat(), **{field: f"searched: {spec}" for field, spec in exp.search.space.items()}}
+        parent = tracking.start_run(uri, exp.tracking.experiment, run_name or exp.tracking.run_name or exp.name, params,
                                     {**identity, **versioned, **provenance_tags(exp), **owner})
         finished = {}
     if exp.search.resume and "babysit.schedule" not in identity:

@@ -40,8 +40,8 @@ def run_training(cfg: Config) -> RunSummary:
     splits = load_data_task(cfg.data, cfg.seed)
     prepared = preprocess_task(splits, cfg.preprocess)
     s = prepared.splits
-    init_report = build_task(cfg.model, s.input_shape, s.n_classes, cfg.seed, s.X_train[:256])
     source = transfer_source(cfg, s.input_shape, s.n_classes)  # a bad model.init_from stops here: no run is left FAILED
+    init_report = build_task(cfg.model, s.input_shape, s.n_classes, cfg.seed, s.X_train[:256], source)  # what training starts from
 
     uri = tracking.resolve_uri(cfg.tracking.uri)
     kind_tag = {"babysit.kind": "train"}
@@ -52,9 +52,8 @@ def run_training(cfg: Config) -> RunSummary:
         log_init_report(run, init_report)
         warn_init_flags(run, init_flags(init_report.layer_stats, cfg.flags))  # before any epoch is spent
         result, model = train_task(cfg, prepared, run, source)
-        # ln(classes) is the loss of random weights: a transferred model starts from what it learned
         flags = run_flags(result.history, result.initial_loss, cfg.flags, result.diagnostics, init_report.layer_stats,
-                          None if cfg.model.init_from else s.n_classes, cfg.optim.lr)
+                          s.n_classes, cfg.optim.lr, transferred=bool(cfg.model.init_from))
         report = run_report(cfg.name, flags, result.history, result.initial_loss, result.diagnostics, result.stop_reason, run.run_id)
         log_results_task(run, cfg, result, flags, prepared, report, model, splits.X_train[:5])
     url = tracking.run_url(run)

@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from babysit.config import ModelConfig
 from babysit.diagnostics import dead_fractions
 from models.mlp import build_model
+from models.transfer import transfer_weights
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,14 @@ def activation_histograms(hidden: list[torch.Tensor], bins: int = 50) -> list[tu
     return [(np.histogram(values, bins=edges)[0].tolist(), edges.tolist()) for values in layers]
 
 
-def inspect_init(cfg: ModelConfig, inputs: int | tuple[int, ...], n_classes: int, seed: int, X_batch: np.ndarray) -> InitReport:
-    """`inputs`: the feature count or one row's shape, as for models.mlp.build_model."""
+def inspect_init(cfg: ModelConfig, inputs: int | tuple[int, ...], n_classes: int, seed: int, X_batch: np.ndarray,
+                 source: dict[str, torch.Tensor] | None = None) -> InitReport:
+    """`inputs`: the feature count or one row's shape, as for models.mlp.build_model. `source`:
+    model.init_from's weights, copied in where they fit: a transferred model starts from them, and
+    its random init said nothing of it (QA: a trained deep tanh net flagged vanishing_activations)."""
     model = build_model(cfg, inputs, n_classes, seed)
+    if source is not None:
+        transfer_weights(model, source, cfg.init_from or "model.init_from")
     widths = cfg.hidden if cfg.kind == "mlp" else cfg.channels
     hidden = activations_at_init(model, torch.as_tensor(X_batch))
     return InitReport(
@@ -91,5 +97,6 @@ def inspect_init(cfg: ModelConfig, inputs: int | tuple[int, ...], n_classes: int
 
 
 @task(name="build-model", cache_policy=NO_CACHE)
-def build_task(cfg: ModelConfig, inputs: int | tuple[int, ...], n_classes: int, seed: int, X_batch: np.ndarray) -> InitReport:
-    return inspect_init(cfg, inputs, n_classes, seed, X_batch)
+def build_task(cfg: ModelConfig, inputs: int | tuple[int, ...], n_classes: int, seed: int, X_batch: np.ndarray,
+               source: dict[str, torch.Tensor] | None = None) -> InitReport:
+    return inspect_init(cfg, inputs, n_classes, seed, X_batch, source)

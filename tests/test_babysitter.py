@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -458,3 +459,25 @@ def test_the_report_of_a_run_that_diverged_names_no_epoch_it_did_not_keep():
     assert "no epoch kept" in text and "best validation 47.0%" not in text
     later = history([1.0, float("nan")], [0.8, 0.3], val_acc=[0.8, 0.9])  # the epoch that blew up scored higher, yet was not kept
     assert "best validation 80.0% in epoch 1" in run_report("y", {}, later, 2.3, stop_reason="diverged in epoch 2: training loss nan (initial 2.3)")
+
+
+def test_the_report_does_not_advise_raising_a_learning_rate_it_calls_too_high_and_dates_the_update_ratio():
+    history = {"train_loss": [1.0, 0.9, 0.85, 0.8], "val_loss": [1.0, 0.9, 0.9, 0.9], "train_acc": [0.5, 0.55, 0.6, 0.6], "val_acc": [0.5, 0.55, 0.58, 0.6]}
+    text = run_report("demo", {"lr_too_high": "update/weight ratio 7e-02", "underfitting": "training accuracy 60%"}, history, 2.3,
+                      {"update_ratio": [7e-2, 6e-2]})  # measured in epochs 3-4 only: the first two trained a frozen network's head
+    assert "raise the learning rate" not in text and "train longer or lower regularization" in text
+    assert "Update/weight ratio 7.0e-02 in epoch 3" in text
+
+
+def test_a_transferred_networks_activations_are_measured_on_the_weights_it_starts_from():
+    # a trained deep tanh net put under `model.init: small` was flagged vanishing_activations from its random init (QA)
+    from babysit.config import load_config
+    from models.mlp import build_model
+    from tasks.build import inspect_init
+
+    deep = ["model.hidden=[64, 64, 64, 64, 64, 64]", "model.activation=tanh"]
+    small, xavier = (load_config(None, [*deep, f"model.init={init}"]).model for init in ("small", "xavier"))
+    source = build_model(xavier, 64, 10, seed=1).state_dict()
+    X = np.random.default_rng(0).normal(size=(256, 64)).astype(np.float32)
+    assert "vanishing_activations" in F.init_flags(inspect_init(small, 64, 10, 0, X).layer_stats, CFG)
+    assert "vanishing_activations" not in F.init_flags(inspect_init(small, 64, 10, 0, X, source).layer_stats, CFG)

@@ -275,3 +275,10 @@ def test_a_numeric_range_for_a_list_field_says_how_lists_are_searched():
 
     with pytest.raises(BabysitError, match=r"`model.hidden` is a list: search whole lists, e.g. choice\(\[\[64\], \[128, 64\]"):
         load_config("conf/search_digits.yaml", ["search.space={optim.lr: 'loguniform(1e-4, 1e-1)', model.hidden: 'int(8, 64)'}"], model=SearchExperiment)
+
+
+def test_image_augmentation_on_feature_vectors_is_refused():
+    # train.flip on a CSV's rows was accepted, logged as a param, and did nothing (QA)
+    with pytest.raises(BabysitError, match=r"train.flip and train.translate augment images; data.source 'digits' gives feature vectors"):
+        load_config("conf/digits_mlp.yaml", ["train.flip=true"])
+    load_config("conf/digits_mlp.yaml", ["data.source=digits_images", "model.kind=cnn", "train.flip=true", "preprocess.method=standardize"])

@@ -106,7 +106,7 @@ def test_empty_history_raises_no_flags():
     assert run_flags(empty, INITIAL, FlagsConfig()) == {}
 
 
-def test_run_flags_collects_both():
+def test_run_flags_judge_a_diverged_run_by_its_divergence_not_by_the_accuracies_of_its_last_epoch():
     history = {
         "train_loss": [2.0, 1.0, math.nan],
         "val_loss": [2.0, 1.5, 1.6],
@@ -114,7 +114,7 @@ def test_run_flags_collects_both():
         "val_acc": [0.5, 0.6, 0.6],
     }
     flags = run_flags(history, INITIAL, FlagsConfig(overfit_gap=0.2))
-    assert {"diverged", "overfitting"} <= set(flags)
+    assert "diverged" in flags and "overfitting" not in flags  # the last epoch's accuracies are the diverging model's
     assert all(isinstance(reason, str) and reason for reason in flags.values())
 
 
@@ -125,3 +125,37 @@ def test_lr_too_high_needs_large_update_ratios_in_most_early_epochs_not_one_spik
     assert lr_too_high(falling, INITIAL, [1e-3, 0.5, 1e-3], 3, 0.05, 0.03) is None
     reason = lr_too_high(falling, INITIAL, [1e-3, 0.5, 0.2], 3, 0.05, 0.03)
     assert reason is not None and "2.0e-01" in reason  # the median, 0.2, is what it reports
+
+
+# --- flags that agree with each other (QA: cures that pointed opposite ways) --------------------
+
+
+def test_a_diverged_run_is_not_also_overfitting_or_dead_after_training():
+    # lr 50: one epoch, NaN loss, val acc 0.10 — it was also flagged overfitting (train 0.264 vs val 0.100) and dead_relu
+    history = {"train_loss": [float("nan")], "val_loss": [float("nan")], "train_acc": [0.264], "val_acc": [0.100]}
+    found = run_flags(history, 1.1, FlagsConfig(), {"dead_frac/layer1": [0.9]})
+    assert set(found) == {"diverged", "lr_too_high"}
+
+
+def test_with_vanishing_activations_at_init_the_update_ratio_judges_no_learning_rate():
+    # small init on a deep tanh net: tiny weights make ‖ΔW‖/‖W‖ large at Adam's ordinary 1e-3, which was called lr_too_high
+    stats = {"act_std": [0.064, 1e-3, 1e-5, 1.6e-8]}
+    found = run_flags(HEALTHY, INITIAL, FlagsConfig(), {"update_ratio": [2.7e-2] * 6}, init_stats=stats)
+    assert "vanishing_activations" in found and "lr_too_high" not in found
+    assert "lr_too_high" in run_flags(HEALTHY, INITIAL, FlagsConfig(), {"update_ratio": [2.7e-2] * 6})  # with a sound init it does
+
+
+def test_a_transferred_model_is_judged_on_its_update_ratio_not_on_its_starting_loss():
+    # a trained head barely lowers an already low loss (1.025 → 0.953): that was lr_too_low, and 1.025 initial_loss_off
+    slow = {**HEALTHY, "train_loss": [1.0, 0.98, 0.96, 0.95, 0.95, 0.94]}
+    assert {"lr_too_low", "initial_loss_off"} <= set(run_flags(slow, 1.025, FlagsConfig(), n_classes=10))
+    assert not {"lr_too_low", "initial_loss_off"} & set(run_flags(slow, 1.025, FlagsConfig(), n_classes=10, transferred=True))
+    assert "lr_too_low" in run_flags(slow, 1.025, FlagsConfig(), {"update_ratio": [1e-7] * 6}, transferred=True)  # its weights barely move
+
+
+def test_an_underfitting_run_is_not_also_overfitting_by_its_validation_loss():
+    history = {"train_loss": [1.0, 0.9, 0.85, 0.8, 0.78, 0.76], "val_loss": [1.0, 0.9, 1.0, 1.1, 1.2, 1.3],
+               "train_acc": [0.5, 0.55, 0.6, 0.62, 0.63, 0.64], "val_acc": [0.5, 0.55, 0.58, 0.6, 0.6, 0.6]}
+    found = run_flags(history, INITIAL, FlagsConfig())
+    assert "underfitting" in found and "overfitting" not in found
+    assert overfitting(history, gap=0.10, patience=3) is not None  # alone, the rule would fire
