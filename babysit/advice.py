@@ -18,7 +18,7 @@ History = dict[str, list[float]]
 # learning rate, then the fit (the lecture's babysitting order).
 ORDER = (
     "initial_loss_off", "vanishing_activations", "exploding_activations", "saturated", "dead_relu",
-    "diverged", "lr_too_high", "lr_too_low", "plateau", "underfitting", "overfitting",
+    "diverged", "lr_too_high", "lr_too_low", "majority_class", "plateau", "underfitting", "overfitting",
 )
 
 
@@ -41,6 +41,8 @@ ADVICE: dict[str, Callable[[str, History], str]] = {
     "a NaN or exploding loss in the first epochs almost always means the learning rate is too high.",
     "lr_too_high": lambda why, h: f"{why}: the learning rate is too high — lower it (3–10×).",
     "lr_too_low": lambda why, h: f"{why}: the loss is barely changing — raise the learning rate (3–10×).",
+    "majority_class": lambda why, h: f"{why}: the model may be predicting that class for every row — check the labels, "
+    "balance the classes (resample the rare ones, or weigh them) and judge it by per-class recall, not accuracy alone.",
     "plateau": lambda why, h: f"{why}: decay the learning rate (`optim.schedule: step` or `cosine`) "
     "once progress stalls; if accuracy is still low, the model may be too small.",
     "underfitting": lambda why, h: f"{_accuracies(h)}: underfitting — the model is too weak or not trained enough: "

@@ -230,6 +230,7 @@ class FlagsConfig(Section):
     overfit_gap: float = Field(0.10, gt=0, lt=1)  # train acc - val acc above this: overfitting
     overfit_patience: int = Field(3, ge=2)  # epochs that val loss has stayed above its lowest while train loss fell
     overfit_loss_rise: float = Field(0.05, ge=0)  # ... by more than this fraction of it (a rise of 0.3% is noise)
+    majority_margin: float = Field(0.01, ge=0)  # best val acc not this far above the majority class's share: majority_class
     diverge_factor: float = Field(3.0, gt=1)  # loss above this × the initial loss: diverged
     # Initial loss: softmax over C classes with small logits starts at ln(C) (ln 10 ≈ 2.303).
     initial_loss_tolerance: float = Field(0.1, gt=0)  # |loss − ln C| above this fraction of ln C: initial_loss_off
@@ -578,7 +579,7 @@ PLACEMENT_FIELDS = ("train.threads", "train.device")  # where a config trains, n
 
 # Fields added after searches were first keyed, with their defaults: at the default they leave trial
 # keys and search hashes as they were, so a search started by an earlier babysit still resumes.
-ADDED_LATER = {"flags.overfit_loss_rise": 0.05}
+ADDED_LATER = {"flags.overfit_loss_rise": 0.05, "flags.majority_margin": 0.01}
 
 
 def result_identity(tree: dict[str, Any], data_version: str = "") -> dict[str, Any]:

@@ -53,6 +53,17 @@ def overfitting(history: dict[str, list[float]], gap: float, patience: int, rise
     return None
 
 
+def majority_class(val_acc: list[float], majority_share: float, margin: float) -> str | None:
+    """No better than chance, where chance is the most common class: the best validation accuracy is
+    not `margin` above the share of validation rows in that class. With 95% of rows in one class,
+    0.94 is what a model that always predicts it scores (QA: such a model passed as healthy)."""
+    scored = [a for a in val_acc if math.isfinite(a)]
+    if scored and max(scored) <= majority_share + margin:
+        return (f"best validation accuracy {max(scored):.1%} is no better than always predicting the most common class "
+                f"({majority_share:.1%} of validation rows)")
+    return None
+
+
 def initial_loss_off(initial_loss: float, n_classes: int, tolerance: float) -> str | None:
     """Off when |initial loss − ln(n_classes)| > `tolerance` × ln(n_classes).
 
@@ -204,12 +215,12 @@ def ratios_at_full_rate(base_lr: float, update_ratio: list[float], step_lr: list
 def run_flags(
     history: dict[str, list[float]], initial_loss: float, cfg: FlagsConfig,
     diagnostics: dict[str, list[float]] | None = None, init_stats: dict[str, list[float]] | None = None, n_classes: int | None = None,
-    base_lr: float | None = None, transferred: bool = False,
+    base_lr: float | None = None, transferred: bool = False, majority_share: float | None = None,
 ) -> dict[str, str]:
     """All flags that fire for a finished run: {flag name: reason}.
 
-    `diagnostics` (TrainResult.diagnostics), `init_stats` (InitReport.layer_stats) and `n_classes`
-    enable the flags that need them. The flags agree with each other, so that their cures do not
+    `diagnostics` (TrainResult.diagnostics), `init_stats` (InitReport.layer_stats), `n_classes` and
+    `majority_share` (Splits.majority_share) enable the flags that need them. The flags agree with each other, so that their cures do not
     point opposite ways (QA):
     - a diverged run is not also called lr_too_low, plateau, underfitting or overfitting, nor
       dead_relu after training (its curves and units are garbage; its accuracies a NaN model's);
@@ -241,6 +252,8 @@ def run_flags(
     if not found["lr_too_low"]:
         found["plateau"] = plateau(history["train_loss"], history["train_acc"], cfg.plateau_epochs, cfg.plateau_min_drop, cfg.plateau_max_acc)
     found["underfitting"] = underfitting(history, cfg.underfit_acc, cfg.underfit_gap)
+    if majority_share is not None:
+        found["majority_class"] = majority_class(history["val_acc"], majority_share, cfg.majority_margin)
     if not found["underfitting"]:
         found["overfitting"] = overfitting(history, cfg.overfit_gap, cfg.overfit_patience, cfg.overfit_loss_rise)
     if (dead_now := [layer[-1] for layer in layer_series(diagnostics, "dead_frac/layer") if layer]) and not found.get("dead_relu"):

@@ -53,7 +53,7 @@ def run_training(cfg: Config) -> RunSummary:
         warn_init_flags(run, init_flags(init_report.layer_stats, cfg.flags))  # before any epoch is spent
         result, model = train_task(cfg, prepared, run, source)
         flags = run_flags(result.history, result.initial_loss, cfg.flags, result.diagnostics, init_report.layer_stats,
-                          s.n_classes, cfg.optim.lr, transferred=bool(cfg.model.init_from))
+                          s.n_classes, cfg.optim.lr, transferred=bool(cfg.model.init_from), majority_share=s.majority_share)
         report = run_report(cfg.name, flags, result.history, result.initial_loss, result.diagnostics, result.stop_reason, run.run_id)
         log_results_task(run, cfg, result, flags, prepared, report, model, splits.X_train[:5])
     url = tracking.run_url(run)

@@ -56,6 +56,11 @@ class Splits:
     def n_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def majority_share(self) -> float:
+        """The share of validation rows in their most common class: the accuracy of always predicting it."""
+        return float(np.bincount(self.y_val).max() / len(self.y_val)) if len(self.y_val) else 0.0
+
 
 def make_spiral(n_samples: int, n_classes: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The CS231n spiral: `n_classes` arms, each a radius 0→1 sweep of 4 radians plus angle noise."""

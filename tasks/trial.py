@@ -96,7 +96,7 @@ def run_trial(spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, prun
     try:
         result, model = train_and_test(cfg, prepared, on_epoch, test=final)
         flags = run_flags(result.history, result.initial_loss, cfg.flags, result.diagnostics, n_classes=prepared.splits.n_classes,
-                          base_lr=cfg.optim.lr, transferred=bool(cfg.model.init_from))
+                          base_lr=cfg.optim.lr, transferred=bool(cfg.model.init_from), majority_share=prepared.splits.majority_share)
         reason = result.stop_reason
         status = run_status(flags, reason)
         if final:

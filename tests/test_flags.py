@@ -159,3 +159,22 @@ def test_an_underfitting_run_is_not_also_overfitting_by_its_validation_loss():
     found = run_flags(history, INITIAL, FlagsConfig())
     assert "underfitting" in found and "overfitting" not in found
     assert overfitting(history, gap=0.10, patience=3) is not None  # alone, the rule would fire
+
+
+def test_a_model_no_better_than_the_majority_class_is_flagged():
+    # 95% of rows "ok": val acc 0.942 from a model that predicted "ok" for all 800 rows passed as healthy (QA)
+    stuck = {**HEALTHY, "val_acc": [0.90, 0.93, 0.942, 0.942, 0.942, 0.942]}
+    reason = run_flags(stuck, INITIAL, FlagsConfig(), majority_share=0.942)["majority_class"]
+    assert reason == "best validation accuracy 94.2% is no better than always predicting the most common class (94.2% of validation rows)"
+    assert "majority_class" not in run_flags(stuck, INITIAL, FlagsConfig(), majority_share=0.5)
+    assert "majority_class" not in run_flags(HEALTHY, INITIAL, FlagsConfig(), majority_share=0.1)
+
+
+def test_the_majority_share_is_that_of_the_most_common_validation_class():
+    import numpy as np
+
+    from tasks.data import Splits
+
+    empty = np.zeros((0, 2))
+    splits = Splits(empty, np.array([], dtype=int), np.zeros((4, 2)), np.array([1, 1, 1, 0]), empty, np.array([], dtype=int), ["a", "b"])
+    assert splits.majority_share == 0.75
