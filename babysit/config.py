@@ -55,6 +55,7 @@ class DataConfig(Section):
     source: DataSource = "digits"
     path: Path | None = None  # csv / parquet / npz file; image folder; torchvision dataset root
     target: str | None = None  # label column of a csv / parquet file
+    drop_columns: list[str] = []  # columns of a csv / parquet file that are no features (an id, a row number)
     n_samples: int = Field(900, ge=2)  # generated data (spiral, blobs): points in all
     n_classes: int = Field(3, ge=2)  # generated data
     noise: float = Field(0.2, ge=0)  # generated data: std of the added Gaussian noise
@@ -88,10 +89,10 @@ class DataConfig(Section):
 
     def unread(self) -> set[str]:
         """The fields this source does not read (a digits run has no use for n_classes)."""
-        generated, table, torchvision = {"n_samples", "n_classes", "noise"}, {"path", "target"}, {"path", "download"}
+        generated, table, torchvision = {"n_samples", "n_classes", "noise"}, {"path", "target", "drop_columns"}, {"path", "download"}
         reads = {"spiral": generated, "blobs": generated, "csv": table, "parquet": table, "npz": {"path"}, "image_folder": {"path", "image_size", "channels"},
                  "cifar10": torchvision, "mnist": torchvision, "fashion_mnist": torchvision}.get(self.source, set())
-        return {"path", "target", "n_samples", "n_classes", "noise", "image_size", "channels", "download"} - reads
+        return {"path", "target", "drop_columns", "n_samples", "n_classes", "noise", "image_size", "channels", "download"} - reads
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -579,7 +580,7 @@ PLACEMENT_FIELDS = ("train.threads", "train.device")  # where a config trains, n
 
 # Fields added after searches were first keyed, with their defaults: at the default they leave trial
 # keys and search hashes as they were, so a search started by an earlier babysit still resumes.
-ADDED_LATER = {"flags.overfit_loss_rise": 0.05, "flags.majority_margin": 0.01}
+ADDED_LATER = {"flags.overfit_loss_rise": 0.05, "flags.majority_margin": 0.01, "data.drop_columns": []}
 
 
 def result_identity(tree: dict[str, Any], data_version: str = "") -> dict[str, Any]:

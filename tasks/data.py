@@ -75,7 +75,7 @@ def make_spiral(n_samples: int, n_classes: int, noise: float, seed: int) -> tupl
     return np.concatenate(X), np.concatenate(y)
 
 
-def read_table(path: Path, target: str, kind: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def read_table(path: Path, target: str, kind: str, drop: list[str] = ()) -> tuple[np.ndarray, np.ndarray, list[str]]:
     frame = pd.read_csv(path) if kind == "csv" else pd.read_parquet(path)
     if kind == "csv" and len(frame.columns) == 1 and any(mark in str(frame.columns[0]) for mark in ";\t|"):
         raise BabysitError(f"{path}: read as one column ('{frame.columns[0]}'): babysit reads CSV separated by commas; "
@@ -93,10 +93,20 @@ def read_table(path: Path, target: str, kind: str) -> tuple[np.ndarray, np.ndarr
         if unnamed := [i + 1 for i, name in enumerate(header) if not name.strip()]:
             raise BabysitError(f"{path}: column(s) {', '.join(map(str, unnamed))} have no name in the header, as a saved row index has "
                                "(pandas' to_csv without index=False); ordered rows would let it give the class away. Drop it, or name it.")
-    features = frame.drop(columns=[target])
+    if unknown := [name for name in drop if name not in frame.columns]:
+        raise BabysitError(f"{path}: `data.drop_columns` names {', '.join(map(repr, unknown))}, which the file has no column of (columns: {', '.join(map(str, frame.columns))}).")
+    if target in drop:
+        raise BabysitError(f"{path}: `data.drop_columns` lists the target '{target}': the labels cannot be dropped.")
+    features = frame.drop(columns=[target, *drop])
     non_numeric = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
     if non_numeric:
-        raise BabysitError(f"{path}: feature columns must be numeric, but {', '.join(non_numeric)} hold text or mixed values; encode them as numbers or drop them.")
+        raise BabysitError(f"{path}: feature columns must be numeric, but {', '.join(non_numeric)} {'holds' if len(non_numeric) == 1 else 'hold'} "
+                           "text or mixed values; encode them as numbers or list them in `data.drop_columns`.")
+    for name in features.columns:  # QA: a named `id` column trained as a feature
+        values = features[name].to_numpy()
+        if len(values) > 2 and pd.api.types.is_integer_dtype(features[name]) and (np.diff(values) == 1).all() and values[0] in (0, 1):
+            raise BabysitError(f"{path}: column '{name}' numbers the rows ({values[0]}, {values[0] + 1}, {values[0] + 2}, ...): as a feature it tells the model "
+                               "where a row sits in the file, which an ordered file ties to its class. List it in `data.drop_columns`.")
     with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, which validate_dataset names
         X = features.to_numpy(dtype=np.float32)
     return X, frame[target].to_numpy(), [str(c) for c in features.columns]
@@ -148,7 +158,7 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
             if cfg.source == "npz":
                 X, labels = read_npz(path)
             else:
-                X, labels, columns = read_table(path, cfg.target, cfg.source)
+                X, labels, columns = read_table(path, cfg.target, cfg.source, cfg.drop_columns)
         except BabysitError:
             raise
         except Exception as err:  # a parser's own complaint, e.g. a truncated Parquet file

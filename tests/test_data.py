@@ -390,3 +390,20 @@ def test_a_data_path_with_a_tilde_is_read_from_the_home_folder(tmp_path, monkeyp
 def test_an_image_folder_path_that_is_a_file_says_so(tmp_path):
     (tmp_path / "pictures.zip").write_bytes(b"zip")
     raises_naming(DataConfig(source="image_folder", path=tmp_path / "pictures.zip"), "a file, not a folder", "one sub-folder of images per class")
+
+
+def test_a_column_that_numbers_the_rows_is_refused_until_dropped(tmp_path):
+    # a named `id` column trained as a feature: "41 -> 64 -> 64 -> 3" for 40 real features (QA)
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(90, 3)), columns=["a", "b", "c"]).assign(kind=np.repeat(["cat", "dog", "owl"], 30))
+    path = tmp_path / "table.csv"
+    frame.assign(id=np.arange(1, 91)).to_csv(path, index=False)
+    with pytest.raises(BabysitError, match=r"column 'id' numbers the rows \(1, 2, 3, \.\.\.\).*List it in `data.drop_columns`"):
+        load_dataset(DataConfig(source="csv", path=path, target="kind"), seed=0)
+    data = load_dataset(DataConfig(source="csv", path=path, target="kind", drop_columns=["id"]), seed=0)
+    assert data.X.shape == (90, 3)
+    with pytest.raises(BabysitError, match=r"`data.drop_columns` names 'ID', which the file has no column of"):
+        load_dataset(DataConfig(source="csv", path=path, target="kind", drop_columns=["ID"]), seed=0)
+    frame.assign(note=["x"] * 90).to_csv(path, index=False)
+    with pytest.raises(BabysitError, match=r"but note holds text"):  # was "note hold text"
+        load_dataset(DataConfig(source="csv", path=path, target="kind"), seed=0)
