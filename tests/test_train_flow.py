@@ -94,7 +94,7 @@ def test_params_are_the_flattened_config(finished):
     # every field of every section, nothing nested; but the data fields digits does not read (a digits run listed data.n_classes=3, QA)
     cfg = load_config(CONFIG, OVERRIDES)
     expected = {f"{section}.{field}" for section, model in cfg if hasattr(model, "model_fields") for field in type(model).model_fields}
-    unread = {"data.path", "data.target", "data.n_samples", "data.n_classes", "data.noise", "data.image_size", "data.channels", "data.download"}
+    unread = {"data.path", "data.target", "data.drop_columns", "data.n_samples", "data.n_classes", "data.noise", "data.image_size", "data.channels", "data.download"}
     assert expected - unread <= set(params) and not unread & set(params)
     assert {"data.n_classes", "data.noise"} <= set(load_config(CONFIG, ["data.source=spiral"]).flat()) and "data.path" not in load_config(CONFIG, ["data.source=spiral"]).flat()
 
