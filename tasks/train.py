@@ -101,7 +101,7 @@ def starting_loss(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size
     normalise each mini-batch by its own statistics (a fresh layer's running ones are mean 0,
     variance 1: in eval mode unnormalised data gave a loss of 178 for a true 2.3), dropout is off,
     and the running statistics are left as they were."""
-    norms = trainable_batchnorms(model)
+    norms = batchnorms(model, trainable=True)
     if not norms:
         return evaluate(model, X, y)[0]
     kept = {name: buffer.clone() for name, buffer in model.named_buffers()}
@@ -119,19 +119,17 @@ def starting_loss(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size
     return loss_sum / len(y)
 
 
-def trainable_batchnorms(model: nn.Module) -> list[nn.Module]:
-    """BatchNorm layers whose scale and shift train. A frozen one (transfer learning) keeps its
-    running statistics too: it normalises as it did in the source model."""
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in m.parameters())]
+def batchnorms(model: nn.Module, trainable: bool) -> list[nn.Module]:
+    """BatchNorm layers whose scale and shift train (`trainable`), or are frozen. A frozen one
+    (transfer learning) keeps its running statistics too: it normalises as in the source model."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and any(p.requires_grad for p in m.parameters()) == trainable]
 
 
 def train_mode(model: nn.Module) -> None:
-    """Training mode, but for frozen BatchNorm layers (see trainable_batchnorms)."""
+    """Training mode, but for frozen BatchNorm layers."""
     model.train()
-    trainable = set(map(id, trainable_batchnorms(model)))
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in trainable:
-            m.eval()
+    for norm in batchnorms(model, trainable=False):
+        norm.eval()
 
 
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
