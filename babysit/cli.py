@@ -198,13 +198,14 @@ def check(args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.train.threads)
     splits = load_splits(cfg.data, cfg.seed)
     prepared = fit_preprocess(splits, cfg.preprocess)
+    source = None
     if cfg.model.init_from:  # a source that train refuses, check refuses too (it passed every check, QA)
         from tasks.train import transfer_source
 
-        transfer_source(cfg, prepared.splits.input_shape, prepared.splits.n_classes)
-        console.print(escape(f"model.init_from {cfg.model.init_from}: read, and it fits; the checks below judge the model's own initialisation, before the transfer"),
+        source = transfer_source(cfg, prepared.splits.input_shape, prepared.splits.n_classes)
+        console.print(escape(f"model.init_from {cfg.model.init_from}: read, and it fits; the checks below judge the transferred weights, as training starts from them"),
                       highlight=False)
-    results = preflight(cfg, prepared, n=args.subset, budget_epochs=args.budget)
+    results = preflight(cfg, prepared, n=args.subset, budget_epochs=args.budget, source=source)
     architecture = next((r.data["report"].architecture for r in results if "report" in r.data), "")
     console.print(escape(f"babysit check: {cfg.name} ({architecture})"), highlight=False)
     for result in results:

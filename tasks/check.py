@@ -22,7 +22,7 @@ from babysit.flags import init_flags, initial_loss_off
 from models.mlp import build_model
 from tasks.build import inspect_init
 from tasks.preprocess import Prepared
-from tasks.train import fit, starting_loss, to_device, training_device
+from tasks.train import fit, start_from, starting_loss, to_device, training_device
 
 REACHED = "reached the target accuracy"  # fit's stop reason when the overfit check succeeds
 
@@ -45,18 +45,31 @@ def without_regularization(cfg: Config) -> Config:
     })
 
 
-def check_initial_loss(cfg: Config, prepared: Prepared) -> CheckResult:
+def starting_model(cfg: Config, prepared: Prepared, source: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    """The model training starts from: fresh, or with `source` (model.init_from's weights) copied in and its blocks frozen."""
+    s = prepared.splits
+    model = build_model(cfg.model, s.input_shape, s.n_classes, cfg.seed)
+    if source is not None:
+        start_from(model, cfg, source)
+    return model
+
+
+def check_initial_loss(cfg: Config, prepared: Prepared, source: dict[str, torch.Tensor] | None = None) -> CheckResult:
     """The fresh model's mean loss on the training split vs ln(classes), as training's first steps
-    see it (tasks.train.starting_loss: BatchNorm normalising each mini-batch).
+    see it (tasks.train.starting_loss: BatchNorm normalising each mini-batch). A transferred model
+    (`source`) starts from what it learned: its loss is reported, not held to ln(classes).
 
     The data loss has no regularization in it (L2 lives in the optimizer, dropout is off); the L2
     term 0.5·λ·‖W‖² that the weight decay corresponds to is reported beside it.
     """
     s = prepared.splits
-    model = build_model(cfg.model, s.input_shape, s.n_classes, cfg.seed)
+    model = starting_model(cfg, prepared, source)
     X, y = to_device(s.X_train, s.y_train, device=torch.device("cpu"))
     loss = starting_loss(model, X, y, cfg.train.batch_size)
     expected = math.log(s.n_classes)
+    if source is not None:
+        return CheckResult("initial loss", True, f"{loss:.3f} from the transferred weights (ln({s.n_classes}) = {expected:.3f} is random weights' loss: not checked)",
+                           data={"initial_loss": loss, "expected": expected})
     off = initial_loss_off(loss, s.n_classes, cfg.flags.initial_loss_tolerance)
     reason = off or f"{loss:.3f} vs ln({s.n_classes}) = {expected:.3f} expected (within {cfg.flags.initial_loss_tolerance:.0%})"
     if cfg.optim.weight_decay > 0 and cfg.optim.name != "adamw":  # adamw's decay is not a loss term
@@ -66,7 +79,8 @@ def check_initial_loss(cfg: Config, prepared: Prepared) -> CheckResult:
                        data={"initial_loss": loss, "expected": expected})
 
 
-def overfit_tiny_subset(cfg: Config, prepared: Prepared, n: int = 20, budget_epochs: int = 200, target_acc: float = 1.0) -> CheckResult:
+def overfit_tiny_subset(cfg: Config, prepared: Prepared, n: int = 20, budget_epochs: int = 200, target_acc: float = 1.0,
+                        source: dict[str, torch.Tensor] | None = None) -> CheckResult:
     """Train on the first `n` training rows, regularization off, for at most `budget_epochs` epochs.
 
     Passes when the accuracy on those rows (eval mode) reaches `target_acc`; fails with the
@@ -78,7 +92,7 @@ def overfit_tiny_subset(cfg: Config, prepared: Prepared, n: int = 20, budget_epo
     n = min(n, len(s.y_train))
     device = training_device(cfg)
     X, y = to_device(s.X_train[:n], s.y_train[:n], device=device)
-    model = build_model(cfg.model, s.input_shape, s.n_classes, cfg.seed).to(device)
+    model = starting_model(cfg, prepared, source).to(device)
     train_cfg = cfg.train.model_copy(update={"epochs": budget_epochs, "early_stopping_patience": None})
 
     def reached(epoch: int, metrics: dict[str, float]) -> str | None:
@@ -98,10 +112,11 @@ def overfit_tiny_subset(cfg: Config, prepared: Prepared, n: int = 20, budget_epo
                        data={"n": n, "epochs": len(curve), "accuracy": acc, "stop_reason": result.stop_reason})
 
 
-def check_activations(cfg: Config, prepared: Prepared) -> CheckResult:
-    """Per-layer activation statistics of the fresh model on 256 training rows, and their flags."""
+def check_activations(cfg: Config, prepared: Prepared, source: dict[str, torch.Tensor] | None = None) -> CheckResult:
+    """Per-layer activation statistics of the model training starts from (fresh, or with `source`'s
+    weights) on 256 training rows, and their flags."""
     s = prepared.splits
-    report = inspect_init(cfg.model, s.input_shape, s.n_classes, cfg.seed, s.X_train[:256])
+    report = inspect_init(cfg.model, s.input_shape, s.n_classes, cfg.seed, s.X_train[:256], source)
     stats = report.layer_stats
     flags = init_flags(stats, cfg.flags)
     if not stats["act_std"]:
@@ -114,7 +129,9 @@ def check_activations(cfg: Config, prepared: Prepared) -> CheckResult:
     return CheckResult("activations at init", not flags, reason, flags, data={"report": report})
 
 
-def preflight(cfg: Config, prepared: Prepared, n: int = 20, budget_epochs: int = 200) -> list[CheckResult]:
-    """The three checks, cheapest first; a config that cannot train here (a BabysitError) none of them."""
+def preflight(cfg: Config, prepared: Prepared, n: int = 20, budget_epochs: int = 200, source: dict[str, torch.Tensor] | None = None) -> list[CheckResult]:
+    """The three checks, cheapest first, on the model training starts from (`source`: model.init_from's
+    weights, see tasks.train.transfer_source); a config that cannot train here (a BabysitError) none of them."""
     training_device(cfg)
-    return [check_initial_loss(cfg, prepared), check_activations(cfg, prepared), overfit_tiny_subset(cfg, prepared, n, budget_epochs)]
+    return [check_initial_loss(cfg, prepared, source), check_activations(cfg, prepared, source),
+            overfit_tiny_subset(cfg, prepared, n, budget_epochs, source=source)]

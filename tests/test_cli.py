@@ -258,7 +258,8 @@ def test_check_refuses_an_init_from_that_train_would_refuse(tmp_path, capsys):
     torch.save(build_model(load_config(DIGITS).model, 64, 10, seed=1).state_dict(), source)
     main(["check", DIGITS, "--set", f"model.init_from={source}", "--set", "train.threads=1", "--budget", "20"])
     out = " ".join(capsys.readouterr().out.split())
-    assert f"model.init_from {source}: read, and it fits" in out and "initial loss" in out
+    assert f"model.init_from {source}: read, and it fits; the checks below judge the transferred weights" in out
+    assert "PASS initial loss: " in out and "from the transferred weights (ln(10) = 2.303 is random weights' loss: not checked)" in out
 
 
 def test_ui_on_a_port_already_taken_says_so_instead_of_exiting_0(capsys):
