@@ -28,6 +28,12 @@ def _accuracies(history: History) -> str:
     return f"training accuracy {history['train_acc'][-1]:.0%}, validation {history['val_acc'][-1]:.0%}"
 
 
+def _underfitting(history: History, rate_too_high: bool = False) -> str:
+    """The cure for underfitting; not "raise the learning rate" beside a flag that says it is too high (QA)."""
+    return (f"{_accuracies(history)}: underfitting — the model is too weak or not trained enough: make it bigger (`model.hidden`; "
+            f"`model.channels` for a CNN or ResNet), train longer{'' if rate_too_high else ', raise the learning rate'} or lower regularization.")
+
+
 ADVICE: dict[str, Callable[[str, History], str]] = {
     "initial_loss_off": lambda why, h: f"{why}: fix this before training — the logits at init should be small "
     "(`model.head_init_scale`), the labels right and the loss the softmax cross-entropy.",
@@ -45,8 +51,7 @@ ADVICE: dict[str, Callable[[str, History], str]] = {
     "balance the classes (resample the rare ones, or weigh them) and judge it by per-class recall, not accuracy alone.",
     "plateau": lambda why, h: f"{why}: decay the learning rate (`optim.schedule: step` or `cosine`) "
     "once progress stalls; if accuracy is still low, the model may be too small.",
-    "underfitting": lambda why, h: f"{_accuracies(h)}: underfitting — the model is too weak or not trained enough: "
-    "make it bigger (`model.hidden`; `model.channels` for a CNN or ResNet), train longer, raise the learning rate or lower regularization.",
+    "underfitting": lambda why, h: _underfitting(h),
     "overfitting": lambda why, h: f"{_accuracies(h)}: overfitting — increase L2 (`optim.weight_decay`) or dropout "
     "(`model.dropout`), or add data; early stopping (`train.early_stopping_patience`) keeps the best-validation weights.",
 }
@@ -84,8 +89,8 @@ def run_report(
     lines += [f"- **{flag}**: {flags[flag]}" for flag in ordered] or ["- none"]
     lines += ["", "## What to do next", ""]
     advice = [ADVICE[flag](flags[flag], history) if flag in ADVICE else f"{flag}: {flags[flag]}." for flag in ordered]
-    if "underfitting" in flags and {"lr_too_high", "dead_relu"} & set(flags):  # not "raise the learning rate" beside "lower it" (QA)
-        advice[ordered.index("underfitting")] = advice[ordered.index("underfitting")].replace(", raise the learning rate or lower regularization", " or lower regularization")
+    if "underfitting" in flags and {"lr_too_high", "dead_relu"} & set(flags):
+        advice[ordered.index("underfitting")] = _underfitting(history, rate_too_high=True)
     if "lr_too_low" in flags and {"vanishing_activations", "saturated"} & set(flags):
         i = ordered.index("lr_too_low")  # a loss that does not move may be the init's fault
         advice[i] += " But fix the init first: with vanishing or saturated activations the gradients, not the learning rate, are too small."

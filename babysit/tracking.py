@@ -551,12 +551,12 @@ def reopen_run(uri: str, run: Any, stale: tuple[str, ...] = ()) -> RunRef:
     return RunRef(uri, run.info.run_id, run.info.experiment_id)
 
 
-def mark_failed(uri: str, run_id: str, reason: str) -> None:
+def mark_failed(uri: str, run_id: str, reason: str, experiment_id: str) -> None:
     """End a trial's run that a killed process left RUNNING, tagged as a trial that failed."""
-    run = RunRef(uri, run_id, "")
+    run = RunRef(uri, run_id, experiment_id)
     set_tags(run, {"babysit.failure": reason, "babysit.status": "failed"})
     end_run(run, "FAILED")
-    fail_pending_models(uri, _client(uri).get_run(run_id).info.experiment_id, run_id)  # a final retrain logs its model
+    fail_pending_models(uri, experiment_id, run_id)  # a final retrain logs its model
 
 
 def get_run(uri: str, run_id: str):

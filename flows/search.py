@@ -154,7 +154,7 @@ def finished_trials(uri: str, experiment_id: str, parent_ids: list[str], own: bo
     for parent_id in parent_ids:
         for child in tracking.find_runs(uri, experiment_id, {"mlflow.parentRunId": parent_id}, newest_first=False):
             if own and child.info.status == "RUNNING":
-                tracking.mark_failed(uri, child.info.run_id, "interrupted: found RUNNING when the search was resumed")
+                tracking.mark_failed(uri, child.info.run_id, "interrupted: found RUNNING when the search was resumed", experiment_id)
             elif child.info.status == "FINISHED":
                 finished.setdefault(child.data.tags.get("babysit.trial_key", ""), child)
     return finished

@@ -107,12 +107,12 @@ def run_trial(spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, prun
         metrics_out.flush(tags={**flag_tags(flags), "babysit.status": status, "babysit.stop_reason": reason or "completed"})
         tracking.end_run(run, "FINISHED")
     except Exception as err:  # recorded, never raised: the search goes on
-        reason = f"{type(err).__name__}: {err}"
+        reason = tracking.failure_reason(err)
         metrics_out.flush(tags={"babysit.status": "failed", "babysit.failure": reason})
         tracking.end_run(run, "FAILED")
         return TrialResult(spec.key, spec.stage, spec.index, spec.params, "failed", None, reason=reason, run_id=run.run_id, seconds=time.perf_counter() - started)
-    except BaseException:
-        metrics_out.flush(tags={"babysit.status": "failed", "babysit.failure": "interrupted"})
+    except BaseException as err:
+        metrics_out.flush(tags={"babysit.status": "failed", "babysit.failure": tracking.failure_reason(err)})
         tracking.end_run(run, "FAILED")
         raise
     val_acc = result.best_val_acc if status != "diverged" else None
