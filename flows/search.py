@@ -38,7 +38,7 @@ from models.transfer import load_source
 from tasks.check import overfit_tiny_subset
 from tasks.data import data_fingerprint, load_data_task
 from tasks.preprocess import Prepared, preprocess_task
-from tasks.train import pick_device, training_device
+from tasks.train import pick_device, training_device, transfer_source
 from tasks.trial import TrialResult, TrialSpec, forks_workers, gpu_for, make_spec, result_from_run, stop_flag, trial_task, worker_processes
 
 
@@ -319,14 +319,22 @@ def trial_base(exp: SearchExperiment) -> dict:
 
 def check_before_searching(name: str, base_tree: dict, space: dict, prepared: Prepared, parent: tracking.RunRef) -> None:
     """The lecture's first step: the base config must overfit a tiny subset, or the search is
-    pointless. A searched lr is checked at the middle of its range (geometric on a log scale)."""
+    pointless. A searched lr is checked at the middle of its range (geometric on a log scale); with
+    model.init_from, from the transferred weights (random ones when the base widths do not fit them)."""
     searched_lr = {"optim.lr": space["optim.lr"].from_unit(0.5)} if "optim.lr" in space else {}
     checked = Config.model_validate(with_values(base_tree, searched_lr))
-    check = overfit_tiny_subset(checked, prepared)
-    tracking.set_tags(parent, {"babysit.sanity_check": f"{'passed' if check.passed else 'failed'}: {check.reason}"})
+    source = None
+    if checked.model.init_from:  # the weights the trials start from, as `babysit check` judges them
+        try:
+            source = transfer_source(checked, prepared.splits.input_shape, prepared.splits.n_classes)
+        except BabysitError:  # the base widths do not fit it; searched widths may, and each trial says so
+            source = None
+    check = overfit_tiny_subset(checked, prepared, source=source)
+    start = f", from model.init_from {checked.model.init_from}" if source is not None else ""
+    tracking.set_tags(parent, {"babysit.sanity_check": f"{'passed' if check.passed else 'failed'}{start}: {check.reason}"})
     if not check.passed:
         lr = f"optim.lr {checked.optim.lr:.3g}" + (", the middle of its searched range" if searched_lr else "")
-        raise BabysitError(f"search {name}: the base config ({lr}) cannot overfit a tiny subset ({check.reason}); fix the model or the lr (range) before searching.")
+        raise BabysitError(f"search {name}: the base config ({lr}{start}) cannot overfit a tiny subset ({check.reason}); fix the model or the lr (range) before searching.")
 
 
 def run_search(exp: SearchExperiment) -> SearchSummary:

@@ -13,11 +13,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from babysit import tracking
 from babysit.errors import BabysitError
 from babysit.config import DEFAULT_LR, SearchExperiment, load_config
+from babysit.space import parse_dist
 from flows.search import search_flow
+from tasks.data import load_data_task
+from tasks.preprocess import fit_preprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -897,3 +901,24 @@ def test_trial_keys_and_search_hashes_stay_those_an_earlier_babysit_gave():
     assert (spec.key, search_hash(exp), search_hash(exp, "v1")) == ("90bd909dbfc07074", "ae1b6924ea5d1c49", "547388b3120d3632")
     tighter = SearchExperiment.model_validate({**exp.model_dump(mode="json"), "flags": {**exp.flags.model_dump(), "overfit_loss_rise": 0.2}})
     assert search_hash(tighter) != search_hash(exp)  # set otherwise, it is part of the search's definition
+
+
+def test_the_sanity_check_starts_from_the_transferred_weights(tmp_path, fresh_uri):
+    """With model.init_from the tiny-subset check trains what the trials start from: the source's
+    hidden layers (and a new head), which fit the subset sooner than random weights do."""
+    from flows.search import check_before_searching, trial_base
+    from tasks.train import train_and_test
+
+    base = ["model.hidden=[32]", "train.threads=1", "train.diagnostics=false", "search.space.optim.lr=loguniform(1e-4, 1e-2)"]
+    cfg = load_config("conf/digits_mlp.yaml", base[:3] + ["train.epochs=15"])
+    prepared = fit_preprocess(load_data_task.fn(cfg.data, cfg.seed), cfg.preprocess)
+    torch.save(train_and_test(cfg, prepared, test=False)[1].state_dict(), tmp_path / "trained.pt")
+    epochs = {}
+    for init_from in (None, tmp_path / "trained.pt"):
+        exp = load_config("conf/search_digits.yaml", base + ([f"model.init_from={init_from}"] if init_from else []), model=SearchExperiment)
+        parent = tracking.start_run(fresh_uri, "sanity", "parent", {}, {})
+        check_before_searching(exp.name, trial_base(exp), {"optim.lr": parse_dist("optim.lr", exp.search.space["optim.lr"])}, prepared, parent)
+        said = tracking.get_run(fresh_uri, parent.run_id).data.tags["babysit.sanity_check"]
+        assert said.startswith(f"passed, from model.init_from {init_from}:" if init_from else "passed: ")
+        epochs[init_from is not None] = int(said.split(" epochs (")[0].rsplit(" ", 1)[1])
+    assert epochs[True] < epochs[False], epochs
