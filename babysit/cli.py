@@ -451,7 +451,7 @@ def parser() -> argparse.ArgumentParser:
     server_cmd.add_argument("--mlflow-port", type=port_number, default=5000)
     server_cmd.add_argument("--prefect-db", default=None, metavar="URL", help="Prefect's database (default SQLite under --state; postgresql+asyncpg://...)")
     server_cmd.add_argument("--backend-store-uri", default=None, metavar="URL", help="MLflow's store: any SQLAlchemy URL (default sqlite:///mlruns/mlflow.db, the local store)")
-    server_cmd.add_argument("--artifacts-destination", default=None, metavar="URI", help="where the MLflow server keeps artifacts it serves (default mlruns/served-artifacts; s3://...)")
+    server_cmd.add_argument("--artifacts-destination", default=None, metavar="URI", help="where the MLflow server keeps artifacts it serves (default: served-artifacts beside a SQLite store, else mlruns/served-artifacts; s3://...)")
     server_cmd.add_argument("--mlflow-workers", type=int, default=2, help="MLflow server worker processes (default 2)")
     server_cmd.add_argument("--timeout", type=float, default=180, metavar="SECONDS", help="how long to wait for health (default 180)")
     server_cmd.set_defaults(handler=server)

@@ -106,8 +106,8 @@ def mlflow_spec(state: Path, host: str = "127.0.0.1", port: int = 5000, backend_
     if db := tracking.sqlite_path(backend):
         db.parent.mkdir(parents=True, exist_ok=True)
         backend = sqlite_url(db)
-    # beside the default store (tracking.served_artifacts): with the server down, babysit ui and report read them there
-    destination = artifacts_destination or str(Path("mlruns/served-artifacts").resolve())
+    # beside a SQLite store (tracking.served_artifacts): with the server down, babysit ui and report read them there
+    destination = artifacts_destination or str((tracking.served_artifacts(backend) or Path("mlruns/served-artifacts")).resolve())
     command = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
                "--backend-store-uri", backend, "--serve-artifacts", "--artifacts-destination", destination,
                "--workers", str(workers)]

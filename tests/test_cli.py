@@ -319,3 +319,20 @@ def test_a_run_logged_through_the_tracking_server_reads_its_artifacts_from_the_s
     (folder / "report.md").write_text("- coarse: 4 trials\n")
     assert tracking.served_artifacts(uri) == tmp_path / "served-artifacts"
     assert tracking.read_text(uri, run.info.run_id, "report.md") == "- coarse: 4 trials\n"
+
+
+def test_the_tracking_server_keeps_its_artifacts_where_local_reads_look_for_them(tmp_path, monkeypatch):
+    # a non-default SQLite store kept them in ./mlruns/served-artifacts, where nothing looked with the server down
+    from babysit import servers
+
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "elsewhere" / "mlflow.db"
+
+    def destination(**given) -> str:
+        command = servers.mlflow_spec(tmp_path / "state", **given).command
+        return command[command.index("--artifacts-destination") + 1]
+
+    assert destination(backend_store_uri=f"sqlite:///{store}") == str(tracking.served_artifacts(f"sqlite:///{store}")) == str(store.parent / "served-artifacts")
+    assert destination() == str(tmp_path / "mlruns" / "served-artifacts")  # the default store's, as before
+    assert destination(backend_store_uri="postgresql://db/mlflow") == str(tmp_path / "mlruns" / "served-artifacts")
+    assert destination(artifacts_destination="s3://bucket/x") == "s3://bucket/x"
