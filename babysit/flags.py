@@ -208,8 +208,10 @@ def ratios_at_full_rate(base_lr: float, update_ratio: list[float], step_lr: list
     """The epochs' update ratios, NaN (not judged) where the epoch's last step, on which it was
     measured, ran below a tenth of `base_lr`: a schedule that has decayed there (cosine's last step
     ≈ 0) says nothing about the rate chosen. Judged anyway, a 1-epoch cosine run that learned well
-    read as lr_too_low."""
-    return [r if lr >= 0.1 * base_lr else math.nan for r, lr in zip(update_ratio, step_lr)]
+    read as lr_too_low. Fewer ratios than epochs are the last epochs': none is measured while every
+    hidden layer is frozen (transfer learning's first phase), and fine-tuning runs at its own rate."""
+    measured_in = step_lr[max(len(step_lr) - len(update_ratio), 0) :]
+    return [r if lr >= 0.1 * base_lr else math.nan for r, lr in zip(update_ratio, measured_in)]
 
 
 def run_flags(

@@ -97,6 +97,17 @@ def test_update_ratios_measured_where_a_schedule_ran_far_below_the_rate_are_not_
     assert ratios[0] == 1e-3 and math.isnan(ratios[1]) and ratios[2] == 3e-3
 
 
+def test_update_ratios_of_fine_tuning_are_judged_at_the_rate_they_ran_at():
+    # freeze: all for 3 epochs at lr 1e-2, then 3 fine-tuning epochs at 1% of it: only those measure a ratio.
+    # Paired with the frozen epochs' full rate, ratios taken at 1e-4 read as lr_too_low (QA)
+    tuned = history([0.50, 0.45, 0.42, 0.40, 0.39, 0.38], [0.85, 0.86, 0.87, 0.88, 0.88, 0.89], val_acc=[0.84, 0.85, 0.86, 0.86, 0.87, 0.87])
+    tuned["lr"] = [1e-2] * 3 + [1e-4] * 3
+    assert F.ratios_at_full_rate(1e-2, [3.5e-6] * 3, tuned["lr"]) == pytest.approx([math.nan] * 3, nan_ok=True)
+    assert "lr_too_low" not in F.run_flags(tuned, 0.6, CFG, {"update_ratio": [3.5e-6] * 3}, base_lr=1e-2, transferred=True)
+    tuned["lr"] = [1e-2] * 6  # fine-tuning at the full rate: the same ratios are a rate too low
+    assert "lr_too_low" in F.run_flags(tuned, 0.6, CFG, {"update_ratio": [3.5e-6] * 3}, base_lr=1e-2, transferred=True)
+
+
 def test_plateau_and_underfitting_rules():
     stalled = [2.0, 1.5, 1.2, 1.0, 1.0, 0.999, 1.0, 0.998, 0.999]
     assert F.plateau(stalled, [0.6] * 9, 5, 0.01, 0.99) is not None
