@@ -102,6 +102,10 @@ class SharedReports:
         self._values = context.RawArray("d", (epochs + 1) * trials)
         self._counts = context.RawArray("i", epochs + 1)
 
+    @property
+    def epochs(self) -> int:
+        return len(self._counts) - 1
+
     def get(self, epoch: int, default: list[float] | None = None) -> list[float]:
         if not 0 <= epoch < len(self._counts):
             return list(default or [])

@@ -126,9 +126,8 @@ def open_parent(exp: SearchExperiment, uri: str, named: list, recurrence: dict[s
         finished = {}
     if exp.search.resume and "babysit.schedule" not in identity:
         earlier = [run.info.run_id for run in named if run.info.run_id != parent.run_id and "babysit.schedule" not in run.data.tags]
-        for key, run in finished_trials(uri, experiment_id, earlier).items():
-            if run.data.tags.get("babysit.status") != "pruned":
-                finished.setdefault(key, run)
+        for key, run in finished_trials(uri, experiment_id, earlier, pruned=False).items():
+            finished.setdefault(key, run)
     return parent, finished, previous[0] if previous else None
 
 
@@ -145,17 +144,17 @@ def fail_abandoned(uri: str, named: list, keep: str) -> set[str]:
     return ended
 
 
-def finished_trials(uri: str, experiment_id: str, parent_ids: list[str], own: bool = False) -> dict[str, object]:
-    """The FINISHED trial runs of the parents `parent_ids` by trial key; a key found under several
-    parents is taken from the first. With `own` (the search's own parent, reopened), its children
-    left RUNNING by a killed process are marked FAILED; another search's are left alone, as they
-    may be training right now."""
+def finished_trials(uri: str, experiment_id: str, parent_ids: list[str], own: bool = False, pruned: bool = True) -> dict[str, object]:
+    """The FINISHED trial runs of the parents `parent_ids` by trial key (without `pruned`, not the
+    trials pruned there); a key found under several parents is taken from the first. With `own`
+    (the search's own parent, reopened), its children left RUNNING by a killed process are marked
+    FAILED; another search's are left alone, as they may be training right now."""
     finished: dict[str, object] = {}
     for parent_id in parent_ids:
         for child in tracking.find_runs(uri, experiment_id, {"mlflow.parentRunId": parent_id}, newest_first=False):
             if own and child.info.status == "RUNNING":
                 tracking.mark_failed(uri, child.info.run_id, "interrupted: found RUNNING when the search was resumed", experiment_id)
-            elif child.info.status == "FINISHED":
+            elif child.info.status == "FINISHED" and (pruned or child.data.tags.get("babysit.status") != "pruned"):
                 finished.setdefault(child.data.tags.get("babysit.trial_key", ""), child)
     return finished
 
@@ -221,6 +220,24 @@ def check_searched_devices(exp: SearchExperiment) -> None:
 def threads_per_trial(workers: int) -> int:
     """workers × threads ≤ cores: more threads than cores only makes trials fight for them."""
     return max(1, (os.cpu_count() or 1) // workers)
+
+
+def most_epochs(exp: SearchExperiment) -> int:
+    """The most epochs a trial reports to its stage's pruner: its stage's, then, when it may start
+    from model.init_from, its fine-tuning epochs (numbered after those), as many as the file or
+    its searched range allows."""
+    fine_tuning = exp.train.unfreeze_epochs
+    if "train.unfreeze_epochs" in exp.search.space:
+        dist = parse_dist("train.unfreeze_epochs", exp.search.space["train.unfreeze_epochs"])
+        fine_tuning = max(fine_tuning, int(dist.high) if dist.numeric else max(int(option) for option in dist.options))
+    may_transfer = bool(exp.model.init_from) or "model.init_from" in exp.search.space
+    return max(stage.epochs for stage in exp.search.stages) + (fine_tuning if may_transfer else 0)
+
+
+def trial_epochs(spec: TrialSpec) -> int:
+    """Epochs `spec` trains at most: its stage's, then fine-tuning's when it starts from model.init_from."""
+    train = spec.config["train"]
+    return train["epochs"] + (train["unfreeze_epochs"] if spec.config["model"]["init_from"] else 0)
 
 
 def trial_threads(exp: SearchExperiment) -> int | None:
@@ -397,7 +414,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     stages = exp.search.stages
     processes = nullcontext((None, None))
     if exp.search.runner == "processes":  # room in shared memory for any stage's pruning reports
-        processes = worker_processes(exp.search.workers, prepared, epochs=max(s.epochs for s in stages), trials=max(s.trials for s in stages))
+        processes = worker_processes(exp.search.workers, prepared, epochs=most_epochs(exp), trials=max(s.trials for s in stages))
     # threads: Ctrl-C sets the flag before the task runner waits for its running trials
     stopping = stop_flag() if exp.search.runner == "threads" else nullcontext()
 
@@ -443,6 +460,9 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             pruner = Pruner(stage.prune, stage.prune_warmup_epochs, stage.asha_eta)
             if reports is not None and pruner.rule != "none":  # worker processes see each other's epochs in shared memory
                 pruner = pruner.shared(reports)
+                if (longest := max(map(trial_epochs, specs))) > reports.epochs:  # a fine-tuning range moved past the file's
+                    logger.warning("stage %s: trials of up to %d epochs are pruned in their first %d only (search.runner=threads prunes every epoch)",
+                                   stage.name, longest, reports.epochs)
             stage_results = run_stage(specs, finished, prepared, parent, pruner, runner, pool, stop)
             results += stage_results
             if all(r.status == "failed" for r in stage_results):  # an error, not a range: the next stage would fail alike

@@ -922,3 +922,38 @@ def test_the_sanity_check_starts_from_the_transferred_weights(tmp_path, fresh_ur
         assert said.startswith(f"passed, from model.init_from {init_from}:" if init_from else "passed: ")
         epochs[init_from is not None] = int(said.split(" epochs (")[0].rsplit(" ", 1)[1])
     assert epochs[True] < epochs[False], epochs
+
+
+def test_shared_pruning_has_room_for_the_fine_tuning_epochs(tmp_path):
+    # worker processes' reports had room for the stage's epochs only: fine-tuning epochs, numbered after
+    # them, were never pruned with runner processes, and were with threads (QA)
+    from flows.search import most_epochs, trial_epochs
+    from tasks.trial import make_spec
+
+    torch.save({}, tmp_path / "source.pt")
+    stages = "search.stages=[{name: coarse, trials: 4, epochs: 2}, {name: fine, trials: 2, epochs: 5}]"
+    transfer = [stages, f"model.init_from={tmp_path / 'source.pt'}", "train.unfreeze_epochs=3"]
+    assert most_epochs(load_config("conf/search_digits.yaml", [stages], model=SearchExperiment)) == 5
+    exp = load_config("conf/search_digits.yaml", transfer, model=SearchExperiment)
+    assert most_epochs(exp) == 5 + 3
+    assert trial_epochs(make_spec(exp.base_config().model_dump(mode="json"), "fine", 0, {}, 5, None, None)) == 8
+    searched = load_config("conf/search_digits.yaml", [*transfer, "search.space.train.unfreeze_epochs=int(1, 6)"], model=SearchExperiment)
+    assert most_epochs(searched) == 5 + 6
+    chosen = load_config("conf/search_digits.yaml", [*transfer, "search.space.train.unfreeze_epochs=choice([0, 4])"], model=SearchExperiment)
+    assert most_epochs(chosen) == 5 + 4
+
+
+def test_a_trial_pruned_in_a_newer_run_does_not_hide_its_full_run_in_an_older_one(fresh_uri):
+    # newest first, the pruned copy took the key and was then dropped: the full run was trained again (QA)
+    from flows.search import finished_trials
+
+    def parent_with(status: str) -> str:
+        parent = tracking.start_run(fresh_uri, "reuse", "parent", {}, {})
+        child = tracking.start_run(fresh_uri, "reuse", "coarse-000", {}, {"babysit.trial_key": "K", "babysit.status": status}, parent=parent)
+        tracking.end_run(child)
+        return parent.run_id, child.run_id
+
+    (older, full), (newer, pruned) = parent_with("finished"), parent_with("pruned")
+    experiment_id = tracking.open_store(fresh_uri, "reuse")
+    assert finished_trials(fresh_uri, experiment_id, [newer, older])["K"].info.run_id == pruned  # a resumed run's own: kept
+    assert finished_trials(fresh_uri, experiment_id, [newer, older], pruned=False)["K"].info.run_id == full
