@@ -124,7 +124,7 @@ def _candidate(field: str, dist: Dist, text: str | None, is_valid: Any) -> tuple
     if text is None:
         return None, "not searched before"
     try:
-        old = parse_dist(field, text)
+        old = parse_dist(field, text, narrowed=True)
     except ValueError:
         return None, f"cannot read {text!r}"
     if old.kind != dist.kind:

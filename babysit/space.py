@@ -83,8 +83,10 @@ Space = dict[str, Dist]
 _SPEC = re.compile(r"^\s*(loguniform|uniform|int|choice)\s*\((.*)\)\s*$", re.S)
 
 
-def parse_dist(field: str, spec: Any) -> Dist:
-    """Parse 'loguniform(1e-5, 1e-1)' & co. Raises ValueError with what was expected."""
+def parse_dist(field: str, spec: Any, narrowed: bool = False) -> Dist:
+    """Parse 'loguniform(1e-5, 1e-1)' & co. Raises ValueError with what was expected. `narrowed`:
+    a range a search wrote (a range tag), where int(n, n) is an int range narrowed to one value
+    (search.pad 0); a file's range must have room."""
     match = _SPEC.match(spec) if isinstance(spec, str) else None
     if not match:
         unclosed = isinstance(spec, str) and spec.count("(") > spec.count(")")
@@ -112,7 +114,7 @@ def parse_dist(field: str, spec: Any) -> Dist:
     low, high = _floats(args)
     if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError(f"`{field}`: bounds must be finite numbers, got {spec!r}")
-    if low >= high:
+    if low > high or (low == high and not (narrowed and kind == "int")):
         raise ValueError(f"`{field}`: low must be below high in {spec!r}")
     if kind == "loguniform" and low <= 0:
         raise ValueError(f"`{field}`: loguniform needs 0 < low (a log scale has no 0), got {spec!r}")

@@ -83,6 +83,22 @@ def test_warm_start_takes_the_last_ranges_and_keeps_the_file_range_where_they_do
     assert warmed["train.batch_size"] == space["train.batch_size"] and "no longer a valid range" in notes["train.batch_size"]
 
 
+def test_an_int_range_narrowed_to_one_value_is_read_back_but_never_taken_from_a_file():
+    # search.pad 0 narrows an int range whose top trials share a value to int(64, 64): the warm start
+    # could not read its range tag and fell back to the file's range (QA)
+    from babysit.space import Narrowing, narrow
+
+    space = {"train.batch_size": parse_dist("train.batch_size", "int(16, 128)")}
+    trials = [{"params": {"train.batch_size": b}, "score": s} for b, s in ((64, 0.9), (64, 0.9), (20, 0.5), (120, 0.4))]
+    narrowed, _ = narrow(space, trials, Narrowing(top_k=2, pad=0.0))
+    assert narrowed["train.batch_size"].describe() == "int(64, 64)"
+    past = recurring.past_search(past_run(tags={"range.fine.train.batch_size": "int(64, 64)"}), list(space), ["coarse", "fine"])
+    warmed, notes = recurring.warm_space(space, past)
+    assert warmed == narrowed and notes["train.batch_size"].startswith("int(64, 64) (from ")
+    with pytest.raises(ValueError, match="low must be below high"):
+        parse_dist("train.batch_size", "int(64, 64)")  # in a file: no range to search
+
+
 def test_changes_since_the_last_run_name_accuracy_and_moved_ranges():
     past = recurring.past_search(past_run(tags={"range.coarse.optim.lr": "loguniform(1e-05, 0.1)"}, best=0.95), ["optim.lr"], [])
     lines = recurring.changes_since(past, 0.97, {"coarse": {"optim.lr": "loguniform(0.001, 0.01)"}})
