@@ -156,7 +156,7 @@ def grid_levels(space: Space, n: int) -> tuple[int, int]:
     choices = math.prod(len(d.options) for d in space.values() if not d.numeric)
     numeric = sum(d.numeric for d in space.values())
     budget = max(n // choices, 1)
-    return choices, max(int(math.floor(budget ** (1 / numeric) + 1e-9)), 1) if numeric else 1
+    return choices, (max(int(math.floor(budget ** (1 / numeric) + 1e-9)), 1) if numeric else 1)
 
 
 def grid_shortfall(space: Space, n: int) -> str | None:
@@ -240,7 +240,7 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
     read it, and stays as it was when none did.
     """
     scored = sorted((t for t in trials if t["score"] is not None and not t.get("diverged")), key=lambda t: -t["score"])
-    if not scored or all(t.get("too_fast") for t in scored) and cfg.learning_rate in space and space[cfg.learning_rate].numeric:
+    if not scored or (all(t.get("too_fast") for t in scored) and cfg.learning_rate in space and space[cfg.learning_rate].numeric):
         return _below_what_diverged(space, trials, cfg, is_valid)  # or every trial that finished learned too fast
     cut = scored[min(top_count(cfg.top_k, len(scored)), len(scored)) - 1]["score"]
     top = [t for t in scored if t["score"] >= cut]  # every trial tied at the cut: which of them ran first is no evidence

@@ -485,7 +485,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         linear = [field for field, dist in space.items() if dist.kind in ("uniform", "int")]
         # drawing it (~0.3 s) is the longest step left: worker processes with nothing to train draw its rows,
         # at once, while this process writes the rest and draws the rows they leave it
-        idle = exp.search.workers - (retraining is not None) if pool is not None else 0
+        idle = (exp.search.workers - (retraining is not None)) if pool is not None else 0
         rows = plots.overview_rows(fields)
         drawing = [pool.submit(figure_row, searched, fields, row, linear) if row < rows_for_workers(rows, idle) else None for row in range(rows)]
         review(len(stages) - 1, stage_results)
