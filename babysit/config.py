@@ -199,6 +199,16 @@ class OptimConfig(Section):
         optim._lr_unset = unset
         return optim
 
+    @model_validator(mode="after")
+    def _rules_that_torch_refuses_or_a_default_would_break(self) -> OptimConfig:
+        if self.name == "nesterov" and self.momentum == 0:  # torch refused it mid-run, with a traceback and a FAILED run (QA)
+            raise ValueError("optim.name nesterov looks ahead along the momentum, and optim.momentum is 0: set a momentum (e.g. 0.9), or use sgd")
+        if self.schedule == "exponential" and "gamma" not in self.model_fields_set:
+            # as torch's ExponentialLR, it needs its own: the default 0.1 is step's, and per epoch it left 1e-12 of the rate by epoch 10 (QA)
+            raise ValueError("optim.schedule exponential multiplies the learning rate by optim.gamma after every epoch, and optim.gamma is not set "
+                             "(its default, 0.1, is step's cut every step_epochs): set it, e.g. optim.gamma: 0.95 (the rate halves every ~14 epochs)")
+        return self
+
     @property
     def lr_follows_name(self) -> bool:
         """lr was left unset (or null): it is the optimizer's DEFAULT_LR, and changes with `name`."""
@@ -569,6 +579,10 @@ class SearchExperiment(Config):
         for field in self.search.space:
             if problem := never_read(field, self.search.space, base):
                 raise ValueError(f"search.space: {problem}")
+        schedules = parse_dist("optim.schedule", self.search.space["optim.schedule"]).options if "optim.schedule" in self.search.space else ()
+        if "exponential" in schedules and "gamma" not in self.optim.model_fields_set and "optim.gamma" not in self.search.space:
+            raise ValueError("search.space: optim.schedule may be exponential, which multiplies the learning rate by optim.gamma after every epoch, "
+                             "and optim.gamma is neither set nor searched (its default, 0.1, is step's): set it, e.g. optim.gamma: 0.95, or search it")
         return self
 
     def base_config(self) -> Config:

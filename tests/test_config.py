@@ -282,3 +282,22 @@ def test_image_augmentation_on_feature_vectors_is_refused():
     with pytest.raises(BabysitError, match=r"train.flip and train.translate augment images; data.source 'digits' gives feature vectors"):
         load_config("conf/digits_mlp.yaml", ["train.flip=true"])
     load_config("conf/digits_mlp.yaml", ["data.source=digits_images", "model.kind=cnn", "train.flip=true", "preprocess.method=standardize"])
+
+
+def test_exponential_decay_needs_its_own_gamma_and_nesterov_a_momentum():
+    # the default gamma 0.1 is step's: per epoch it left 1e-12 of the rate by epoch 10, a run that
+    # stopped learning in epoch 3; nesterov at momentum 0 failed mid-run with torch's traceback (QA)
+    from babysit.config import SearchExperiment
+
+    with pytest.raises(BabysitError, match="optim.gamma is not set"):
+        load_config("conf/spiral_mlp.yaml", ["optim.schedule=exponential"])
+    assert load_config("conf/spiral_mlp.yaml", ["optim.schedule=exponential", "optim.gamma=0.95"]).optim.gamma == 0.95
+    assert Config.model_validate(load_config("conf/spiral_mlp.yaml", ["optim.schedule=exponential", "optim.gamma=0.95"]).model_dump()).optim.gamma == 0.95
+    assert load_config("conf/spiral_mlp.yaml", ["optim.schedule=step"]).optim.gamma == 0.1  # step's own default
+    with pytest.raises(BabysitError, match="optim.gamma is neither set nor searched"):
+        load_config("conf/search_digits.yaml", ["search.space.optim.schedule=choice([constant, exponential])"], model=SearchExperiment)
+    load_config("conf/search_digits.yaml", ["search.space.optim.schedule=choice([constant, exponential])", "optim.gamma=0.9"], model=SearchExperiment)
+    load_config("conf/search_digits.yaml", ["search.space.optim.schedule=choice([constant, exponential])", "search.space.optim.gamma=uniform(0.8, 0.99)"],
+                model=SearchExperiment)
+    with pytest.raises(BabysitError, match="optim.momentum is 0"):
+        load_config("conf/digits_mlp.yaml", ["optim.name=nesterov", "optim.momentum=0"])
