@@ -34,6 +34,16 @@ def _underfitting(history: History, rate_too_high: bool = False) -> str:
             f"`model.channels` for a CNN or ResNet), train longer{'' if rate_too_high else ', raise the learning rate'} or lower regularization.")
 
 
+def _plateau(why: str, history: History) -> str:
+    """A stalled loss wants a decay, unless the schedule has already cut the rate to almost nothing:
+    then it decayed too soon or too fast (QA: exponential at gamma 0.1 was told to decay the rate)."""
+    lr = history.get("lr") or []
+    if lr and lr[-1] < 0.01 * max(lr):
+        return (f"{why}, with the learning rate already cut to {lr[-1]:.2g} from {max(lr):.2g}: the schedule decayed it too soon or too fast — "
+                "decay later or slower (a larger `optim.gamma` or `optim.step_epochs`, or `optim.schedule: cosine`).")
+    return f"{why}: decay the learning rate (`optim.schedule: step` or `cosine`) once progress stalls; if accuracy is still low, the model may be too small."
+
+
 ADVICE: dict[str, Callable[[str, History], str]] = {
     "initial_loss_off": lambda why, h: f"{why}: fix this before training — the logits at init should be small "
     "(`model.head_init_scale`), the labels right and the loss the softmax cross-entropy.",
@@ -49,8 +59,7 @@ ADVICE: dict[str, Callable[[str, History], str]] = {
     "lr_too_low": lambda why, h: f"{why}: the loss is barely changing — raise the learning rate (3–10×).",
     "majority_class": lambda why, h: f"{why}: the model may be predicting that class for every row — check the labels, "
     "balance the classes (resample the rare ones, or weigh them) and judge it by per-class recall, not accuracy alone.",
-    "plateau": lambda why, h: f"{why}: decay the learning rate (`optim.schedule: step` or `cosine`) "
-    "once progress stalls; if accuracy is still low, the model may be too small.",
+    "plateau": _plateau,
     "underfitting": lambda why, h: _underfitting(h),
     "overfitting": lambda why, h: f"{_accuracies(h)}: overfitting — increase L2 (`optim.weight_decay`) or dropout "
     "(`model.dropout`), or add data; early stopping (`train.early_stopping_patience`) keeps the best-validation weights.",

@@ -287,6 +287,16 @@ def test_run_report_speaks_the_lectures_language():
     assert "the run did not finish" in stopped and "looks healthy" not in stopped and "not recorded at init" in stopped
 
 
+def test_a_plateau_under_a_rate_already_decayed_to_nothing_is_not_told_to_decay_it():
+    # exponential at gamma 0.1: the loss stalled from epoch 3 at lr ~1e-5 and the report said "decay the learning rate" (QA)
+    stalled = history([0.9, 0.75, 0.7357, 0.7357, 0.7357, 0.7357], [0.5] * 6)
+    stalled["lr"] = [1e-2 * 0.1**t for t in range(1, 7)]
+    said = run_report("cut", {"plateau": "training loss stalled"}, stalled, 1.1)
+    assert "already cut to 1e-08 from 0.001" in said and "decay later or slower" in said and "decay the learning rate (" not in said
+    stalled["lr"] = [1e-2] * 6  # at its full rate: decay it
+    assert "decay the learning rate (`optim.schedule: step` or `cosine`)" in run_report("flat", {"plateau": "training loss stalled"}, stalled, 1.1)
+
+
 def test_search_advice_blames_the_range_and_reports_edges():
     lrs = [1e-4 * 1.5**i for i in range(20)]  # 1e-4 .. 2.2e-1
     trials = pd.DataFrame({
