@@ -104,8 +104,9 @@ def search_overview(trials, fields: list[str], row: int | None = None, linear: C
         # a null option (a choice with None) became NaN in the table: such a field is categorical, with a "null" category
         numeric = values.notna().all() and values.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all()
         for colour, (stage, group) in enumerate(trials.groupby("stage", sort=False)):
+            group = group[group["val_acc"].notna()]  # diverged and failed trials have no score to place (QA: a stage of them crashed the figure)
             x = group[f"param.{field}"] if numeric else group[f"param.{field}"].map(category)
-            ax.scatter(x, group["val_acc"], label=stage, color=f"C{colour}", alpha=0.7, s=18)
+            ax.scatter(x, group["val_acc"].astype(float), label=stage, color=f"C{colour}", alpha=0.7, s=18)
         if numeric and field not in linear and (values > 0).all() and values.max() / values.min() > 20:
             ax.set_xscale("log")
             ax.minorticks_off()  # their tick objects were a fifth of the figure's drawing time

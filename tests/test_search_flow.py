@@ -783,6 +783,22 @@ def test_the_search_figure_plots_each_field_by_stage_with_one_legend():
             plots.close(figure)
 
 
+def test_the_search_figure_draws_a_stage_whose_every_trial_diverged_beside_a_choice():
+    from babysit import plots
+
+    # a coarse stage with no score at all, then a fine one: the choice's panel crashed the figure, after the
+    # whole search had run, and a rerun crashed again (QA)
+    trials = pd.DataFrame({"stage": ["coarse"] * 4 + ["fine"] * 4, "val_acc": [None] * 4 + [0.5, 0.6, 0.7, 0.4],
+                           "param.optim.lr": [100.0, 200.0, 300.0, 400.0, 30.0, 40.0, 50.0, 60.0], "param.model.activation": ["relu", "tanh"] * 4})
+    figure = plots.search_overview(trials, ["optim.lr", "model.activation"])
+    try:
+        figure.canvas.draw()
+        assert [len(points.get_offsets()) for points in figure.axes[1].collections] == [0, 4]  # the scored trials only
+        assert {label.get_text() for label in figure.axes[1].get_xticklabels()} == {"relu", "tanh"}
+    finally:
+        plots.close(figure)
+
+
 def test_the_search_figure_plots_a_null_option_of_a_choice_as_its_own_category():
     import numpy as np
 
