@@ -281,7 +281,7 @@ def _edge_lines(edges: list[tuple[str, str]], unmoved: dict[str, str], causes: d
     lines = []
     for field, side in edges:
         where = "upper" if side == "high" else "lower"
-        lines.append(f"{field}: the next stage's range moved past its {where} edge ({causes.get((field, side), 'the best value sat at that edge')}): the optimum may lie beyond it.")
+        lines.append(f"{field}: the next stage's range moved past its {where} edge ({causes.get((field, side), 'the best value sat at that edge')}), and searched beyond it.")
     for field, side in unmoved.items():
         where, bound = ("upper", "raise its upper bound") if side == "high" else ("lower", "lower its lower bound")
         said = f"{field}: the last stage's range should move past its {where} edge ({causes.get((field, side), 'the best value sat at that edge')})"

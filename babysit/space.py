@@ -234,7 +234,7 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
     moved past the field's limit stops at it, and one already there stays put and is not reported
     as an edge. Choices keep the options that appear among the top-k, and those no trial tried.
     Trials tied with the k-th best count among the top too; when every trial scored the same (all at chance), only diverged and
-    barely-learning trials narrow anything.
+    barely-learning trials narrow anything. A numeric field at which every trial had one value stays as it was.
     `reads(field, params)` says whether a trial trained with `field` at all (momentum only with
     SGD momentum, see babysit.config.READ_ONLY_WHEN): a field narrows on the top-k trials that
     read it, and stays as it was when none did.
@@ -263,6 +263,10 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
             tried = [t["params"][field] for t in trials if field in t["params"] and (reads is None or reads(field, t["params"]))]
             kept = [o for o in dist.options if any(_same(t["params"][field], o) for t in field_top) or not any(_same(v, o) for v in tried)]
             new_space[field] = replace(dist, options=tuple(kept) or dist.options)
+            continue
+        tried = [t["params"][field] for t in trials if field in t["params"] and (reads is None or reads(field, t["params"]))]
+        if len(tried) > 1 and len(set(tried)) == 1:  # every trial at one value (a grid short of its choices' combinations): no evidence (QA)
+            new_space[field] = dist
             continue
         positions = [dist.to_unit(t["params"][field]) for t in field_top]
         lo, hi = (0.0, 1.0) if tied else (min(positions) - cfg.pad, max(positions) + cfg.pad)  # tied: only what diverged or barely learned cuts

@@ -309,6 +309,23 @@ def warn_edge(stage: str, last: bool, field: str, side: str, cause: str, narrowe
         get_run_logger().warning("stage %s: %s's range moves past its %s edge (%s)", stage, field, side, cause)
 
 
+def best_value(field: str, results: list[TrialResult], base_tree: dict) -> object | None:
+    """`field`'s value in the best of `results` that trained with it (of tied trials the latest, as
+    the search's best trial); None when none of them scored."""
+    scored = [r for r in results if r.val_acc is not None and reads_field(field, r.params, base_tree)]
+    return max(reversed(scored), key=lambda r: r.val_acc).params[field] if scored else None
+
+
+def outranked_edge(field: str, side: str, dist, results: list[TrialResult], best: TrialResult | None, edge: float, base_tree: dict) -> bool:
+    """The last stage's best value sat at `side` of `field`'s range, but the search's best trial, from
+    an earlier stage, lies inside it: the stage's own best says nothing of where the optimum is (QA:
+    "move the lr range down" while the final retrained a rate 18× higher)."""
+    if best is None or best in results or not reads_field(field, best.params, base_tree):
+        return False
+    stage_best = best_value(field, results, base_tree)
+    return stage_best is not None and edge_side(dist, stage_best, edge) == side and edge_side(dist, best.params[field], edge) != side
+
+
 def edge_cause(field: str, side: str, dist, results: list[TrialResult], edge: float, base_tree: dict) -> str:
     """Why narrow() moved `field`'s range past its `side` edge, for the log and report.md: the best trial that
     trained with the field had its value there; or, for the learning rate, every trial diverged or
@@ -316,7 +333,7 @@ def edge_cause(field: str, side: str, dist, results: list[TrialResult], edge: fl
     scored = [r for r in results if r.val_acc is not None and reads_field(field, r.params, base_tree)]
     if not scored:
         return "every trial diverged: the learning rate is too high"
-    best = max(reversed(scored), key=lambda r: r.val_acc).params[field]  # of tied trials the latest, as the search's best trial
+    best = best_value(field, results, base_tree)
     if side == "low" and all("lr_too_high" in r.flags for r in scored):
         return f"every trial that finished learned too fast (lr_too_high), the best at {best:.4g}: the learning rate is too high"
     if edge_side(dist, best, edge) == side:
@@ -418,12 +435,15 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     # threads: Ctrl-C sets the flag before the task runner waits for its running trials
     stopping = stop_flag() if exp.search.runner == "threads" else nullcontext()
 
-    def review(number: int, stage_results: list[TrialResult]) -> dict:
-        """After stage `number`: its table and ranges logged, its edges noted; the space the next stage samples from."""
+    def review(number: int, stage_results: list[TrialResult], best: TrialResult | None = None) -> dict:
+        """After stage `number`: its table and ranges logged, its edges noted; the space the next stage
+        samples from. The last stage's edges are judged against the search's `best` trial too."""
         stage, last = stages[number], number + 1 == len(stages)
         band = edge_band(exp.search.sampler, space, stage.trials, exp.search.edge)
         narrowed, stage_edges = review_stage(stage.name, ranges[stage.name], space, stage_results, replace(narrowing, edge=band), is_valid, base_tree)
         for field, side in stage_edges.items():
+            if last and outranked_edge(field, side, space[field], stage_results, best, band, base_tree):
+                continue
             edges[:] = with_edge(edges, field, side)
             if last:  # no stage left to move it: the file's range has to, unless narrowing set that edge
                 unmoved[field] = side
@@ -488,7 +508,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         idle = (exp.search.workers - (retraining is not None)) if pool is not None else 0
         rows = plots.overview_rows(fields)
         drawing = [pool.submit(figure_row, searched, fields, row, linear) if row < rows_for_workers(rows, idle) else None for row in range(rows)]
-        review(len(stages) - 1, stage_results)
+        review(len(stages) - 1, stage_results, best)
         if retraining is not None and exp.search.runner == "threads":  # it trains in a thread here: matplotlib is not thread-safe
             final, retraining = retraining.result(), None
         drawing = [drawn or figure_row(searched, fields, row, linear) for row, drawn in enumerate(drawing)]

@@ -973,3 +973,20 @@ def test_a_trial_pruned_in_a_newer_run_does_not_hide_its_full_run_in_an_older_on
     experiment_id = tracking.open_store(fresh_uri, "reuse")
     assert finished_trials(fresh_uri, experiment_id, [newer, older])["K"].info.run_id == pruned  # a resumed run's own: kept
     assert finished_trials(fresh_uri, experiment_id, [newer, older], pruned=False)["K"].info.run_id == full
+
+
+def test_the_last_stages_edge_is_not_reported_when_the_searchs_best_trial_lies_inside_its_range():
+    # the fine stage's best (0.889) sat at its low lr edge, the search's best (0.956, coarse) at 0.027 mid-range:
+    # report.md said to move the lr range down while the final retrained a rate 18x higher (QA)
+    from flows.search import outranked_edge
+    from tasks.trial import TrialResult
+
+    lr = parse_dist("optim.lr", "loguniform(0.00116, 0.0537)")
+    fine = [TrialResult("a", "fine", 0, {"optim.lr": 0.0012}, "finished", 0.889), TrialResult("b", "fine", 1, {"optim.lr": 0.02}, "finished", 0.85)]
+    coarse_best = TrialResult("c", "coarse", 2, {"optim.lr": 0.0269}, "finished", 0.956)
+    base = load_config("conf/search_digits.yaml", [], model=SearchExperiment).base_config().model_dump(mode="json")
+    assert outranked_edge("optim.lr", "low", lr, fine, coarse_best, 0.1, base)
+    assert not outranked_edge("optim.lr", "low", lr, fine, fine[0], 0.1, base)  # the search's best is the stage's own: its edge stands
+    below = TrialResult("d", "coarse", 3, {"optim.lr": 0.0005}, "finished", 0.956)
+    assert not outranked_edge("optim.lr", "low", lr, fine, below, 0.1, base)  # the search's best lies past that edge: it stands too
+    assert not outranked_edge("optim.lr", "low", lr, fine, None, 0.1, base)

@@ -581,3 +581,15 @@ def test_a_top_share_rounds_to_the_nearest_count():
     assert top_count(0.25, 14) == 4
     assert top_count(0.3, 9) == 3
     assert top_count(0.3, 11) == 3  # 3.3 → 3
+
+
+def test_a_numeric_field_that_every_trial_shared_is_not_narrowed():
+    # a grid of fewer trials than its choices' combinations puts every trial at each numeric range's middle:
+    # the next stage narrowed lr from 3 decades to a sliver around that one value it never varied (QA)
+    space = space_of(optim__lr="loguniform(1e-4, 1e-1)", model__activation="choice([relu, tanh, elu])")
+    trials = [{"params": {"optim.lr": 3.16e-3, "model.activation": a}, "score": s} for a, s in (("relu", 0.9), ("tanh", 0.7), ("elu", 0.8))]
+    narrowed, edges = narrow(space, trials, Narrowing(top_k=1))
+    assert narrowed["optim.lr"] == space["optim.lr"] and not edges
+    assert narrowed["model.activation"].options == ("relu",)  # the choice that varied still narrows
+    trials[1]["params"]["optim.lr"] = 5e-2  # once the trials differ, it narrows as before
+    assert narrow(space, trials, Narrowing(top_k=1))[0]["optim.lr"] != space["optim.lr"]
