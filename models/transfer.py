@@ -8,6 +8,8 @@ is copied; the classifier head is always new, since the new task has its own cla
 
 from __future__ import annotations
 
+import re
+import textwrap
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -92,11 +94,16 @@ def load_source(init_from: str, tracking_uri: str) -> dict[str, torch.Tensor]:
     (runs:/, models:/), looked up in `tracking_uri`, the run's own store."""
     from babysit import tracking
 
-    if Path(init_from).is_file():
+    if urlparse(init_from).scheme in ("http", "https"):  # MLflow took it for an artifact server, and failed with a traceback (QA)
+        raise BabysitError(f"`model.init_from` {init_from}: a web address; download the file first and give its path, "
+                           "or give an MLflow model URI such as runs:/<run id>/model.")
+    if Path(init_from).expanduser().is_file():
         try:
-            state = torch.load(init_from, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise BabysitError(f"`model.init_from` {init_from}: not a torch state dict ({' '.join(str(err).split())[:200]}).") from None
+            state = torch.load(Path(init_from).expanduser(), map_location="cpu", weights_only=True)
+        except Exception as err:  # torch's message can hold terminal colours and run for pages: plain, and short
+            said = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(err).split()))
+            raise BabysitError(f"`model.init_from` {init_from}: not a torch state dict (torch.save(model.state_dict(), path)); "
+                               f"torch says: {textwrap.shorten(said, 300, placeholder=' ...')}") from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise BabysitError(f"`model.init_from` {init_from}: expected a state dict (torch.save(model.state_dict(), path)), got {type(state).__name__}.")
         return state

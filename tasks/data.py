@@ -109,7 +109,20 @@ def read_table(path: Path, target: str, kind: str, drop: list[str] = ()) -> tupl
                                "where a row sits in the file, which an ordered file ties to its class. List it in `data.drop_columns`.")
     with np.errstate(over="ignore"):  # a value beyond float32 becomes inf, which validate_dataset names
         X = features.to_numpy(dtype=np.float32)
-    return X, frame[target].to_numpy(), [str(c) for c in features.columns]
+    return X, table_labels(path, frame[target], kind), [str(c) for c in features.columns]
+
+
+def table_labels(path: Path, parsed: pd.Series, kind: str) -> np.ndarray:
+    """The target column as pandas parsed it, unless parsing merged labels the file writes apart
+    (QA: class '01' joined class '1', silently): then as written, text. Labels that pandas read as
+    missing ('NA', 'null', ...) stay missing, and validate_dataset says which text they were."""
+    if kind != "csv":
+        return parsed.to_numpy()
+    written = pd.read_csv(path, usecols=[parsed.name], dtype=str, keep_default_na=False)[parsed.name]
+    given = parsed.notna()
+    if parsed[given].nunique() < written[given].nunique():
+        return written.where(given, None).to_numpy()
+    return parsed.to_numpy()
 
 
 def read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -211,8 +224,13 @@ def validate_dataset(X: np.ndarray, labels: np.ndarray, origin: str, columns: li
         where = sorted(set(np.nonzero(bad)[1].tolist()))[:10]
         named = ", ".join(columns[i] for i in where) if columns is not None else str(where)
         raise BabysitError(f"{origin}: {int(bad.sum())} feature values are NaN (missing), infinite or beyond float32's ±3.4e38 (feature columns {named}); impute or drop them before training.")
+    if X.shape[0] and math.prod(X.shape[1:]) == 0:  # QA: trained 0 inputs, then crashed logging the model
+        raise BabysitError(f"{origin}: no features{' left once the target and data.drop_columns are taken out' if columns is not None else ''}; "
+                           "a model needs at least one input column.")
     if len(labels) and pd.isna(labels).any():
-        raise BabysitError(f"{origin}: {int(pd.isna(labels).sum())} labels are missing; every row needs a class.")
+        raise BabysitError(f"{origin}: {int(pd.isna(labels).sum())} labels are missing; every row needs a class"
+                           + (" (a table's empty cells, and text such as NA, N/A, null or None, read as missing: if such a text is a class's name, "
+                              "rename it in the file)." if columns is not None else "."))
     classes, y = np.unique(labels, return_inverse=True)
     if len(classes) < 2:
         raise BabysitError(f"{origin}: found {len(classes)} class(es); a classifier needs at least 2 distinct labels.")

@@ -78,6 +78,9 @@ def read_image_folder(root: Path, size: int, channels: int) -> tuple[np.ndarray,
                 images.append(read_pixels(image, size, channels, path))
         except (UnidentifiedImageError, OSError) as err:
             raise BabysitError(f"{path}: not a readable image ({err}).") from None
+        except Image.DecompressionBombError:  # a large scan or tile, refused by Pillow's guard against decompression bombs
+            raise BabysitError(f"{path}: more pixels than Pillow opens ({Image.MAX_IMAGE_PIXELS:,}, PIL.Image.MAX_IMAGE_PIXELS); "
+                               "resize or tile it first: the images are scaled to data.image_size anyway.") from None
         labels.append(label)
     if not images:
         raise BabysitError(f"{root}: the class folders hold no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")

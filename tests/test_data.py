@@ -72,6 +72,31 @@ def test_csv_with_string_labels(tmp_path):
     assert [data.classes[i] for i in data.y] == frame["species"].tolist()
 
 
+def test_csv_labels_that_read_alike_as_numbers_stay_apart_and_text_read_as_missing_is_explained(tmp_path):
+    # '01' and '1' became one class, silently; a class named NA read as 20 missing labels, unexplained (QA)
+    rng = np.random.default_rng(0)
+    codes = pd.DataFrame({"a": rng.normal(size=60), "code": ["01", "1", "2"] * 20})
+    codes.to_csv(tmp_path / "codes.csv", index=False)
+    data = load_dataset(DataConfig(source="csv", path=tmp_path / "codes.csv", target="code"), seed=0)
+    assert data.classes == ["01", "1", "2"] and np.bincount(data.y).tolist() == [20, 20, 20]
+    numbers = codes.assign(code=[3, 10, 2] * 20)  # plain numbers keep their numeric order (10 after 3)
+    numbers.to_csv(tmp_path / "numbers.csv", index=False)
+    assert load_dataset(DataConfig(source="csv", path=tmp_path / "numbers.csv", target="code"), seed=0).classes == ["2", "3", "10"]
+    codes.assign(code=["EU", "NA", "AS"] * 20).to_csv(tmp_path / "regions.csv", index=False)
+    with pytest.raises(BabysitError, match=r"20 labels are missing.*text such as NA, N/A, null or None, read as missing.*rename it in the file"):
+        load_dataset(DataConfig(source="csv", path=tmp_path / "regions.csv", target="code"), seed=0)
+
+
+def test_data_without_a_feature_is_refused(tmp_path):
+    # a CSV of labels only trained a model of 0 inputs and crashed logging it; an NPZ of X (n, 0) crashed in the scaler (QA)
+    pd.DataFrame({"label": [0, 1] * 20}).to_csv(tmp_path / "labels.csv", index=False)
+    with pytest.raises(BabysitError, match="no features left once the target and data.drop_columns are taken out"):
+        load_dataset(DataConfig(source="csv", path=tmp_path / "labels.csv", target="label"), seed=0)
+    np.savez(tmp_path / "empty.npz", X=np.zeros((40, 0)), y=np.arange(40) % 2)
+    with pytest.raises(BabysitError, match="empty.npz: no features; a model needs at least one input"):
+        load_dataset(DataConfig(source="npz", path=tmp_path / "empty.npz"), seed=0)
+
+
 def test_parquet_with_named_target(tmp_path):
     frame = table(seed=1)
     frame["label"] = np.arange(len(frame)) % 2 * 7 + 3  # labels 3 and 10: encoded as 0 and 1

@@ -84,6 +84,18 @@ def test_broken_image_folders_are_named(tmp_path):
         load_dataset(DataConfig(source="image_folder", path=tmp_path / "bad"), seed=0)
 
 
+def test_an_image_over_pillows_pixel_limit_is_named_with_the_limit(tmp_path, monkeypatch):
+    # a 15000 x 15000 scan raised Pillow's DecompressionBombError as a raw traceback (QA); the limit lowered to keep the test small
+    for label in "ab":
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            Image.new("L", (8, 8)).save(tmp_path / label / f"{i}.png")
+    Image.new("L", (32, 32)).save(tmp_path / "a" / "scan.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # Pillow refuses twice its limit: 1024 pixels > 800
+    with pytest.raises(BabysitError, match=r"scan.png: more pixels than Pillow opens \(400, PIL.Image.MAX_IMAGE_PIXELS\)"):
+        load_dataset(DataConfig(source="image_folder", path=tmp_path, image_size=8, channels=1), seed=0)
+
+
 # 16-bit PNGs open as I;16, big-endian 16-bit TIFFs as I;16B, 32-bit int TIFFs as I, float TIFFs as F (0..1)
 HIGH_BIT = {"I;16": (".png", lambda v8: (v8 * 257).astype(np.uint16)), "I;16B": (".tif", lambda v8: (v8 * 257).astype(">u2")),
             "I": (".tif", lambda v8: (v8 * 257).astype(np.int32)), "F": (".tif", lambda v8: (v8 / 255).astype(np.float32))}

@@ -256,3 +256,18 @@ def test_the_epoch_log_says_when_every_layer_trains_after_a_frozen_phase_that_st
     lines = [r.getMessage() for r in caplog.records if r.name == "babysit.train"]
     frozen = result.epochs_run - 2
     assert frozen < 30 and f"epoch {frozen + 1} on: every layer trains (train.unfreeze_epochs 2, at 0.1 × the learning rate)" in lines
+
+
+def test_an_init_from_web_address_home_path_or_pickled_module_is_said_plainly(tmp_path, monkeypatch):
+    # a URL went to MLflow as an artifact server (two tracebacks); ~ was not expanded; a pickled module's
+    # refusal came with terminal colours, cut mid-word (QA)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(BabysitError, match="a web address; download the file first"):
+        load_source("https://example.com/model.pt", uri)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    torch.save({"w": torch.ones(2)}, tmp_path / "weights.pt")
+    assert load_source("~/weights.pt", uri)["w"].tolist() == [1.0, 1.0]
+    torch.save(torch.nn.Linear(3, 2), tmp_path / "module.pt")
+    with pytest.raises(BabysitError, match=r"not a torch state dict \(torch.save\(model.state_dict\(\), path\)\); torch says: ") as refused:
+        load_source(str(tmp_path / "module.pt"), uri)
+    assert "\x1b[" not in str(refused.value) and len(str(refused.value)) < 600
