@@ -35,13 +35,20 @@ def _underfitting(history: History, rate_too_high: bool = False) -> str:
 
 
 def _plateau(why: str, history: History) -> str:
-    """A stalled loss wants a decay, unless the schedule has already cut the rate to almost nothing:
-    then it decayed too soon or too fast (QA: exponential at gamma 0.1 was told to decay the rate)."""
-    lr = history.get("lr") or []
-    if lr and lr[-1] < 0.01 * max(lr):
-        return (f"{why}, with the learning rate already cut to {lr[-1]:.2g} from {max(lr):.2g}: the schedule decayed it too soon or too fast — "
-                "decay later or slower (a larger `optim.gamma` or `optim.step_epochs`, or `optim.schedule: cosine`).")
-    return f"{why}: decay the learning rate (`optim.schedule: step` or `cosine`) once progress stalls; if accuracy is still low, the model may be too small."
+    """A stalled loss wants a decay of a constant rate. Under a schedule it does not: a rate already
+    cut to almost nothing where the loss stopped falling was decayed too soon or too fast (QA:
+    exponential at gamma 0.1 was told to add a decay); one still high enough points at the model."""
+    lr, loss = history.get("lr") or [], history["train_loss"]
+    finite = [value for value in loss if math.isfinite(value)]
+    if len(lr) != len(loss) or not finite or min(lr) == max(lr):
+        return f"{why}: decay the learning rate (`optim.schedule: step` or `cosine`) once progress stalls; if accuracy is still low, the model may be too small."
+    stalled = next(i for i, value in enumerate(loss) if math.isfinite(value) and value <= 1.01 * min(finite))  # within 1% of its lowest from here on
+    peak = max(lr[: stalled + 1])
+    if lr[stalled] < 0.05 * peak:
+        return (f"{why}, and by epoch {stalled + 1}, where the loss stopped falling, the schedule had cut the learning rate to {lr[stalled]:.2g} "
+                f"from {peak:.2g}: it decayed too soon or too fast — decay later or slower (a larger `optim.gamma` or `optim.step_epochs`, or cosine).")
+    return (f"{why} while the schedule still ran the learning rate at {lr[stalled]:.2g} (from {peak:.2g}): the rate is not what stalled it — "
+            "if accuracy is still low, the model may be too small (`model.hidden`), or the data too hard for it.")
 
 
 ADVICE: dict[str, Callable[[str, History], str]] = {
@@ -270,7 +277,7 @@ def _stage_lines(stage: str, group: pd.DataFrame, group_flags: pd.Series, params
                 "overfitting": "search stronger regularization (larger `optim.weight_decay`, `model.dropout`).",
                 # a stage whose rates were too high (or exploded) is not told to raise them too (QA)
                 "underfitting": "search bigger models or train longer." if (fast | exploded).any() else "search bigger models or a higher learning rate, or train longer.",
-                "plateau": "add a learning-rate decay (`optim.schedule`).",
+                "plateau": "add a learning-rate decay (`optim.schedule`), or, where one already cut the rate early, decay later or slower.",
                 "dead_relu": "lower the learning rate or try leaky ReLU.",
             }[flag])
     return lines

@@ -206,7 +206,8 @@ class OptimConfig(Section):
         if self.schedule == "exponential" and "gamma" not in self.model_fields_set:
             # as torch's ExponentialLR, it needs its own: the default 0.1 is step's, and per epoch it left 1e-12 of the rate by epoch 10 (QA)
             raise ValueError("optim.schedule exponential multiplies the learning rate by optim.gamma after every epoch, and optim.gamma is not set "
-                             "(its default, 0.1, is step's cut every step_epochs): set it, e.g. optim.gamma: 0.95 (the rate halves every ~14 epochs)")
+                             "(its default, 0.1, is step's cut every step_epochs): set it, e.g. optim.gamma: 0.95 (the rate halves every ~14 epochs); "
+                             "a search that searches it needs one in the file too, for its base config")
         return self
 
     @property

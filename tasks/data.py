@@ -114,12 +114,16 @@ def read_table(path: Path, target: str, kind: str, drop: list[str] = ()) -> tupl
 
 def table_labels(path: Path, parsed: pd.Series, kind: str) -> np.ndarray:
     """The target column as pandas parsed it, unless parsing merged labels the file writes apart
-    (QA: class '01' joined class '1', silently): then as written, text. Labels that pandas read as
-    missing ('NA', 'null', ...) stay missing, and validate_dataset says which text they were."""
+    (QA: class '01' joined class '1', silently): then as written, text. Text that pandas reads as
+    missing ('NA', 'null', ...) is refused by name: a class called NA read as 20 missing labels (QA)."""
     if kind != "csv":
         return parsed.to_numpy()
     written = pd.read_csv(path, usecols=[parsed.name], dtype=str, keep_default_na=False)[parsed.name]
     given = parsed.notna()
+    if (read_missing := ~given & (written.str.strip() != "")).any():
+        texts = sorted(set(written[read_missing]))
+        raise BabysitError(f"{path}: {int(read_missing.sum())} labels in column '{parsed.name}' are text that pandas reads as missing "
+                           f"({', '.join(map(repr, texts[:5]))}): if that is a class's name, rename it in the file; rows without a class, drop.")
     if parsed[given].nunique() < written[given].nunique():
         return written.where(given, None).to_numpy()
     return parsed.to_numpy()
@@ -228,9 +232,7 @@ def validate_dataset(X: np.ndarray, labels: np.ndarray, origin: str, columns: li
         raise BabysitError(f"{origin}: no features{' left once the target and data.drop_columns are taken out' if columns is not None else ''}; "
                            "a model needs at least one input column.")
     if len(labels) and pd.isna(labels).any():
-        raise BabysitError(f"{origin}: {int(pd.isna(labels).sum())} labels are missing; every row needs a class"
-                           + (" (a table's empty cells, and text such as NA, N/A, null or None, read as missing: if such a text is a class's name, "
-                              "rename it in the file)." if columns is not None else "."))
+        raise BabysitError(f"{origin}: {int(pd.isna(labels).sum())} labels are missing; every row needs a class.")
     classes, y = np.unique(labels, return_inverse=True)
     if len(classes) < 2:
         raise BabysitError(f"{origin}: found {len(classes)} class(es); a classifier needs at least 2 distinct labels.")

@@ -79,7 +79,7 @@ def read_image_folder(root: Path, size: int, channels: int) -> tuple[np.ndarray,
         except (UnidentifiedImageError, OSError) as err:
             raise BabysitError(f"{path}: not a readable image ({err}).") from None
         except Image.DecompressionBombError:  # a large scan or tile, refused by Pillow's guard against decompression bombs
-            raise BabysitError(f"{path}: more pixels than Pillow opens ({Image.MAX_IMAGE_PIXELS:,}, PIL.Image.MAX_IMAGE_PIXELS); "
+            raise BabysitError(f"{path}: more pixels than Pillow opens ({2 * Image.MAX_IMAGE_PIXELS:,}, twice PIL.Image.MAX_IMAGE_PIXELS); "
                                "resize or tile it first: the images are scaled to data.image_size anyway.") from None
         labels.append(label)
     if not images:

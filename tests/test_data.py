@@ -83,7 +83,7 @@ def test_csv_labels_that_read_alike_as_numbers_stay_apart_and_text_read_as_missi
     numbers.to_csv(tmp_path / "numbers.csv", index=False)
     assert load_dataset(DataConfig(source="csv", path=tmp_path / "numbers.csv", target="code"), seed=0).classes == ["2", "3", "10"]
     codes.assign(code=["EU", "NA", "AS"] * 20).to_csv(tmp_path / "regions.csv", index=False)
-    with pytest.raises(BabysitError, match=r"20 labels are missing.*text such as NA, N/A, null or None, read as missing.*rename it in the file"):
+    with pytest.raises(BabysitError, match=r"20 labels in column 'code' are text that pandas reads as missing \('NA'\): if that is a class's name, rename it"):
         load_dataset(DataConfig(source="csv", path=tmp_path / "regions.csv", target="code"), seed=0)
 
 

@@ -92,7 +92,7 @@ def test_an_image_over_pillows_pixel_limit_is_named_with_the_limit(tmp_path, mon
             Image.new("L", (8, 8)).save(tmp_path / label / f"{i}.png")
     Image.new("L", (32, 32)).save(tmp_path / "a" / "scan.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # Pillow refuses twice its limit: 1024 pixels > 800
-    with pytest.raises(BabysitError, match=r"scan.png: more pixels than Pillow opens \(400, PIL.Image.MAX_IMAGE_PIXELS\)"):
+    with pytest.raises(BabysitError, match=r"scan.png: more pixels than Pillow opens \(800, twice PIL.Image.MAX_IMAGE_PIXELS\)"):
         load_dataset(DataConfig(source="image_folder", path=tmp_path, image_size=8, channels=1), seed=0)
 
 
