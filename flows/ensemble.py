@@ -13,14 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from pydantic import ValidationError
 from prefect.cache_policies import NO_CACHE
 
 from babysit import tracking
 from babysit.config import PLACEMENT_FIELDS, Config, with_values
 from babysit.errors import BabysitError
-from tasks.data import load_data_task
+from tasks.data import data_fingerprint, load_data_task
 from tasks.preprocess import Prepared, preprocess_task
 from tasks.train import train_and_test
 
@@ -74,8 +74,8 @@ def search_parent(uri: str, search_run_id: str) -> tracking.RunRecord:
     return parent
 
 
-def top_trials(uri: str, search_run_id: str, k: int) -> list:
-    parent = search_parent(uri, search_run_id)
+def top_trials(uri: str, search_run_id: str, k: int, parent: tracking.RunRecord | None = None) -> list:
+    parent = parent or search_parent(uri, search_run_id)
     trials = [r for r in search_trials(uri, parent.experiment_id, search_run_id, parent.tags.get("babysit.reused_from"))
               if r.info.status == "FINISHED" and r.data.tags.get("babysit.stage") != "final" and r.data.tags.get("babysit.status") == "finished"]
     best = parent.tags.get("babysit.best_trial")  # first among the trials tied with it, as the search chose it
@@ -118,11 +118,15 @@ def ensemble_flow(search_run_id: str, top: int = 3, epochs: int | None = None, t
     if top < 1 or epochs is not None and epochs < 1:
         raise BabysitError(f"ensemble of search {search_run_id}: `top` and `epochs` are counts of at least 1 (got top={top}, epochs={epochs}).")
     uri = tracking.resolve_uri(tracking_uri)
-    trials = top_trials(uri, search_run_id, top)
+    parent = search_parent(uri, search_run_id)
+    trials = top_trials(uri, search_run_id, top, parent)
     configs = [config_from_params(r.data.params) for r in trials]
     if epochs is not None:
         configs = [c.model_copy(update={"train": c.train.model_copy(update={"epochs": epochs})}) for c in configs]
     base = configs[0]  # members share data and preprocessing: a search varies the model, not the split
+    if (searched_on := parent.tags.get("babysit.data_version")) and data_fingerprint(base.data) != searched_on:  # QA: retrained on other data, without a word
+        get_run_logger().warning("ensemble of search %s: %s changed after the search ran (its files' sizes or times differ): its members were "
+                                 "chosen on the old data and retrain on the new, so they need not be its best any more", search_run_id, base.data.path)
     prepared = preprocess_task(load_data_task(base.data, base.seed), base.preprocess)
     # one after another: small models hold the GIL for most of each step, so threads would not overlap them
     members = [member_task(cfg, prepared) for cfg in configs]

@@ -183,8 +183,10 @@ def test_a_search_whose_file_changed_reuses_the_finished_trials_of_its_earlier_r
     assert best.data.metrics["best_val_acc"] == pytest.approx(again.best_val_acc)
 
 
-def test_a_search_on_data_rewritten_in_place_trains_again(prefect_harness, fresh_uri, tmp_path):
+def test_a_search_on_data_rewritten_in_place_trains_again(prefect_harness, fresh_uri, tmp_path, caplog):
     from sklearn.datasets import load_digits
+
+    from flows.ensemble import ensemble_flow
 
     table = load_digits(as_frame=True).frame
     csv = tmp_path / "digits.csv"
@@ -201,6 +203,13 @@ def test_a_search_on_data_rewritten_in_place_trains_again(prefect_harness, fresh
     changed = search_flow(config="conf/search_digits.yaml", overrides=overrides)
     assert changed.parent_run_id != first.parent_run_id and (changed.trials_run, changed.trials_reused) == (2, 0)
     assert changed.best_val_acc < first.best_val_acc
+    # an ensemble of the first search retrains on the new data: it says so (QA: without a word)
+    with caplog.at_level(logging.WARNING):
+        ensemble_flow(first.parent_run_id, top=2, epochs=1)
+    assert "changed after the search ran" in caplog.text
+    caplog.clear()
+    ensemble_flow(changed.parent_run_id, top=2, epochs=1)
+    assert "changed after the search ran" not in caplog.text
 
 
 def test_a_search_is_the_same_search_however_its_ranges_are_spelled_and_wherever_it_trains():
