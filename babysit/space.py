@@ -225,7 +225,8 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
     instead (by `widen`), unless a diverged trial already lies beyond it — diverged trials cap the
     upper bound (too-high values) from above: the learning rate's, when theirs was above every top
     trial's (_divergence_explained_by_lr), else every field's. The learning rate (`cfg.learning_rate`) has the
-    mirror image: too-slow trials below the top trials raise its lower bound. Too-slow trials tied
+    mirror image: too-slow trials below the top trials raise its lower bound, and too-fast ones (lr_too_high)
+    above them lower its upper bound, as report.md's advice says. Too-slow trials tied
     into the top-k below a best trial that learned do not count among the top. When most of the
     top trials were too slow themselves (the best too), or every trial diverged, only the learning
     rate's range moves (up or down, past the edge; with the learning rate not searched, nothing does); see _above_what_barely_learned and _below_what_diverged, which
@@ -283,9 +284,10 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
             lo = -_edge_shift(dist, cfg.widen)
         if side == "high":
             hi = 1 + _edge_shift(dist, cfg.widen)
-        if field == cfg.learning_rate:  # trials too slow to learn, below the top ones, raise the floor
+        if field == cfg.learning_rate:  # trials too slow to learn, below the top ones, raise the floor; too fast, above them, lower the ceiling
             slow_below = [u for t in trials if t.get("too_slow") and (u := dist.to_unit(t["params"][field])) < min(positions)]
-            lo = max([lo, *slow_below])
+            fast_above = [u for t in trials if t.get("too_fast") and (u := dist.to_unit(t["params"][field])) > max(positions)]
+            lo, hi = max([lo, *slow_below]), min([hi, *fast_above])
         diverged_above = [u for t in trials if t.get("diverged") and (reads is None or reads(field, t["params"])) and (u := dist.to_unit(t["params"][field])) > max(positions)
                           and (field == cfg.learning_rate or not lr_explains(t))]
         if diverged_above:

@@ -593,3 +593,15 @@ def test_a_numeric_field_that_every_trial_shared_is_not_narrowed():
     assert narrowed["model.activation"].options == ("relu",)  # the choice that varied still narrows
     trials[1]["params"]["optim.lr"] = 5e-2  # once the trials differ, it narrows as before
     assert narrow(space, trials, Narrowing(top_k=1))[0]["optim.lr"] != space["optim.lr"]
+
+
+def test_trials_that_learned_too_fast_above_the_top_ones_lower_the_learning_rates_ceiling():
+    # report.md said "lr_too_high in 6 of 16 trials, all with optim.lr >= 0.93: lower the upper bound", and the next
+    # range still went up to 0.96 (QA): as too-slow trials below the top raise the floor, too-fast ones above it lower the ceiling
+    space = space_of(optim__lr="loguniform(1e-4, 1.0)")
+    trials = [{"params": {"optim.lr": lr}, "score": score, "too_fast": fast}
+              for lr, score, fast in ((0.1, 0.95, False), (0.2, 0.94, False), (0.25, 0.6, True), (0.5, 0.5, True), (1e-3, 0.7, False), (1e-4, 0.5, False))]
+    narrowed, edges = narrow(space, trials, Narrowing(top_k=2, pad=0.1))
+    assert narrowed["optim.lr"].high == pytest.approx(0.25) and narrowed["optim.lr"].low < 0.1 and not edges
+    trials[2]["too_fast"] = trials[3]["too_fast"] = False  # the same scores without the flag: padded past 0.25 as before
+    assert narrow(space, trials, Narrowing(top_k=2, pad=0.1))[0]["optim.lr"].high > 0.25
