@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from babysit import servers
-from babysit.config import load_config
+from babysit.config import load_config, warmup_outlasts
 from babysit.errors import BabysitError
 
 console = Console()
@@ -119,6 +119,8 @@ def train(args: argparse.Namespace) -> int:
     from babysit import tracking
 
     cfg = load_config(args.config, args.set)
+    if problem := warmup_outlasts(cfg.optim.warmup_epochs, cfg.train.epochs, "train.epochs"):  # said at once; the flow says it too, for deployments
+        raise BabysitError(f"{args.config}: {problem}.")
     default_uri = tracking.resolve_uri(None)
     with console.status("starting Prefect (ephemeral server unless PREFECT_API_URL is set)..."):
         from flows.train import train_flow

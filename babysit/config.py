@@ -580,6 +580,9 @@ class SearchExperiment(Config):
         for field in self.search.space:
             if problem := never_read(field, self.search.space, base):
                 raise ValueError(f"search.space: {problem}")
+        for stage in [*self.search.stages, *([self.search.final] if self.search.final else [])]:
+            if problem := warmup_outlasts(self.optim.warmup_epochs, stage.epochs, f"stage {getattr(stage, 'name', 'final')}"):
+                raise ValueError(f"search: {problem}")
         schedules = parse_dist("optim.schedule", self.search.space["optim.schedule"]).options if "optim.schedule" in self.search.space else ()
         if "exponential" in schedules and "gamma" not in self.optim.model_fields_set and "optim.gamma" not in self.search.space:
             raise ValueError("search.space: optim.schedule may be exponential, which multiplies the learning rate by optim.gamma after every epoch, "
@@ -684,6 +687,14 @@ def reads_field(field: str, values: dict[str, Any], base: dict[str, Any]) -> boo
         return True
     switch, readers = READ_ONLY_WHEN[field]
     return values.get(switch, reads_switch(switch, base)) in readers
+
+
+def warmup_outlasts(warmup_epochs: int, epochs: int, where: str) -> str | None:
+    """Why a warmup of `warmup_epochs` cannot precede `epochs` of training (`where` names them), or None."""
+    if warmup_epochs and warmup_epochs >= epochs:  # QA: accepted, and the rate never reached optim.lr, nor did a schedule decay it
+        return (f"optim.warmup_epochs {warmup_epochs} lasts as long as {where} ({epochs} epochs) or longer: the learning rate would never "
+                f"reach optim.lr, nor a schedule decay it; warm up for fewer epochs (a few, or none: 0)")
+    return None
 
 
 def untrainable(cfg: Config) -> str | None:

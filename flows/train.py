@@ -9,7 +9,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from babysit import owners, tracking
 from babysit.provenance import provenance_tags
-from babysit.config import Config, load_config
+from babysit.config import Config, load_config, warmup_outlasts
+from babysit.errors import BabysitError
 from babysit.advice import run_report
 from babysit.flags import init_flags, run_flags
 from tasks.build import build_task
@@ -37,6 +38,8 @@ class RunSummary:
 def run_training(cfg: Config) -> RunSummary:
     """The train pipeline for an already validated config (used by train_flow and tests)."""
     training_device(cfg)  # a config that cannot train here stops the run before MLflow has one
+    if problem := warmup_outlasts(cfg.optim.warmup_epochs, cfg.train.epochs, "train.epochs"):
+        raise BabysitError(f"{cfg.name}: {problem}.")
     splits = load_data_task(cfg.data, cfg.seed)
     prepared = preprocess_task(splits, cfg.preprocess)
     s = prepared.splits

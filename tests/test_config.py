@@ -301,3 +301,18 @@ def test_exponential_decay_needs_its_own_gamma_and_nesterov_a_momentum():
                 model=SearchExperiment)
     with pytest.raises(BabysitError, match="optim.momentum is 0"):
         load_config("conf/digits_mlp.yaml", ["optim.name=nesterov", "optim.momentum=0"])
+
+
+def test_a_warmup_as_long_as_the_training_is_refused_for_train_and_for_every_stage_of_a_search(capsys):
+    # accepted: the rate never reached optim.lr, nor did a cosine schedule decay it (QA)
+    from babysit.cli import main
+    from babysit.config import SearchExperiment
+
+    assert main(["train", "conf/digits_mlp.yaml", "--set", "optim.warmup_epochs=20"]) == 2  # before Prefect or MLflow start
+    assert "optim.warmup_epochs 20 lasts as long as train.epochs (20 epochs) or longer" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(BabysitError, match="optim.warmup_epochs 2 lasts as long as stage coarse"):
+        load_config("conf/search_digits.yaml", ["optim.warmup_epochs=2"], model=SearchExperiment)
+    with pytest.raises(BabysitError, match="optim.warmup_epochs 8 lasts as long as stage final"):
+        load_config("conf/search_digits.yaml", ["optim.warmup_epochs=8", "search.stages=[{name: coarse, trials: 2, epochs: 9}]", "search.final.epochs=8"],
+                    model=SearchExperiment)
+    assert load_config("conf/digits_mlp.yaml", ["optim.warmup_epochs=19"]).optim.warmup_epochs == 19
