@@ -31,6 +31,7 @@ class PastSearch:
     started: datetime | None  # UTC
     best_val_acc: float | None
     ranges: dict[str, dict[str, str]]  # stage -> field -> 'loguniform(1e-05, 0.1)', in stage order
+    search_hash: str = ""  # its file's, as flows.search.search_hash: another base config or space, another hash
 
 
 def schedule_identity(deployment: str | None, scheduled: datetime | None) -> dict[str, str]:
@@ -90,7 +91,7 @@ def past_search(run: Any, fields: list[str], fallback_order: list[str]) -> PastS
     started = datetime.fromtimestamp(run.info.start_time / 1000, timezone.utc) if run.info.start_time else None
     return PastSearch(
         run.info.run_id, tags.get("mlflow.runName", run.info.run_id), started, metrics.get("best_val_acc"),
-        stage_ranges(tags, fields, stage_order(params, fallback_order)),
+        stage_ranges(tags, fields, stage_order(params, fallback_order)), tags.get("babysit.search_hash", ""),
     )
 
 
@@ -138,13 +139,16 @@ def _candidate(field: str, dist: Dist, text: str | None, is_valid: Any) -> tuple
     return old, ""
 
 
-def changes_since(past: PastSearch | None, best_val_acc: float | None, ranges: dict[str, dict[str, str]]) -> list[str]:
-    """What changed since `past`: best validation accuracy, then each stage's ranges that moved
-    (compared stage by stage and field by field; pairs that `past` did not search are listed as such)."""
+def changes_since(past: PastSearch | None, best_val_acc: float | None, ranges: dict[str, dict[str, str]], search_hash: str = "") -> list[str]:
+    """What changed since `past`: whether the search file did (`search_hash`, this run's), best
+    validation accuracy, then each stage's ranges that moved (compared stage by stage and field by
+    field; pairs that `past` did not search are listed as such)."""
     if past is None:
         return []
     when = f" ({past.started:%Y-%m-%d %H:%M}Z)" if past.started else ""
     lines = [f"since {past.run_name}{when}, run {past.run_id}:"]
+    if search_hash and past.search_hash and search_hash != past.search_hash:  # QA: a batch-norm search compared with one without, unsaid
+        lines.append("the search file changed since (its base config, space or stages): the two searches differ in more than their luck")
     if best_val_acc is not None and past.best_val_acc is not None:
         lines.append(f"best val acc {past.best_val_acc:.4f} -> {best_val_acc:.4f} ({best_val_acc - past.best_val_acc:+.4f})")
     now = [(stage, field, text) for stage, space in ranges.items() for field, text in space.items()]

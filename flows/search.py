@@ -521,7 +521,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         reused_from = {finished[r.key].data.tags.get("mlflow.parentRunId", "") for r in results if r.reused} - {parent.run_id}
         log_search_outcome(parent, frame, best, final, edges, sorted(reused_from))
         tracking.log_text(parent, report, "report.md")
-        changes = recurring.changes_since(previous, best.val_acc, ranges)
+        changes = recurring.changes_since(previous, best.val_acc, ranges, search_hash(exp, version))
         if changes:
             tracking.set_tags(parent, {"babysit.previous_search": previous.run_id})
             tracking.log_text(parent, "\n".join(changes) + "\n", "changes.txt")

@@ -107,6 +107,10 @@ def test_changes_since_the_last_run_name_accuracy_and_moved_ranges():
     assert lines[2] == "coarse optim.lr: loguniform(1e-05, 0.1) -> loguniform(0.001, 0.01)"
     assert recurring.changes_since(past, 0.95, {"coarse": {"optim.lr": "loguniform(1e-05, 0.1)"}})[-1] == "ranges: unchanged"
     assert recurring.changes_since(None, 0.97, {}) == []
+    # a search whose file changed since (QA: batch norm on, then off, compared as if only luck differed) says so
+    hashed = recurring.past_search(past_run(tags={"range.coarse.optim.lr": "loguniform(1e-05, 0.1)", "babysit.search_hash": "aaa"}), ["optim.lr"], [])
+    assert "the search file changed since" in recurring.changes_since(hashed, 0.97, {"coarse": {"optim.lr": "loguniform(1e-05, 0.1)"}}, "bbb")[1]
+    assert not any("file changed" in line for line in recurring.changes_since(hashed, 0.97, {"coarse": {"optim.lr": "loguniform(1e-05, 0.1)"}}, "aaa"))
 
 
 def test_changes_since_a_run_with_other_stages_says_what_was_not_compared():
