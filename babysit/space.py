@@ -257,15 +257,14 @@ def narrow(space: Space, trials: list[dict[str, Any]], cfg: Narrowing, is_valid:
     new_space, edges = {}, {}
     for field, dist in space.items():
         field_top = [t for t in top if reads is None or reads(field, t["params"])]
+        tried = [t["params"][field] for t in trials if field in t["params"] and (reads is None or reads(field, t["params"]))]
         if not field_top or tied and not dist.numeric:  # no evidence either way
             new_space[field] = dist
             continue
         if not dist.numeric:  # an option no trial tried is no evidence either way: it stays
-            tried = [t["params"][field] for t in trials if field in t["params"] and (reads is None or reads(field, t["params"]))]
             kept = [o for o in dist.options if any(_same(t["params"][field], o) for t in field_top) or not any(_same(v, o) for v in tried)]
             new_space[field] = replace(dist, options=tuple(kept) or dist.options)
             continue
-        tried = [t["params"][field] for t in trials if field in t["params"] and (reads is None or reads(field, t["params"]))]
         if len(tried) > 1 and len(set(tried)) == 1:  # every trial at one value (a grid short of its choices' combinations): no evidence (QA)
             new_space[field] = dist
             continue
