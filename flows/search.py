@@ -13,7 +13,7 @@ import json
 import os
 from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, replace
 from typing import NoReturn
 
@@ -358,11 +358,9 @@ def check_before_searching(name: str, base_tree: dict, space: dict, prepared: Pr
     searched_lr = {"optim.lr": space["optim.lr"].from_unit(0.5)} if "optim.lr" in space else {}
     checked = Config.model_validate(with_values(base_tree, searched_lr))
     source = None
-    if checked.model.init_from:  # the weights the trials start from, as `babysit check` judges them
-        try:
-            source = transfer_source(checked, prepared.splits.input_shape, prepared.splits.n_classes)
-        except BabysitError:  # the base widths do not fit it; searched widths may, and each trial says so
-            source = None
+    # the weights the trials start from, as `babysit check` judges them; when the base widths do not fit them, searched widths may (each trial says)
+    with suppress(BabysitError):
+        source = transfer_source(checked, prepared.splits.input_shape, prepared.splits.n_classes)
     check = overfit_tiny_subset(checked, prepared, source=source)
     start = f", from model.init_from {checked.model.init_from}" if source is not None else ""
     tracking.set_tags(parent, {"babysit.sanity_check": f"{'passed' if check.passed else 'failed'}{start}: {check.reason}"})
