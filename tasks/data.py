@@ -116,7 +116,7 @@ def table_labels(path: Path, parsed: pd.Series, kind: str) -> np.ndarray:
     """The target column as pandas parsed it, unless parsing merged labels the file writes apart
     (QA: class '01' joined class '1', silently): then as written, text. Text that pandas reads as
     missing ('NA', 'null', ...) is refused by name: a class called NA read as 20 missing labels (QA)."""
-    if kind != "csv":
+    if kind != "csv" or (parsed.dtype == object and parsed.notna().all()):  # text kept as written, none missing: nothing to read again
         return parsed.to_numpy()
     written = pd.read_csv(path, usecols=[parsed.name], dtype=str, keep_default_na=False)[parsed.name]
     given = parsed.notna()
