@@ -9,8 +9,9 @@ import threading
 class Pruner:
     """Compares each trial's val accuracy at an epoch with what its stage-mates reached there.
 
-    median: from `warmup` epochs on, stop a trial below the median of the (≥ 2) trials that
-            reported the same epoch before it (Optuna's MedianPruner rule).
+    median: from `warmup` epochs on, stop a trial whose best so far is below the median of what
+            the (≥ 2) trials that reported the same epoch before it reached there (Optuna's
+            MedianPruner rule: a noisy epoch does not stop a trial that already scored well).
     asha:   asynchronous successive halving: at rungs 1, eta, eta², ... epochs, stop a trial
             that is not in the top 1/eta of the (≥ eta − 1 earlier) trials at that rung.
     Trials share the pruner through threads; trials in worker processes share `shared(reports)`,
@@ -68,14 +69,16 @@ class Pruner:
             self._seen[epoch] = peers + [val_acc]
         return peers
 
-    def report(self, epoch: int, val_acc: float) -> str | None:
-        """Record a trial's val accuracy after `epoch`; returns why it should stop, or None."""
+    def report(self, epoch: int, val_acc: float, best: float | None = None) -> str | None:
+        """Record a trial's val accuracy after `epoch` (`best`: its best after any epoch so far,
+        this one included; default `val_acc`); returns why it should stop, or None."""
         if self.rule == "none":
             return None
         peers = self._record(epoch, val_acc)
         if self.rule == "median":
-            if epoch >= self.warmup and len(peers) >= 2 and val_acc < (median := statistics.median(peers)):
-                return f"pruned in epoch {epoch}: val acc {val_acc:.3f} below the stage median {median:.3f}"
+            best = val_acc if best is None else max(best, val_acc)
+            if epoch >= self.warmup and len(peers) >= 2 and best < (median := statistics.median(peers)):
+                return f"pruned in epoch {epoch}: best val acc so far {best:.3f} below the stage median {median:.3f} there"
             return None
         rung = 1
         while rung < epoch:

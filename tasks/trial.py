@@ -86,12 +86,16 @@ def run_trial(spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, prun
     run = tracking.start_run(parent.uri, cfg.tracking.experiment, f"{spec.stage}-{spec.index:03d}", cfg.flat(), tags, parent=parent)
 
     metrics_out = tracking.MetricBuffer(run, cfg.tracking.flush_seconds)
+    best_val_acc = -math.inf
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> str | None:
+        nonlocal best_val_acc
         metrics_out.log(metrics, step=epoch)
         if stopped is not None and stopped():
             raise KeyboardInterrupt("the search was interrupted")
-        return pruner.report(epoch, metrics["val_acc"]) if pruner is not None else None
+        if math.isfinite(metrics["val_acc"]):
+            best_val_acc = max(best_val_acc, metrics["val_acc"])
+        return pruner.report(epoch, metrics["val_acc"], best_val_acc if math.isfinite(best_val_acc) else None) if pruner is not None else None
 
     try:
         result, model = train_and_test(cfg, prepared, on_epoch, test=final)

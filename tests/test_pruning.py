@@ -41,3 +41,15 @@ def test_asha_keeps_exactly_the_top_third_at_a_rung():
     verdict = pruner.report(1, 0.8)  # third of {0.95, 0.9, 0.8, 0.7, 0.5, 0.3}: the top 2 go on, not it
     assert verdict is not None and "cut-off 0.900" in verdict
     assert pruner.report(1, 0.92) is None  # second of 7 (7 // 3 = 2): kept
+
+
+def test_median_pruner_judges_a_trial_by_its_best_so_far():
+    # QA: a fine trial tied for the stage's best score was pruned in epoch 26 for one noisy epoch
+    # below the median; Optuna's MedianPruner compares the trial's best intermediate value
+    pruner = Pruner("median", warmup=1)
+    pruner.replay([0.90, 0.95])
+    pruner.replay([0.92, 0.96])
+    assert pruner.report(2, 0.90, best=0.99) is None  # this epoch 0.90 < median 0.955, but it reached 0.99
+    verdict = pruner.report(2, 0.90, best=0.93)  # its best is below the median too
+    assert verdict is not None and "best val acc so far 0.930" in verdict
+    assert pruner.report(2, 0.50) is not None  # without a best: this epoch's

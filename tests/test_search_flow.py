@@ -999,3 +999,26 @@ def test_the_last_stages_edge_is_not_reported_when_the_searchs_best_trial_lies_i
     below = TrialResult("d", "coarse", 3, {"optim.lr": 0.0005}, "finished", 0.956)
     assert not outranked_edge("optim.lr", "low", lr, fine, below, 0.1, base)  # the search's best lies past that edge: it stands too
     assert not outranked_edge("optim.lr", "low", lr, fine, None, 0.1, base)
+
+
+def test_a_trial_is_pruned_on_its_best_epoch_so_far_not_its_latest(tmp_path):
+    # QA: a fine trial tied for the stage's best was pruned for one noisy epoch below the median
+    import dataclasses
+
+    from babysit.pruning import Pruner
+    from tasks.trial import run_trial
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec, prepared, parent = one_trial(uri)
+    noisy = dataclasses.replace(spec, params={"optim.lr": 0.1}, config={**spec.config, "optim": {**spec.config["optim"], "lr": 0.1},
+                                                                       "train": {**spec.config["train"], "epochs": 8}})
+    alone = run_trial(noisy, prepared, parent)
+    history = tracking.metric_history(uri, alone.run_id, "val_acc")
+    dips = [e for e in range(1, len(history)) if history[e] < max(history[:e])]
+    assert alone.status == "finished" and dips, history  # the lr is high enough that validation accuracy does not only rise
+    dip = dips[0]
+    pruner = Pruner("median", warmup=1)
+    for _ in range(2):  # two stage-mates: far behind before the dip, between the trial's dip and its best at it
+        pruner.replay([0.0] * dip + [(history[dip] + max(history[:dip])) / 2])
+    judged = run_trial(dataclasses.replace(noisy, index=1), prepared, parent, pruner)
+    assert judged.status == "finished" and judged.val_acc == alone.val_acc, judged.reason
