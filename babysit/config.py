@@ -580,8 +580,13 @@ class SearchExperiment(Config):
         for field in self.search.space:
             if problem := never_read(field, self.search.space, base):
                 raise ValueError(f"search.space: {problem}")
+        searched_warmup = parse_dist("optim.warmup_epochs", self.search.space["optim.warmup_epochs"]) if "optim.warmup_epochs" in self.search.space else None
+        longest = (int(searched_warmup.high) if searched_warmup.numeric else max(searched_warmup.options)) if searched_warmup else self.optim.warmup_epochs
         for stage in [*self.search.stages, *([self.search.final] if self.search.final else [])]:
-            if problem := warmup_outlasts(self.optim.warmup_epochs, stage.epochs, f"stage {getattr(stage, 'name', 'final')}"):
+            if problem := warmup_outlasts(longest, stage.epochs, f"stage {getattr(stage, 'name', 'final')}"):
+                if searched_warmup:  # QA: a range was accepted, and trials sampled past it never reached their rate
+                    raise ValueError(f"search.space: optim.warmup_epochs {self.search.space['optim.warmup_epochs']} samples up to {longest}, and {problem}; "
+                                     f"keep its upper bound below {shortest_stage(self.search)}")
                 raise ValueError(f"search: {problem}")
         schedules = parse_dist("optim.schedule", self.search.space["optim.schedule"]).options if "optim.schedule" in self.search.space else ()
         if "exponential" in schedules and "gamma" not in self.optim.model_fields_set and "optim.gamma" not in self.search.space:
@@ -687,6 +692,11 @@ def reads_field(field: str, values: dict[str, Any], base: dict[str, Any]) -> boo
         return True
     switch, readers = READ_ONLY_WHEN[field]
     return values.get(switch, reads_switch(switch, base)) in readers
+
+
+def shortest_stage(search: SearchConfig) -> int:
+    """The fewest epochs any stage of `search` (the final retrain included) trains for."""
+    return min(stage.epochs for stage in [*search.stages, *([search.final] if search.final else [])])
 
 
 def warmup_outlasts(warmup_epochs: int, epochs: int, where: str) -> str | None:

@@ -30,7 +30,7 @@ from babysit import plots, recurring, scaleout, tracking
 from babysit.owners import alive_here, gone_here, process_identity
 from babysit.advice import search_advice
 from babysit.errors import BabysitError
-from babysit.config import Config, SearchExperiment, field_problem, load_config, reads_field, result_identity, with_values
+from babysit.config import Config, SearchExperiment, field_problem, load_config, reads_field, result_identity, shortest_stage, with_values
 from babysit.provenance import provenance_tags
 from babysit.pruning import Pruner
 from babysit.space import Narrowing, describe, edge_band, edge_side, grid_shortfall, inside_declared, narrow, parse_dist, sample
@@ -413,7 +413,11 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
                        "pruning needs runner processes or threads (docs/scale-out.md)")
     narrowing = Narrowing(exp.search.top_k, exp.search.pad, exp.search.edge, exp.search.widen)
 
+    shortest = shortest_stage(exp.search)
+
     def is_valid(field: str, value: object) -> bool:
+        if field == "optim.warmup_epochs" and isinstance(value, (int, float)) and value >= shortest:  # a moved range: every trial must reach its rate
+            return False
         return field_problem(base_tree, field, value) is None
 
     space = declared = {field: parse_dist(field, spec) for field, spec in exp.search.space.items()}

@@ -316,3 +316,10 @@ def test_a_warmup_as_long_as_the_training_is_refused_for_train_and_for_every_sta
         load_config("conf/search_digits.yaml", ["optim.warmup_epochs=8", "search.stages=[{name: coarse, trials: 2, epochs: 9}]", "search.final.epochs=8"],
                     model=SearchExperiment)
     assert load_config("conf/digits_mlp.yaml", ["optim.warmup_epochs=19"]).optim.warmup_epochs == 19
+    # a searched range too (QA: int(0, 10) with 4-epoch trials was accepted, and trials sampled at 9 never reached their rate)
+    with pytest.raises(BabysitError, match=r"optim.warmup_epochs int\(0, 10\) samples up to 10, and .* stage coarse .* keep its upper bound below 2"):
+        load_config("conf/search_digits.yaml", ["search.space.optim.warmup_epochs=int(0, 10)"], model=SearchExperiment)
+    with pytest.raises(BabysitError, match=r"choice\(\[0, 3\]\) samples up to 3, and .* stage final"):
+        load_config("conf/search_digits.yaml", ["search.space.optim.warmup_epochs=choice([0, 3])", "search.stages=[{name: coarse, trials: 2, epochs: 9}]",
+                                                "search.final.epochs=3"], model=SearchExperiment)
+    assert load_config("conf/search_digits.yaml", ["search.space.optim.warmup_epochs=int(0, 1)"], model=SearchExperiment)
