@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import pandas as pd
 
@@ -213,7 +214,7 @@ def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, p
 
 
 def search_advice(trials: pd.DataFrame, edges: list[tuple[str, str]], unmoved: dict[str, str] | None = None, causes: dict[tuple[str, str], str] | None = None,
-                  narrowed: dict[str, tuple[str, str]] | None = None) -> str:
+                  narrowed: dict[str, tuple[str, str]] | None = None, reads: Callable[[str, dict[str, Any]], bool] | None = None) -> str:
     """Markdown advice on a search from its trials and the fields whose best value sat at an edge.
 
     `trials` has columns stage, status (finished|failed|diverged|pruned), val_acc, flags
@@ -222,7 +223,8 @@ def search_advice(trials: pd.DataFrame, edges: list[tuple[str, str]], unmoved: d
     can have both sides, moved by different stages); `unmoved` maps a field to the side where the
     last stage's best value sat, an edge that nothing moved; `causes`, (field, side) -> why its range moved (the
     search log's words; default: its best value sat at that edge); `narrowed`, for the fields of
-    `unmoved` whose edge narrowing set inside the file's range: (the last stage's range, the file's). Per stage, in order of appearance: what happened to
+    `unmoved` whose edge narrowing set inside the file's range: (the last stage's range, the file's); `reads(field, values)`,
+    whether a trial with these sampled values trains with `field` (the best trial is named by those it read). Per stage, in order of appearance: what happened to
     the trials; which range holds the exploded (status diverged or flag diverged) and the
     lr_too_low trials (see `blame`); the most common flag among finished trials. Then the edges
     and the best trial.
@@ -238,7 +240,7 @@ def search_advice(trials: pd.DataFrame, edges: list[tuple[str, str]], unmoved: d
         in_stage = trials["stage"].astype(str) == stage
         lines += _stage_lines(stage, trials[in_stage], flag_sets[in_stage], params)
     lines += _edge_lines(edges, unmoved or {}, causes or {}, narrowed or {})
-    lines += _best_trial_line(trials, params)
+    lines += _best_trial_line(trials, params, reads)
     return "\n".join(f"- {line}" for line in lines) + "\n"
 
 
@@ -301,12 +303,14 @@ def _edge_lines(edges: list[tuple[str, str]], unmoved: dict[str, str], causes: d
     return lines
 
 
-def _best_trial_line(trials: pd.DataFrame, params: list[str]) -> list[str]:
-    """The best trial, chosen as the search chooses it: a pruned trial's score counts too, a tie goes to the latest."""
+def _best_trial_line(trials: pd.DataFrame, params: list[str], reads: Callable[[str, dict[str, Any]], bool] | None = None) -> list[str]:
+    """The best trial, chosen as the search chooses it: a pruned trial's score counts too, a tie goes to the latest;
+    named by the values it trained with (QA: Adam's best was listed with the momentum it never read)."""
     scored = trials[trials["status"].astype(str).isin(["finished", "pruned"]) & trials["val_acc"].notna()]
     if scored.empty:
         return []
     top = scored.loc[scored["val_acc"].iloc[::-1].idxmax()]
-    setting = ", ".join(f"{c.removeprefix('param.')} = {_fmt(top[c])}" for c in params)
+    values = {c.removeprefix("param."): top[c] for c in params}
+    setting = ", ".join(f"{field} = {_fmt(value)}" for field, value in values.items() if reads is None or reads(field, values))
     stage = f" ({top['stage']} stage)" if top["stage"] != "all" else ""
     return [f"best trial: validation accuracy {top['val_acc']:.1%}{stage}" + (f" with {setting}." if setting else ".")]

@@ -458,7 +458,8 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     def advice(searched: pd.DataFrame) -> str:
         """report.md: the trials' problems, and the edges the stages moved past (those the last stage left are said once)."""
         moved = [edge_of(flag) for flag in edges]  # both sides of a field that two stages moved opposite ways
-        return search_advice(searched, [(f, side) for f, side in moved if unmoved.get(f) != side], unmoved, causes, cut_short)
+        return search_advice(searched, [(f, side) for f, side in moved if unmoved.get(f) != side], unmoved, causes, cut_short,
+                             lambda field, values: reads_field(field, values, base_tree))
 
     def give_up(number: int, stage_results: list[TrialResult], failed_stage: str | None = None) -> NoReturn:
         """No best trial to go on from: the trials and the advice go to MLflow, the reason to the user."""
@@ -496,6 +497,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         if not scored:  # the ranges are wrong, not the code: the trials and the advice still go to MLflow
             give_up(len(stages) - 1, stage_results)
         best = max(reversed(scored), key=lambda r: r.val_acc)  # a tie goes to the latest trial: a later stage searched where the ranges moved
+        trained_with = {f: v for f, v in best.params.items() if reads_field(f, best.params, base_tree)}  # not the momentum Adam's best never read
         final, retraining = None, None
         if exp.search.final is not None:
             spec = make_spec(base_tree, "final", 0, best.params, exp.search.final.epochs, threads, None, version)
@@ -521,7 +523,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             results.append(final)
         frame = trials_frame(results)
         reused_from = {finished[r.key].data.tags.get("mlflow.parentRunId", "") for r in results if r.reused} - {parent.run_id}
-        log_search_outcome(parent, frame, best, final, edges, sorted(reused_from))
+        log_search_outcome(parent, frame, best, trained_with, final, edges, sorted(reused_from))
         tracking.log_text(parent, report, "report.md")
         changes = recurring.changes_since(previous, best.val_acc, ranges, search_hash(exp, version))
         if changes:
@@ -530,12 +532,12 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         url = tracking.run_url(parent)
         if runtime.flow_run.id is not None:  # while the figure is drawn
             create_link_artifact(link=url, link_text=f"MLflow search {parent.run_id}", description=f"Parent MLflow run of search {exp.name}")
-            markdown = summary_markdown(exp.name, frame, best, final, edges, ranges) + "".join(f"\n- {line}" if i else f"\n\nChanges {line}" for i, line in enumerate(changes))
+            markdown = summary_markdown(exp.name, frame, best, trained_with, final, edges, ranges) + "".join(f"\n- {line}" if i else f"\n\nChanges {line}" for i, line in enumerate(changes))
             create_markdown_artifact(markdown=markdown + "\n\n" + report, key="search-summary", description=f"Search {exp.name}")
         tracking.log_image(parent, stacked_rows(drawing, searched, fields, linear), "search.png")
 
     return SearchSummary(
-        parent.run_id, parent.experiment_id, uri, {f: v for f, v in best.params.items() if reads_field(f, best.params, base_tree)}, best.val_acc,  # what it trained with
+        parent.run_id, parent.experiment_id, uri, trained_with, best.val_acc,
         final.val_acc if final else None, final.test_acc if final else None, edges, ranges,
         int((~frame["reused"]).sum()), int(frame["reused"].sum()), url, tuple(changes), report,
     )
@@ -615,15 +617,16 @@ def stacked_rows(drawing: list, searched: pd.DataFrame, fields: list[str], linea
     return np.vstack(rows)
 
 
-def log_search_outcome(parent: tracking.RunRef, frame: pd.DataFrame, best: TrialResult, final: TrialResult | None, edges: list[str], reused_from: list[str]) -> None:
-    """The parent's metrics, tags and trials.csv. `reused_from`: the earlier runs of the same search
+def log_search_outcome(parent: tracking.RunRef, frame: pd.DataFrame, best: TrialResult, trained_with: dict, final: TrialResult | None, edges: list[str],
+                       reused_from: list[str]) -> None:
+    """The parent's metrics, tags (`best.<field>`: the values the best trial trained with) and trials.csv. `reused_from`: the earlier runs of the same search
     whose trials it reused (a changed file); those trials stay their children, listed in trials.csv."""
     metrics = {"best_val_acc": best.val_acc, "trials": len(frame), "trials_diverged": int((frame["status"] == "diverged").sum()),
                "trials_failed": int((frame["status"] == "failed").sum()), "trials_pruned": int((frame["status"] == "pruned").sum())}
     if final is not None and final.val_acc is not None:
         metrics.update(final_val_acc=final.val_acc, test_acc=final.test_acc)
     tracking.log_metrics(parent, metrics)
-    tags = {f"best.{k}": str(v) for k, v in best.params.items()}
+    tags = {f"best.{k}": str(v) for k, v in trained_with.items()}
     tags.update({"babysit.best_trial": best.key, **edge_tags(edges)})
     if final is not None:
         tags["babysit.final_run_id"] = final.run_id or ""
@@ -651,7 +654,7 @@ def edge_tags(edges: list[str]) -> dict[str, str]:
     return {"babysit.flags": ",".join(edges) or "none", **{f"edge.{field}": side for field, side in map(edge_of, edges)}}
 
 
-def summary_markdown(name: str, frame: pd.DataFrame, best: TrialResult, final: TrialResult | None, edges: list[str], ranges: dict) -> str:
+def summary_markdown(name: str, frame: pd.DataFrame, best: TrialResult, trained_with: dict, final: TrialResult | None, edges: list[str], ranges: dict) -> str:
     lines = [f"# Search `{name}`", "", "| stage | trials | finished | diverged | pruned | failed | best val acc | flags | sampled from |", "|---|---|---|---|---|---|---|---|---|"]
     for stage, group in frame[frame["stage"] != "final"].groupby("stage", sort=False):
         counts = group["status"].value_counts()
@@ -659,7 +662,7 @@ def summary_markdown(name: str, frame: pd.DataFrame, best: TrialResult, final: T
         flag_text = ", ".join(f"{flag} ×{count}" for flag, count in flags.items()) or "none"
         space = "; ".join(f"{k} ~ {v}" for k, v in ranges.get(stage, {}).items())
         lines.append(f"| {stage} | {len(group)} | {counts.get('finished', 0)} | {counts.get('diverged', 0)} | {counts.get('pruned', 0)} | {counts.get('failed', 0)} | {group['val_acc'].max():.4f} | {flag_text} | {space} |")
-    lines += ["", f"Best trial: `{best.stage}-{best.index:03d}` val acc {best.val_acc:.4f} with " + ", ".join(f"`{k}={v}`" for k, v in best.params.items())]
+    lines += ["", f"Best trial: `{best.stage}-{best.index:03d}` val acc {best.val_acc:.4f} with " + ", ".join(f"`{k}={v}`" for k, v in trained_with.items())]
     if final is not None:
         lines.append(f"Final retrain: val acc {final.val_acc or float('nan'):.4f}, test acc {final.test_acc:.4f}")
     if edges:

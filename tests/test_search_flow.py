@@ -1022,3 +1022,14 @@ def test_a_trial_is_pruned_on_its_best_epoch_so_far_not_its_latest(tmp_path):
         pruner.replay([0.0] * dip + [(history[dip] + max(history[:dip])) / 2])
     judged = run_trial(dataclasses.replace(noisy, index=1), prepared, parent, pruner)
     assert judged.status == "finished" and judged.val_acc == alone.val_acc, judged.reason
+
+
+def test_the_best_trial_is_named_by_the_values_it_trained_with(fresh_uri, prefect_harness):
+    # QA: Adam's best trial was reported (report.md, the terminal, best.* tags) with the momentum it never read
+    summary, _ = small_search(fresh_uri, "optim.lr=1e-3", "search.final=null", "search.sampler=grid", "search.stages=[{name: coarse, trials: 4, epochs: 2}]",
+                              "search.space={optim.name: 'choice([adam, momentum])', optim.momentum: 'uniform(0.5, 0.6)'}")
+    assert summary.best_params["optim.name"] == "adam", summary.best_params  # momentum SGD at 1e-3 barely moves in 2 epochs
+    tags = tracking.get_run(fresh_uri, summary.parent_run_id).data.tags
+    assert tags["best.optim.name"] == "adam" and "best.optim.momentum" not in tags
+    best_line = next(line for line in summary.advice.splitlines() if "best trial" in line)
+    assert "optim.name = adam" in best_line and "momentum" not in best_line
