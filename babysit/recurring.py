@@ -89,9 +89,10 @@ def past_search(run: Any, fields: list[str], fallback_order: list[str]) -> PastS
     """A search parent run (as fetched from MLflow) to a PastSearch over the searched `fields`."""
     tags, params, metrics = dict(run.data.tags), dict(run.data.params), dict(run.data.metrics)
     started = datetime.fromtimestamp(run.info.start_time / 1000, timezone.utc) if run.info.start_time else None
+    searched_then = [key.removeprefix("search.space.") for key in params if key.startswith("search.space.")]  # its file's space, as logged
     return PastSearch(
         run.info.run_id, tags.get("mlflow.runName", run.info.run_id), started, metrics.get("best_val_acc"),
-        stage_ranges(tags, fields, stage_order(params, fallback_order)), tags.get("babysit.search_hash", ""),
+        stage_ranges(tags, list(dict.fromkeys([*fields, *searched_then])), stage_order(params, fallback_order)), tags.get("babysit.search_hash", ""),
     )
 
 
@@ -154,8 +155,11 @@ def changes_since(past: PastSearch | None, best_val_acc: float | None, ranges: d
     now = [(stage, field, text) for stage, space in ranges.items() for field, text in space.items()]
     compared = [(stage, field, text) for stage, field, text in now if field in past.ranges.get(stage, {})]
     moved = [f"{stage} {field}: {past.ranges[stage][field]} -> {text}" for stage, field, text in compared if past.ranges[stage][field] != text]
-    lines += moved or (["ranges: unchanged"] if compared else [])
+    dropped = [f"{stage} {field}" for stage, space in past.ranges.items() for field in space if field not in ranges.get(stage, {})]
+    lines += moved or ([f"ranges{' searched both times' if dropped else ''}: unchanged"] if compared else [])
     new = [f"{stage} {field}" for stage, field, _ in now if field not in past.ranges.get(stage, {})]
     if new:  # a renamed or added stage, a newly searched field: nothing to compare them with
         lines.append("not searched then: " + ", ".join(new))
+    if dropped:  # QA: a field taken out of the space left "ranges: unchanged" alone
+        lines.append("searched then, not now: " + ", ".join(dropped))
     return lines

@@ -38,9 +38,9 @@ TINY_SEARCH = ["model.hidden=[32]", "search.workers=2", "search.final=null"]
 
 # ---- pure: recurring searches ---------------------------------------------------------------
 
-def past_run(run_id="p1", tags=None, best=0.9, stages=("coarse", "fine")):
+def past_run(run_id="p1", tags=None, best=0.9, stages=("coarse", "fine"), space=None):
     """A search parent run as MLflow returns it (only the attributes babysit reads)."""
-    params = {"search.stages": repr([{"name": s, "trials": 4, "epochs": 1} for s in stages])}
+    params = {"search.stages": repr([{"name": s, "trials": 4, "epochs": 1} for s in stages]), **{f"search.space.{k}": v for k, v in (space or {}).items()}}
     return SimpleNamespace(info=SimpleNamespace(run_id=run_id, start_time=1_795_000_000_000),
                            data=SimpleNamespace(tags={"mlflow.runName": "search_digits", **(tags or {})}, params=params, metrics={"best_val_acc": best}))
 
@@ -113,11 +113,22 @@ def test_changes_since_the_last_run_name_accuracy_and_moved_ranges():
     assert not any("file changed" in line for line in recurring.changes_since(hashed, 0.97, {"coarse": {"optim.lr": "loguniform(1e-05, 0.1)"}}, "aaa"))
 
 
+def test_changes_since_name_the_fields_no_longer_searched():
+    # QA: optim.lr taken out of the space, and the summary said "ranges: unchanged" alone
+    tags = {"range.coarse.optim.lr": "loguniform(1e-06, 1e-05)", "range.coarse.model.activation": "choice(['relu', 'tanh'])",
+            "range.fine.optim.lr": "loguniform(8.612e-06, 9.99e-05)"}
+    past = recurring.past_search(past_run(tags=tags, space={"optim.lr": "loguniform(1e-6, 1e-5)", "model.activation": "choice([relu, tanh])"}),
+                                 ["model.activation"], ["coarse", "fine"])
+    lines = recurring.changes_since(past, 0.9, {"coarse": {"model.activation": "choice(['relu', 'tanh'])"}})
+    assert "ranges searched both times: unchanged" in lines and "ranges: unchanged" not in lines
+    assert lines[-1] == "searched then, not now: coarse optim.lr, fine optim.lr"
+
+
 def test_changes_since_a_run_with_other_stages_says_what_was_not_compared():
     past = recurring.past_search(past_run(tags={"range.wide.optim.lr": "loguniform(1e-05, 0.1)"}, best=0.95), ["optim.lr"], [])
     lines = recurring.changes_since(past, 0.97, {"coarse": {"optim.lr": "loguniform(1e-05, 0.1)"}})
     assert "ranges: unchanged" not in lines  # nothing was compared
-    assert lines[-1] == "not searched then: coarse optim.lr"
+    assert lines[-2:] == ["not searched then: coarse optim.lr", "searched then, not now: wide optim.lr"]  # a renamed stage
     both = {"wide": {"optim.lr": "loguniform(1e-05, 0.1)", "model.dropout": "uniform(0.0, 0.5)"}}
     assert recurring.changes_since(past, 0.97, both)[-2:] == ["ranges: unchanged", "not searched then: wide model.dropout"]
 
