@@ -226,15 +226,20 @@ def stop_uninterrupted(server) -> None:
 
 def answers(url: str, timeout: float = 5.0) -> bool:
     """Whether a server answers at `url` at all: any HTTP status, an error or a login page included."""
+    return http_status(url, timeout) is not None
+
+
+def http_status(url: str, timeout: float = 5.0) -> int | None:
+    """The HTTP status a server answers `url` with (an error or a login page included), or None when nothing answers."""
     import urllib.error
 
     try:
-        with urllib.request.urlopen(url, timeout=timeout):
-            return True
-    except urllib.error.HTTPError:
-        return True
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
     except (OSError, ValueError):  # refused, unknown host, timed out
-        return False
+        return None
 
 
 def lost_prefect_api(err: BaseException) -> str | None:
@@ -257,10 +262,15 @@ def lost_prefect_api(err: BaseException) -> str | None:
 def check_prefect_api(api: str) -> None:
     """A PREFECT_API_URL where nothing answers is a BabysitError before a flow starts; Prefect itself
     would retry for a while and end in a traceback."""
-    if not answers(f"{api.rstrip('/')}/health"):
+    status = http_status(f"{api.rstrip('/')}/health")
+    if status is None:
         raise BabysitError(f"PREFECT_API_URL is {api}, where no Prefect server answers: start it (`babysit server up`, then run the "
                            "`export` lines that `babysit server env` prints), or unset PREFECT_API_URL to run on a temporary server "
                            "that each command starts and stops itself.")
+    if status == 404:  # QA: the address without /api, or MLflow's, ended in Prefect's traceback
+        raise BabysitError(f"PREFECT_API_URL is {api}, where a server answers but not Prefect's API ({api.rstrip('/')}/health: 404 Not Found): "
+                           "Prefect's API address ends in /api, such as http://127.0.0.1:4200/api (`babysit server env` prints it); "
+                           "MLflow's address goes in MLFLOW_TRACKING_URI.")
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:

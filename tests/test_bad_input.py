@@ -193,6 +193,28 @@ def test_a_prefect_api_that_does_not_answer_is_said_before_a_flow_starts():
                 pass
 
 
+def test_a_prefect_api_address_where_another_server_answers_is_said_before_a_flow_starts(capsys):
+    # QA: Prefect's address without /api, or MLflow's pasted in, ended in Prefect's traceback
+    import http.server
+    import threading
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from babysit import cli
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler) as other:  # 404 for /health, as MLflow's /api
+        threading.Thread(target=other.serve_forever, daemon=True).start()
+        try:
+            api = f"http://127.0.0.1:{other.server_address[1]}/api"
+            with temporary_settings({PREFECT_API_URL: api}):
+                assert cli.main(["train", "conf/digits_mlp.yaml", "--set", "train.epochs=1"]) == 2
+        finally:
+            other.shutdown()
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"PREFECT_API_URL is {api}, where a server answers but not Prefect's API ({api}/health: 404 Not Found)" in said
+    assert "Traceback" not in said
+
+
 # 3 and 4 through the CLI: the error is raised inside the train flow and still reads as one paragraph.
 
 
