@@ -494,18 +494,7 @@ def stop_on_signal(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Offline machines: Prefect's telemetry would only log a connection error.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # The first ephemeral server on a new machine migrates its database; 20 s is not always enough.
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    # A tracking server that stops answering: MLflow's default (7 retries, doubling from 2 s) waits
-    # about 4 minutes on each write before the command can say so; these wait about 15 s. One that
-    # hangs (its process stopped) held each try for MLflow's 120-s read timeout: 10 minutes a write.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    # with a tracking server MLflow prints "View run ... at" for every run it ends: a line per trial; babysit prints its own links
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # the environment's defaults for Prefect and MLflow are set when babysit is imported (babysit/__init__.py)
     args = parser().parse_args(argv)
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints where every thread of a stuck command is
         try:

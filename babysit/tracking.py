@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,8 +269,14 @@ def start_run(uri: str, experiment: str, run_name: str | None, params: dict[str,
         tags = {**tags, "mlflow.parentRunId": parent.run_id}
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     items = [Param(key, str(value)[:6000]) for key, value in params.items()]
-    for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
-        client.log_batch(run.info.run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
+    try:
+        for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            client.log_batch(run.info.run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
+    except BaseException as err:  # not left RUNNING by a failed write (QA), nor by Ctrl-C between the two
+        with suppress(Exception):
+            client.log_batch(run.info.run_id, tags=_run_tags({"babysit.failure": failure_reason(err)}))
+            client.set_terminated(run.info.run_id, "FAILED")
+        raise
     return RunRef(uri, run.info.run_id, experiment_id)
 
 

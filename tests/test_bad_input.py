@@ -269,3 +269,14 @@ def test_a_searched_batch_size_of_one_beside_the_files_batch_norm_is_refused_at_
     with pytest.raises(BabysitError, match=r"search.space: `train.batch_size` cannot take 1: train.batch_size 1 with model.batchnorm: true"):
         load_config(SEARCH, ["model.batchnorm=true", "search.space={optim.lr: 'loguniform(1e-3, 1e-2)', train.batch_size: 'int(1, 3)'}"], model=SearchExperiment)
     load_config(SEARCH, ["model.batchnorm=true", "search.space={optim.lr: 'loguniform(1e-3, 1e-2)', train.batch_size: 'int(2, 3)'}"], model=SearchExperiment)
+
+
+def test_a_run_whose_params_cannot_be_written_is_not_left_running(tmp_path):
+    # QA: a deployment's first write failed after MLflow created the parent run, which stayed RUNNING
+    from babysit import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(Exception, match="Invalid value|Invalid parameter|names may only contain"):
+        tracking.start_run(uri, "params", "refused", {"a name MLflow refuses: #?*": 1}, {})
+    (run,) = tracking.find_runs(uri, tracking.open_store(uri, "params"), {})
+    assert run.info.status == "FAILED" and run.data.tags["babysit.failure"].startswith("MlflowException")

@@ -803,3 +803,15 @@ def test_stopping_the_temporary_server_at_exit_holds_off_ctrl_c():
     servers.stop_uninterrupted(server)
     assert server.stopped
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works again afterwards
+
+
+def test_every_process_that_imports_babysit_gets_its_environment_defaults():
+    # deployment workers load flows/search.py:search_flow, not the CLI: MLflow's retries and its telemetry
+    # (whose thread, offline, deleted a variable while requests read the environment: QA) were left as they were
+    code = ("import os, flows.search; print(os.environ['MLFLOW_DISABLE_TELEMETRY'], os.environ['MLFLOW_HTTP_REQUEST_MAX_RETRIES'],"
+            " os.environ['PREFECT_SERVER_ANALYTICS_ENABLED'])")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_DISABLE", "MLFLOW_HTTP", "PREFECT_SERVER_ANALYTICS"))}
+    said = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert said.stdout.split() == ["true", "4", "false"], said.stderr[-2000:]
+    kept = subprocess.run([sys.executable, "-c", code], env={**env, "MLFLOW_DISABLE_TELEMETRY": "false"}, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert kept.stdout.split()[0] == "false"  # a user's own setting wins
