@@ -318,20 +318,30 @@ def server(args: argparse.Namespace) -> int:
 
     state = Path(args.state)
     names = [args.only] if args.only else ["prefect", "mlflow"]
+    # QA: run from another folder, down and env found nothing there and said nothing, exit 0, with both servers running
+    none_recorded = (f"no {args.only or ''}{' server' if args.only else 'servers'} recorded in {state.resolve()}/ (`babysit server up` starts them "
+                     f"and records them in the folder it runs from: run this there, or pass --state PATH/.babysit)")
     if args.action == "down":
-        for name, was_running in servers.down(state, names):
+        stopped = servers.down(state, names)
+        for name, was_running in stopped:
             console.print(f"{name}: {'stopped' if was_running else 'was not running'}", highlight=False)
-        return 0
+        if not stopped:
+            console.print(none_recorded, highlight=False)
+        return 0 if stopped else 1
     if args.action in ("status", "env"):
         found = servers.status(state)
         if args.action == "env":
-            print("\n".join(servers.exports([r for r, running, _ in found if running])))
-            return 0
+            running = [r for r, alive, _ in found if alive]
+            if running:
+                print("\n".join(servers.exports(running)))
+            else:  # on stderr: `eval "$(babysit server env)"` exports nothing, and says why
+                print(none_recorded if not found else "the recorded servers are not running (`babysit server up` starts them)", file=sys.stderr)
+            return 0 if running else 1
         for record, running, ok in found:
             console.print(f"{record.name}: pid {record.pid} {'running' if running else 'not running'}, "
                           f"{'healthy' if ok else 'not healthy'} at {record.health_url} (log {record.log})", highlight=False)
         if not found:
-            console.print(f"no servers recorded in {state}/ (babysit server up starts them)", highlight=False)
+            console.print(none_recorded, highlight=False)
         return 0 if found and all(running and ok for _, running, ok in found) else 1
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning:[/] binding {args.host}: the servers are reachable from the network, without authentication", highlight=False)

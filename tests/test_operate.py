@@ -815,3 +815,17 @@ def test_every_process_that_imports_babysit_gets_its_environment_defaults():
     assert said.stdout.split() == ["true", "4", "false"], said.stderr[-2000:]
     kept = subprocess.run([sys.executable, "-c", code], env={**env, "MLFLOW_DISABLE_TELEMETRY": "false"}, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert kept.stdout.split()[0] == "false"  # a user's own setting wins
+
+
+def test_server_down_and_env_say_when_no_server_is_recorded_in_their_folder(tmp_path, capsys):
+    # QA: from another folder, `down` printed nothing and exited 0 with both servers running; `env` printed an empty line
+    from babysit import cli
+
+    state = tmp_path / ".babysit"
+    assert cli.main(["server", "down", "--state", str(state)]) == 1
+    assert f"no servers recorded in {state.resolve()}/" in " ".join(capsys.readouterr().out.split())
+    assert cli.main(["server", "down", "--state", str(state), "--only", "mlflow"]) == 1
+    assert "no mlflow server recorded in" in capsys.readouterr().out
+    assert cli.main(["server", "env", "--state", str(state)]) == 1
+    said = capsys.readouterr()
+    assert said.out == "" and "no servers recorded in" in said.err  # eval "$(babysit server env)" exports nothing, and says why
