@@ -273,9 +273,11 @@ def start_run(uri: str, experiment: str, run_name: str | None, params: dict[str,
         for start in range(0, len(items), MAX_PARAMS_PER_BATCH):
             client.log_batch(run.info.run_id, params=items[start : start + MAX_PARAMS_PER_BATCH])
     except BaseException as err:  # not left RUNNING by a failed write (QA), nor by Ctrl-C between the two
-        with suppress(Exception):
-            client.log_batch(run.info.run_id, tags=_run_tags({"babysit.failure": failure_reason(err)}))
-            client.set_terminated(run.info.run_id, "FAILED")
+        if lost_server(err) is None:  # a server that is gone would hold each write for its retries too: a rerun marks it
+            with suppress(Exception):
+                client.log_batch(run.info.run_id, tags=_run_tags({"babysit.failure": failure_reason(err)}))
+            with suppress(Exception):
+                client.set_terminated(run.info.run_id, "FAILED")
         raise
     return RunRef(uri, run.info.run_id, experiment_id)
 
