@@ -325,9 +325,13 @@ def server(args: argparse.Namespace) -> int:
         stopped = servers.down(state, names)
         for name, was_running in stopped:
             console.print(f"{name}: {'stopped' if was_running else 'was not running'}", highlight=False)
-        if not stopped:
-            console.print(none_recorded, highlight=False)
-        return 0 if stopped else 1
+        if stopped:
+            return 0
+        if (state / "servers.json").exists():  # a `down` before this one stopped them: as safe to repeat as before
+            console.print(f"no {args.only or ''}{' server' if args.only else 'servers'} running from {state.resolve()}/ (stopped already)", highlight=False)
+            return 0
+        console.print(none_recorded, highlight=False)
+        return 1
     if args.action in ("status", "env"):
         found = servers.status(state)
         if args.action == "env":

@@ -231,15 +231,21 @@ def answers(url: str, timeout: float = 5.0) -> bool:
 
 def http_status(url: str, timeout: float = 5.0) -> int | None:
     """The HTTP status a server answers `url` with (an error or a login page included), or None when nothing answers."""
+    return http_answer(url, timeout)[0]
+
+
+def http_answer(url: str, timeout: float = 5.0) -> tuple[int | None, bytes]:
+    """(HTTP status, the first bytes of the body) of `url`; (None, b"") when no HTTP server answers."""
+    import http.client
     import urllib.error
 
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status
+            return response.status, response.read(64)
     except urllib.error.HTTPError as err:
-        return err.code
-    except (OSError, ValueError):  # refused, unknown host, timed out
-        return None
+        return err.code, b""
+    except (OSError, ValueError, http.client.HTTPException):  # refused, unknown host, timed out, not HTTP (ssh, ...)
+        return None, b""
 
 
 def lost_prefect_api(err: BaseException) -> str | None:
@@ -262,13 +268,21 @@ def lost_prefect_api(err: BaseException) -> str | None:
 def check_prefect_api(api: str) -> None:
     """A PREFECT_API_URL where nothing answers is a BabysitError before a flow starts; Prefect itself
     would retry for a while and end in a traceback."""
-    status = http_status(f"{api.rstrip('/')}/health")
+    health = f"{api.rstrip('/')}/health"
+    status, body = http_answer(health)
     if status is None:
         raise BabysitError(f"PREFECT_API_URL is {api}, where no Prefect server answers: start it (`babysit server up`, then run the "
                            "`export` lines that `babysit server env` prints), or unset PREFECT_API_URL to run on a temporary server "
                            "that each command starts and stops itself.")
-    if status == 404:  # QA: the address without /api, or MLflow's, ended in Prefect's traceback
-        raise BabysitError(f"PREFECT_API_URL is {api}, where a server answers but not Prefect's API ({api.rstrip('/')}/health: 404 Not Found): "
+    from prefect.settings import PREFECT_CLOUD_API_URL
+
+    if api.startswith(PREFECT_CLOUD_API_URL.value()):  # a Cloud workspace's address: Prefect's client checks it otherwise, with the API key
+        return
+    # a Prefect server answers `true` there; QA: the address without /api (404), or MLflow's (404 at /api/health, 200 "OK" at /health),
+    # ended in Prefect's traceback. Other answers (401, 403: a server behind authentication) are left to Prefect's client.
+    said = "404 Not Found" if status == 404 else f"{status}, {body.decode(errors='replace').strip()[:40]!r}" if 200 <= status < 300 and body.strip() != b"true" else None
+    if said:
+        raise BabysitError(f"PREFECT_API_URL is {api}, where a server answers but not Prefect's API ({health}: {said}): "
                            "Prefect's API address ends in /api, such as http://127.0.0.1:4200/api (`babysit server env` prints it); "
                            "MLflow's address goes in MLFLOW_TRACKING_URI.")
 

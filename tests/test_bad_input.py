@@ -194,7 +194,7 @@ def test_a_prefect_api_that_does_not_answer_is_said_before_a_flow_starts():
 
 
 def test_a_prefect_api_address_where_another_server_answers_is_said_before_a_flow_starts(capsys):
-    # QA: Prefect's address without /api, or MLflow's pasted in, ended in Prefect's traceback
+    # QA: Prefect's address without /api (404 at /health), or MLflow's (200 "OK" at /health), ended in Prefect's traceback
     import http.server
     import threading
 
@@ -202,17 +202,28 @@ def test_a_prefect_api_address_where_another_server_answers_is_said_before_a_flo
 
     from babysit import cli
 
-    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler) as other:  # 404 for /health, as MLflow's /api
-        threading.Thread(target=other.serve_forever, daemon=True).start()
-        try:
-            api = f"http://127.0.0.1:{other.server_address[1]}/api"
-            with temporary_settings({PREFECT_API_URL: api}):
-                assert cli.main(["train", "conf/digits_mlp.yaml", "--set", "train.epochs=1"]) == 2
-        finally:
-            other.shutdown()
-    said = " ".join(capsys.readouterr().out.split())
-    assert f"PREFECT_API_URL is {api}, where a server answers but not Prefect's API ({api}/health: 404 Not Found)" in said
-    assert "Traceback" not in said
+    class AsMlflow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            found = self.path == "/health"
+            self.send_response(200 if found else 404)
+            self.end_headers()
+            self.wfile.write(b"OK" if found else b"not found")
+
+        def log_message(self, *args):
+            pass
+
+    for handler, path, said in ((AsMlflow, "", "200, 'OK'"), (AsMlflow, "/api", "404 Not Found")):
+        with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as other:
+            threading.Thread(target=other.serve_forever, daemon=True).start()
+            try:
+                api = f"http://127.0.0.1:{other.server_address[1]}{path}"
+                with temporary_settings({PREFECT_API_URL: api}):
+                    assert cli.main(["train", "conf/digits_mlp.yaml", "--set", "train.epochs=1"]) == 2
+            finally:
+                other.shutdown()
+        out = " ".join(capsys.readouterr().out.split())
+        assert f"PREFECT_API_URL is {api}, where a server answers but not Prefect's API ({api}/health: {said})" in out, out
+        assert "Traceback" not in out
 
 
 # 3 and 4 through the CLI: the error is raised inside the train flow and still reads as one paragraph.

@@ -829,3 +829,7 @@ def test_server_down_and_env_say_when_no_server_is_recorded_in_their_folder(tmp_
     assert cli.main(["server", "env", "--state", str(state)]) == 1
     said = capsys.readouterr()
     assert said.out == "" and "no servers recorded in" in said.err  # eval "$(babysit server env)" exports nothing, and says why
+    state.mkdir()
+    (state / "servers.json").write_text("{}")  # as `server down` leaves it: a second `down` (a cleanup trap, `make stop`) is no error
+    assert cli.main(["server", "down", "--state", str(state)]) == 0
+    assert "no servers running from" in capsys.readouterr().out
