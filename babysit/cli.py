@@ -262,6 +262,9 @@ def report(args: argparse.Namespace) -> int:
     uri = tracking.resolve_uri(args.uri)
     tracking.check_reachable(uri)  # else minutes of MLflow's retries, then blame on the run id
     record = tracking.read_run(uri, args.run_id, ("train_loss", "train_acc", "val_loss", "val_acc", "update_ratio"))
+    if not any(key.startswith("babysit.") for key in record.tags):  # QA: any MLflow run read as "no flags: the run looks healthy"
+        raise BabysitError(f"run {args.run_id} was not made by babysit (it has no babysit.* tags), so there is nothing to judge it by: "
+                           "babysit report reads the runs of babysit train, search (and its trials) and ensemble; open this one in the MLflow UI (babysit ui).")
     flags = flags_from_tags(record.tags)
     history = {key: record.histories[key] for key in ("train_loss", "train_acc", "val_loss", "val_acc") if key in record.histories}
     name = record.tags.get("babysit.config_name") or record.tags.get("mlflow.runName", args.run_id)

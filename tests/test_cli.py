@@ -287,6 +287,17 @@ def test_ensemble_of_a_run_that_is_no_search_is_refused_before_a_flow_runs(tmp_p
     assert len(servers._STARTED) == started  # before: a temporary server, then a flow run that failed
 
 
+def test_report_on_a_run_babysit_did_not_make_says_so(tmp_path, capsys):
+    # QA: a plain MLflow run was reported as "No flags: the run looks healthy", exit 0
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("other"))
+    assert main(["report", run.info.run_id, "--uri", uri]) == 2
+    said = one_paragraph(capsys.readouterr().out)
+    assert f"run {run.info.run_id} was not made by babysit (it has no babysit.* tags)" in said and "healthy" not in said
+
+
 @pytest.mark.parametrize("argv", [["report", "0123abc"], ["ensemble", "0123abc"], ["ui", "--port", "5999"]])
 @pytest.mark.parametrize("store", ["not_a_database", "foo://"])
 def test_report_ensemble_and_ui_on_a_store_mlflow_cannot_use_say_so(argv, store, tmp_path, capsys):
