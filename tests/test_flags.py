@@ -91,6 +91,23 @@ def test_a_val_loss_rise_of_noise_size_is_not_overfitting_and_a_dip_does_not_hid
     assert overfitting(dipping, gap=0.10, patience=3, rise=2.0) is None  # 0.55 is within 3 × 0.20
 
 
+def test_a_rising_val_loss_is_not_overfitting_when_training_scores_below_validation():
+    # QA: dropout 0.5, train 95.5% and validation 97.0% at its best, was told to add dropout for a val loss 8% above its lowest
+    history = {"train_loss": [0.5, 0.2, 0.14, 0.13, 0.139, 0.13, 0.125, 0.121], "val_loss": [0.4, 0.15, 0.11, 0.104, 0.105, 0.11, 0.111, 0.112],
+               "train_acc": [0.8, 0.9, 0.93, 0.94, 0.945, 0.95, 0.95, 0.955], "val_acc": [0.85, 0.93, 0.95, 0.96, 0.97, 0.965, 0.97, 0.97]}
+    assert overfitting(history, gap=0.10, patience=3) is None
+    fits_training = {**history, "train_acc": [*history["train_acc"][:-1], 0.99]}
+    assert "validation loss has stayed above its lowest (0.104) for 3 epochs" in overfitting(fits_training, gap=0.10, patience=3)
+
+
+def test_underfitting_is_flagged_when_validation_scores_above_a_poor_training_accuracy():
+    # QA: a linear model on spirals, train 51.9% and validation 57.8% (135 rows), was not flagged underfitting
+    history = {**HEALTHY, "train_acc": [0.45, 0.5, 0.51, 0.515, 0.518, 0.519], "val_acc": [0.5, 0.55, 0.56, 0.57, 0.575, 0.578]}
+    assert "training accuracy 51.9% (below 90%) is below validation 57.8%" in run_flags(history, INITIAL, FlagsConfig())["underfitting"]
+    close = {**history, "val_acc": [*history["val_acc"][:-1], 0.53]}
+    assert "is close to validation 53.0%" in run_flags(close, INITIAL, FlagsConfig())["underfitting"]
+
+
 def test_rising_val_loss_with_rising_train_loss_is_not_overfitting():
     history = {**HEALTHY, "train_loss": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5], "val_loss": [1.0, 1.1, 1.2, 1.3, 1.4, 1.5]}
     assert overfitting(history, gap=0.10, patience=3) is None
