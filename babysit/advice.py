@@ -65,7 +65,9 @@ ADVICE: dict[str, Callable[[str, History], str]] = {
     "a NaN or exploding loss in the first epochs almost always means the learning rate is too high.",
     "lr_too_high": lambda why, h: f"{why}: the learning rate is too high — lower it (3–10×).",
     "lr_too_low": lambda why, h: f"{why}: the loss is barely changing — raise the learning rate (3–10×).",
-    "majority_class": lambda why, h: f"{why}: the model may be predicting that class for every row — check the labels, "
+    "majority_class": lambda why, h: f"{why}: the model has learned nothing yet — the flags on the learning rate and the init say why; "
+    "with none of them, check that the labels belong to their rows." if "the classes are balanced" in why else
+    f"{why}: the model may be predicting that class for every row — check the labels, "
     "balance the classes (resample the rare ones, or weigh them) and judge it by per-class recall, not accuracy alone.",
     "plateau": _plateau,
     "underfitting": lambda why, h: _underfitting(h),

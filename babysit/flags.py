@@ -55,14 +55,19 @@ def overfitting(history: dict[str, list[float]], gap: float, patience: int, rise
     return None
 
 
-def majority_class(val_acc: list[float], majority_share: float, margin: float) -> str | None:
+BALANCED = 1.5  # a largest class under this × 1/classes: the classes are about balanced
+
+
+def majority_class(val_acc: list[float], majority_share: float, margin: float, n_classes: int | None = None) -> str | None:
     """No better than chance, where chance is the most common class: the best validation accuracy is
     not `margin` above the share of validation rows in that class. With 95% of rows in one class,
-    0.94 is what a model that always predicts it scores (QA: such a model passed as healthy)."""
+    0.94 is what a model that always predicts it scores (QA: such a model passed as healthy). With
+    `n_classes`, the reason says when the classes are about balanced (then balancing them is no cure)."""
     scored = [a for a in val_acc if math.isfinite(a)]
     if scored and max(scored) <= majority_share + margin:
+        balanced = "; the classes are balanced" if n_classes and majority_share <= BALANCED / n_classes else ""
         return (f"best validation accuracy {max(scored):.1%} is no better than always predicting the most common class "
-                f"({majority_share:.1%} of validation rows)")
+                f"({majority_share:.1%} of validation rows{balanced})")
     return None
 
 
@@ -260,7 +265,7 @@ def run_flags(
         found["plateau"] = plateau(history["train_loss"], history["train_acc"], cfg.plateau_epochs, cfg.plateau_min_drop, cfg.plateau_max_acc)
     found["underfitting"] = underfitting(history, cfg.underfit_acc, cfg.underfit_gap)
     if majority_share is not None:
-        found["majority_class"] = majority_class(history["val_acc"], majority_share, cfg.majority_margin)
+        found["majority_class"] = majority_class(history["val_acc"], majority_share, cfg.majority_margin, n_classes)
     if not found["underfitting"]:
         found["overfitting"] = overfitting(history, cfg.overfit_gap, cfg.overfit_patience, cfg.overfit_loss_rise)
     if (dead_now := [layer[-1] for layer in layer_series(diagnostics, "dead_frac/layer") if layer]) and not found.get("dead_relu"):

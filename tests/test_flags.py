@@ -187,6 +187,19 @@ def test_a_model_no_better_than_the_majority_class_is_flagged():
     assert "majority_class" not in run_flags(HEALTHY, INITIAL, FlagsConfig(), majority_share=0.1)
 
 
+def test_a_model_at_chance_on_balanced_classes_is_not_told_to_balance_them():
+    # QA: digits at lr 1e-5 (largest class 10.4%) was told to "balance the classes (resample the rare ones...)"
+    from babysit.advice import run_report
+
+    stuck = {**HEALTHY, "val_acc": [0.09, 0.1, 0.1, 0.104, 0.1, 0.1]}
+    flags = run_flags(stuck, INITIAL, FlagsConfig(), n_classes=10, majority_share=0.104)
+    assert flags["majority_class"].endswith("(10.4% of validation rows; the classes are balanced)")
+    report = run_report("digits", {"majority_class": flags["majority_class"]}, stuck, INITIAL)
+    assert "the model has learned nothing yet" in report and "balance the classes" not in report
+    skewed = run_flags(stuck, INITIAL, FlagsConfig(), n_classes=2, majority_share=0.942)["majority_class"]
+    assert "balance the classes" in run_report("ok", {"majority_class": skewed}, stuck, INITIAL)
+
+
 def test_the_majority_share_is_that_of_the_most_common_validation_class():
     import numpy as np
 
