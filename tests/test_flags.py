@@ -106,6 +106,9 @@ def test_underfitting_is_flagged_when_validation_scores_above_a_poor_training_ac
     assert "training accuracy 51.9% (below 90%) is below validation 57.8%" in run_flags(history, INITIAL, FlagsConfig())["underfitting"]
     close = {**history, "val_acc": [*history["val_acc"][:-1], 0.53]}
     assert "is close to validation 53.0%" in run_flags(close, INITIAL, FlagsConfig())["underfitting"]
+    # a model still learning fast: its epoch-averaged training accuracy trails the end-of-epoch validation one
+    learning = {**HEALTHY, "train_acc": [0.55, 0.82], "val_acc": [0.85, 0.93], "train_loss": [1.2, 0.6], "val_loss": [0.7, 0.3]}
+    assert "underfitting" not in run_flags(learning, INITIAL, FlagsConfig())
 
 
 def test_rising_val_loss_with_rising_train_loss_is_not_overfitting():
