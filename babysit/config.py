@@ -270,6 +270,7 @@ class FlagsConfig(Section):
     plateau_min_drop: float = Field(0.01, gt=0, lt=1)
     plateau_max_acc: float = Field(0.99, gt=0, le=1)
     # Underfitting: final training accuracy below `underfit_acc` and within `underfit_gap` of validation
+    # (or, once it has levelled off, further below a validation accuracy that is itself below `underfit_acc`)
     underfit_acc: float = Field(0.9, gt=0, le=1)
     underfit_gap: float = Field(0.05, gt=0, lt=1)
 

@@ -34,10 +34,10 @@ def diverged(train_loss: list[float], initial_loss: float, factor: float) -> str
 def overfitting(history: dict[str, list[float]], gap: float, patience: int, rise: float = 0.05) -> str | None:
     """Overfitting when, at the last epoch, train acc − val acc > `gap`; or when validation loss has
     stayed more than `rise` (a fraction) above its lowest for the last `patience` epochs, while
-    training loss fell below where it was then and training accuracy is above validation's. A
-    rise of a few thousandths is noise, not a trend, and one dip in a real rise does not hide it;
-    a model that scores lower on its training data than on new data is not fitting it too closely
-    (QA: dropout 0.5 at 95.5% train, 97.0% validation was told to add dropout).
+    training loss fell below where it was then. A rise of a few thousandths is noise, not a
+    trend, and one dip in a real rise does not hide it. Training accuracy (train mode: dropout on,
+    averaged over the epoch) below validation's is no evidence against it: with dropout this rule
+    is the one overfitting signal left.
     """
     train_acc, val_acc = history["train_acc"], history["val_acc"]
     if train_acc and train_acc[-1] - val_acc[-1] > gap:
@@ -49,13 +49,13 @@ def overfitting(history: dict[str, list[float]], gap: float, patience: int, rise
     lowest = min(finite)
     near = max(i for i, v in enumerate(val_loss) if v <= (1 + rise) * lowest)  # the last epoch at (about) its lowest
     since = len(val_loss) - 1 - near
-    if since >= patience and train_loss[-1] < train_loss[near] and (not train_acc or train_acc[-1] > val_acc[-1]):
+    if since >= patience and train_loss[-1] < train_loss[near]:
         return (f"validation loss has stayed above its lowest ({lowest:.3g}) for {since} epochs, to {val_loss[-1]:.3g} in epoch {len(val_loss)}, "
                 f"while training loss fell from {train_loss[near]:.3g} to {train_loss[-1]:.3g}")
     return None
 
 
-BALANCED = 1.5  # a largest class under this × 1/classes: the classes are about balanced
+BALANCED = 1.15  # a largest class under this × 1/classes: the classes are about balanced (binary: 57.5% at most)
 
 
 def majority_class(val_acc: list[float], majority_share: float, margin: float, n_classes: int | None = None) -> str | None:
@@ -189,16 +189,16 @@ def underfitting(history: dict[str, list[float]], max_acc: float, gap: float) ->
     """Underfitting when, at the last epoch, training accuracy is below `max_acc` and within `gap`
     of validation accuracy: the model cannot fit even the data it sees. Once training accuracy has
     levelled off (it rose less than `gap` in the last epoch), a validation accuracy further above
-    it (a small, lucky validation split) is no fit either (QA: a linear model at 52% on spirals went
-    unflagged beside 58% on validation). While it still rises, training accuracy, averaged over
-    an epoch of learning, trails the validation accuracy measured at the epoch's end: a model
-    still learning fast is not called underfitting for that."""
+    it but below `max_acc` too (a small, lucky validation split) is no fit either (QA: a linear
+    model at 52% on spirals went unflagged beside 58% on validation). Training accuracy is taken
+    in train mode (dropout, augmentation) and averaged over an epoch of learning, so it trails a
+    good validation accuracy in healthy runs: those are not underfitting."""
     train_acc, val_acc = history["train_acc"], history["val_acc"]
     if not train_acc or train_acc[-1] >= max_acc:
         return None
     below = train_acc[-1] - val_acc[-1]
     levelled = len(train_acc) >= 2 and train_acc[-1] - train_acc[-2] < gap
-    if abs(below) <= gap or below < 0 and levelled:
+    if abs(below) <= gap or below < 0 and levelled and val_acc[-1] < max_acc:
         closeness = "close to" if abs(below) <= gap else "below"
         return f"training accuracy {train_acc[-1]:.1%} (below {max_acc:.0%}) is {closeness} validation {val_acc[-1]:.1%}"
     return None
