@@ -309,6 +309,10 @@ class Config(Section):
         if self.train.unfreeze_epochs and not self.model.init_from:  # it would be ignored: there is nothing frozen to unfreeze
             raise ValueError(f"train.unfreeze_epochs {self.train.unfreeze_epochs} fine-tunes a transferred model after its frozen epochs; "
                              "set model.init_from (and model.freeze), or unfreeze_epochs: 0")
+        if self.train.unfreeze_epochs and self.model.freeze in ("none", 0):  # QA: ran on, every layer training already, at a tenth of the rate
+            raise ValueError(f"train.unfreeze_epochs {self.train.unfreeze_epochs} unfreezes the blocks model.freeze keeps fixed, and model.freeze is "
+                             f"{self.model.freeze}: every layer trains already, so it would only add epochs at unfreeze_lr_factor × the learning rate; "
+                             "set model.freeze (all, or the first n blocks), or unfreeze_epochs: 0")
         return self
 
     def flat(self) -> dict[str, Any]:

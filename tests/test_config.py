@@ -240,7 +240,11 @@ def test_a_yaml_typo_outside_a_search_space_gets_no_hint_about_quoting_distribut
 def test_unfreeze_epochs_without_a_transferred_model_fails_at_load():
     with pytest.raises(BabysitError, match=r"train.unfreeze_epochs 2 fine-tunes a transferred model .*set model.init_from"):
         load_config(CONF / "digits_mlp.yaml", ["train.unfreeze_epochs=2"])
-    assert load_config(CONF / "digits_5to9_transfer.yaml", ["model.init_from=weights.pt", "train.unfreeze_epochs=2"]).train.unfreeze_epochs == 2
+    assert load_config(CONF / "digits_5to9_transfer.yaml", ["model.init_from=weights.pt", "model.freeze=all", "train.unfreeze_epochs=2"]).train.unfreeze_epochs == 2
+    # nothing frozen to unfreeze: it only added epochs at a tenth of the rate (QA)
+    for freeze in ("none", "0"):
+        with pytest.raises(BabysitError, match=rf"train.unfreeze_epochs 2 unfreezes the blocks model.freeze keeps fixed, and model.freeze is {freeze}: every layer"):
+            load_config(CONF / "digits_5to9_transfer.yaml", ["model.init_from=weights.pt", f"model.freeze={freeze}", "train.unfreeze_epochs=2"])
 
 
 @pytest.mark.parametrize("method", ["pca", "whiten"])

@@ -957,7 +957,7 @@ def test_shared_pruning_has_room_for_the_fine_tuning_epochs(tmp_path):
 
     torch.save({}, tmp_path / "source.pt")
     stages = "search.stages=[{name: coarse, trials: 4, epochs: 2}, {name: fine, trials: 2, epochs: 5}]"
-    transfer = [stages, f"model.init_from={tmp_path / 'source.pt'}", "train.unfreeze_epochs=3"]
+    transfer = [stages, f"model.init_from={tmp_path / 'source.pt'}", "model.freeze=all", "train.unfreeze_epochs=3"]
     assert most_epochs(load_config("conf/search_digits.yaml", [stages], model=SearchExperiment)) == 5
     exp = load_config("conf/search_digits.yaml", transfer, model=SearchExperiment)
     assert most_epochs(exp) == 5 + 3
