@@ -128,26 +128,36 @@ def dead_relu(frac_dead: list[float], limit: float, when: str) -> str | None:
     return None
 
 
-def lr_too_high(train_loss: list[float], initial_loss: float, update_ratio: list[float], early_epochs: int, loss_rise: float, ratio_high: float) -> str | None:
+def lr_too_high(train_loss: list[float], initial_loss: float, update_ratio: list[float], early_epochs: int, loss_rise: float, ratio_high: float,
+                first_ratio_epoch: int = 1) -> str | None:
     """Too high when, in the first `early_epochs` epochs, an epoch's mean training loss is NaN/Inf or
     above (1 + `loss_rise`) × the initial loss (the loss rose or exploded); or when the median over
     those epochs of the update ratio (median over weight matrices of ‖Δw‖/‖w‖ on an epoch's last
-    step; rule of thumb ≈ 1e-3) is above `ratio_high`.
+    step; rule of thumb ≈ 1e-3) is above `ratio_high`. `first_ratio_epoch`: the epoch of
+    `update_ratio`'s first value (none is measured while every hidden layer is frozen).
     """
     for epoch, loss in enumerate(train_loss[:early_epochs], start=1):
         if not math.isfinite(loss) or loss > (1 + loss_rise) * initial_loss:
             return f"training loss rose to {loss:.3g} in epoch {epoch} from {initial_loss:.3g} at init"
     early = [r for r in update_ratio[:early_epochs] if math.isfinite(r)]
     if early and (ratio := statistics.median(early)) > ratio_high:
-        return f"update/weight ratio {ratio:.1e} in the first {len(early)} epoch(s), above {ratio_high:.0e} (rule of thumb: about 1e-3)"
+        return f"update/weight ratio {ratio:.1e} in {_measured_in(first_ratio_epoch, len(early))}, above {ratio_high:.0e} (rule of thumb: about 1e-3)"
     return None
+
+
+def _measured_in(first: int, judged: int) -> str:
+    """'the first 3 epoch(s)'; after a frozen phase (QA: fine-tuning's ratios read as the run's
+    first epochs), 'epochs 7-9, the first measured (every hidden layer was frozen before)'."""
+    if first <= 1:
+        return f"the first {judged} epoch(s)"
+    return f"epoch{'s' if judged > 1 else ''} {first}{f'-{first + judged - 1}' if judged > 1 else ''}, the first measured (every hidden layer was frozen before)"
 
 
 RULE_OF_THUMB = 1e-3  # CS231n: an update/weight ratio of about 1e-3 is healthy
 
 
 def lr_too_low(train_loss: list[float], initial_loss: float, update_ratio: list[float], early_epochs: int, min_drop: float, ratio_low: float,
-               loss_rise: float = 0.05) -> str | None:
+               loss_rise: float = 0.05, first_ratio_epoch: int = 1) -> str | None:
     """Too low when the training loss of epoch `early_epochs` (or of the last epoch, if fewer ran)
     is not below (1 − `min_drop`) × the initial loss: barely lower, or as high or a little higher
     (up to (1 + `loss_rise`) ×; beyond that it rose, which is lr_too_high's), unless the update ratio
@@ -157,7 +167,7 @@ def lr_too_low(train_loss: list[float], initial_loss: float, update_ratio: list[
     """
     early = [r for r in update_ratio[:early_epochs] if math.isfinite(r)]
     if early and (ratio := statistics.median(early)) < ratio_low:
-        return f"update/weight ratio {ratio:.1e} in the first {len(early)} epoch(s), below {ratio_low:.0e} (rule of thumb: about 1e-3)"
+        return f"update/weight ratio {ratio:.1e} in {_measured_in(first_ratio_epoch, len(early))}, below {ratio_low:.0e} (rule of thumb: about 1e-3)"
     if not train_loss or not math.isfinite(initial_loss):  # no loss to judge (none given: only the ratio speaks)
         return None
     if early and statistics.median(early) >= RULE_OF_THUMB:  # the weights move as fast as they should: a slow loss has another cause (few steps, capacity, init)
@@ -262,12 +272,14 @@ def run_flags(
     if {"vanishing_activations", "exploding_activations", "saturated"} & found.keys():
         ratio = []
     found["diverged"] = diverged(history["train_loss"], initial_loss, cfg.diverge_factor)
-    found["lr_too_high"] = lr_too_high(history["train_loss"], initial_loss, ratio, cfg.early_epochs, cfg.early_loss_rise, cfg.update_ratio_high)
+    first_ratio_epoch = max(len(history["train_loss"]) - len(ratio), 0) + 1  # ratios are the last epochs': none while every hidden layer is frozen
+    found["lr_too_high"] = lr_too_high(history["train_loss"], initial_loss, ratio, cfg.early_epochs, cfg.early_loss_rise, cfg.update_ratio_high, first_ratio_epoch)
     if found["diverged"]:
         return {name: reason for name, reason in found.items() if reason}
     # a loss that rose is a rate too high, never one too low (the cures point opposite ways)
     found["lr_too_low"] = None if found["lr_too_high"] else lr_too_low(
-        [] if transferred else history["train_loss"], initial_loss, ratio, cfg.early_epochs, cfg.min_loss_drop, cfg.update_ratio_low, cfg.early_loss_rise)
+        [] if transferred else history["train_loss"], initial_loss, ratio, cfg.early_epochs, cfg.min_loss_drop, cfg.update_ratio_low, cfg.early_loss_rise,
+        first_ratio_epoch)
     if not found["lr_too_low"]:
         found["plateau"] = plateau(history["train_loss"], history["train_acc"], cfg.plateau_epochs, cfg.plateau_min_drop, cfg.plateau_max_acc)
     found["underfitting"] = underfitting(history, cfg.underfit_acc, cfg.underfit_gap)

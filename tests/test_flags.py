@@ -215,3 +215,15 @@ def test_the_majority_share_is_that_of_the_most_common_validation_class():
     empty = np.zeros((0, 2))
     splits = Splits(empty, np.array([], dtype=int), np.zeros((4, 2)), np.array([1, 1, 1, 0]), empty, np.array([], dtype=int), ["a", "b"])
     assert splits.majority_share == 0.75
+
+
+def test_lr_flags_from_update_ratios_name_the_epochs_they_were_measured_in_after_a_frozen_phase():
+    # QA: fine-tuning's ratios (epochs 7-9) were reported as "in the first 3 epoch(s)" of the run
+    losses = [1.0, 0.9, 0.85, 0.8, 0.78, 0.77, 0.7, 0.65, 0.6]
+    history = {"train_loss": losses, "val_loss": losses, "train_acc": [0.6] * 9, "val_acc": [0.6] * 9}
+    flags = run_flags(history, 1.1, FlagsConfig(), {"update_ratio": [0.052, 0.042, 0.037]}, transferred=True)
+    assert "update/weight ratio 4.2e-02 in epochs 7-9, the first measured (every hidden layer was frozen before), above 2e-02" in flags["lr_too_high"]
+    fresh = run_flags(history, 1.1, FlagsConfig(), {"update_ratio": [0.052] * 9})
+    assert "in the first 3 epoch(s), above" in fresh["lr_too_high"]
+    slow = run_flags(history, 1.1, FlagsConfig(), {"update_ratio": [1e-7]}, transferred=True)
+    assert "update/weight ratio 1.0e-07 in epoch 9, the first measured" in slow["lr_too_low"]
