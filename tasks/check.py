@@ -12,7 +12,7 @@ calls them directly (no Prefect server), and a search runs the overfit check bef
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -108,6 +108,15 @@ def overfit_tiny_subset(cfg: Config, prepared: Prepared, n: int = 20, budget_epo
     else:
         why = result.stop_reason if result.stop_reason else f"after {len(curve)} epochs (the budget)"
         reason = f"{n} examples reach only {acc:.0%} training accuracy, {why}; loss over its {len(curve)} epochs {shown} ({setting}): check the loss, labels and learning rate"
+        if source is not None and cfg.model.freeze not in ("none", 0):
+            # QA: a transfer with freeze all failed here, told to check the loss, labels and lr, while every layer trainable fit them
+            unfrozen = overfit_tiny_subset(cfg.model_copy(update={"model": cfg.model.model_copy(update={"freeze": "none"})}), prepared, n, budget_epochs,
+                                           target_acc, source)
+            frozen_part = f"with model.freeze {cfg.model.freeze} (only the layers after the frozen blocks train) {n} examples reach only {acc:.0%} training accuracy, {why}"
+            if unfrozen.passed:
+                return replace(unfrozen, reason=f"{frozen_part}; with every layer trainable they fit in {unfrozen.data['epochs']} epochs: the loss, labels "
+                                                f"and learning rate work, the frozen features limit what the rest can fit (train.unfreeze_epochs fine-tunes them)")
+            return replace(unfrozen, reason=f"{frozen_part}; with every layer trainable too: {unfrozen.reason}")
     return CheckResult("tiny-subset overfit", passed, reason, curve=curve,
                        data={"n": n, "epochs": len(curve), "accuracy": acc, "stop_reason": result.stop_reason})
 

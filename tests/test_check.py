@@ -81,3 +81,21 @@ def test_activation_check_reports_per_layer_numbers():
     assert result.passed and "over 2 hidden layers" in result.reason
     stats = result.data["report"].layer_stats
     assert len(stats["act_std"]) == 2 and stats["act_frac_dead"] == [0.0, 0.0]
+
+
+def test_the_overfit_check_of_a_frozen_transfer_tells_frozen_features_from_a_broken_setup(one_thread, tmp_path):
+    # QA: freeze all failed the check ("check the loss, labels and learning rate") while every layer trainable fit the 20 examples
+    import torch
+
+    from models.mlp import build_model
+
+    base = ["model.hidden=[4]", "train.diagnostics=false", "optim.lr=0.03"]
+    torch.save(build_model(load_config("conf/digits_mlp.yaml", base).model, 64, 10, seed=1).state_dict(), tmp_path / "source.pt")
+    cfg = load_config("conf/digits_mlp.yaml", [*base, f"model.init_from={tmp_path / 'source.pt'}", "model.freeze=all"])
+    source = torch.load(tmp_path / "source.pt")
+    result = overfit_tiny_subset(cfg, prepared_for(cfg), source=source)
+    assert result.passed, result.reason
+    assert result.reason.startswith("with model.freeze all (only the layers after the frozen blocks train) 20 examples reach only")
+    assert "with every layer trainable they fit in" in result.reason and "check the loss, labels" not in result.reason
+    unfrozen = load_config("conf/digits_mlp.yaml", [*base, f"model.init_from={tmp_path / 'source.pt'}", "model.freeze=none"])
+    assert overfit_tiny_subset(unfrozen, prepared_for(unfrozen), source=source).data["epochs"] == result.data["epochs"]  # the same training
