@@ -322,7 +322,8 @@ def server(args: argparse.Namespace) -> int:
     state = Path(args.state)
     names = [args.only] if args.only else ["prefect", "mlflow"]
     # QA: run from another folder, down and env found nothing there and said nothing, exit 0, with both servers running
-    none_recorded = (f"no {args.only or ''}{' server' if args.only else 'servers'} recorded in {state.resolve()}/ (`babysit server up` starts them "
+    which = f"{args.only} server" if args.only else "servers"
+    none_recorded = (f"no {which} recorded in {state.resolve()}/ (`babysit server up` starts them "
                      f"and records them in the folder it runs from: run this there, or pass --state PATH/.babysit)")
     if args.action == "down":
         stopped = servers.down(state, names)
@@ -331,7 +332,7 @@ def server(args: argparse.Namespace) -> int:
         if stopped:
             return 0
         if (state / "servers.json").exists():  # a `down` before this one stopped them: as safe to repeat as before
-            console.print(f"no {args.only or ''}{' server' if args.only else 'servers'} running from {state.resolve()}/ (stopped already)", highlight=False)
+            console.print(f"no {which} running from {state.resolve()}/ (stopped already)", highlight=False)
             return 0
         console.print(none_recorded, highlight=False)
         return 1
