@@ -587,7 +587,7 @@ class SearchExperiment(Config):
                 raise ValueError(f"search.space: {problem}")
         searched_warmup = parse_dist("optim.warmup_epochs", self.search.space["optim.warmup_epochs"]) if "optim.warmup_epochs" in self.search.space else None
         longest = (int(searched_warmup.high) if searched_warmup.numeric else max(searched_warmup.options)) if searched_warmup else self.optim.warmup_epochs
-        for stage in [*self.search.stages, *([self.search.final] if self.search.final else [])]:
+        for stage in every_stage(self.search):
             if problem := warmup_outlasts(longest, stage.epochs, f"stage {getattr(stage, 'name', 'final')}"):
                 if searched_warmup:  # QA: a range was accepted, and trials sampled past it never reached their rate
                     raise ValueError(f"search.space: optim.warmup_epochs {self.search.space['optim.warmup_epochs']} samples up to {longest}, and {problem}; "
@@ -699,9 +699,14 @@ def reads_field(field: str, values: dict[str, Any], base: dict[str, Any]) -> boo
     return values.get(switch, reads_switch(switch, base)) in readers
 
 
+def every_stage(search: SearchConfig) -> list[StageConfig | FinalStageConfig]:
+    """The stages of `search`, then its final retrain if it has one."""
+    return [*search.stages, *([search.final] if search.final else [])]
+
+
 def shortest_stage(search: SearchConfig) -> int:
     """The fewest epochs any stage of `search` (the final retrain included) trains for."""
-    return min(stage.epochs for stage in [*search.stages, *([search.final] if search.final else [])])
+    return min(stage.epochs for stage in every_stage(search))
 
 
 def warmup_outlasts(warmup_epochs: int, epochs: int, where: str) -> str | None:

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -226,18 +227,12 @@ def stop_uninterrupted(server) -> None:
 
 def answers(url: str, timeout: float = 5.0) -> bool:
     """Whether a server answers at `url` at all: any HTTP status, an error or a login page included."""
-    return http_status(url, timeout) is not None
-
-
-def http_status(url: str, timeout: float = 5.0) -> int | None:
-    """The HTTP status a server answers `url` with (an error or a login page included), or None when nothing answers."""
-    return http_answer(url, timeout)[0]
+    return http_answer(url, timeout)[0] is not None
 
 
 def http_answer(url: str, timeout: float = 5.0) -> tuple[int | None, bytes]:
     """(HTTP status, the first bytes of the body) of `url`; (None, b"") when no HTTP server answers."""
     import http.client
-    import urllib.error
 
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
@@ -288,11 +283,7 @@ def check_prefect_api(api: str) -> None:
 
 
 def healthy(url: str, timeout: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status == 200
-    except (OSError, ValueError):
-        return False
+    return http_answer(url, timeout)[0] == 200
 
 
 def port_in_use(host: str, port: int, timeout: float = 0.5) -> bool:
