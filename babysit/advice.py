@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from babysit.space import top_count
+
 History = dict[str, list[float]]
 
 # Order of the advice: problems at init first (nothing after them is meaningful), then the
@@ -195,17 +197,36 @@ def clearly_best(trials: pd.DataFrame, bad: pd.Series) -> pd.Series | None:
     return best if best.any() and (pd.isna(flagged_best) or scores.max() - flagged_best >= CLEARLY_BETTER) else None
 
 
+def top_trials(trials: pd.DataFrame, flag_sets: pd.Series, top_k: int | float | None) -> pd.Series | None:
+    """The stage's top trials as narrowing picks them (babysit.space.narrow): the `top_k` best that
+    scored and did not diverge, ties at the cut included, and without the lr_too_low ones when the
+    best trial learned. The next stage's ranges keep them: advice that cut them off would disagree
+    with what the search did next (QA). None without `top_k`."""
+    scores = trials["val_acc"].astype(float)
+    scored = scores[scores.notna() & (trials["status"].astype(str) != "diverged")]
+    if top_k is None or scored.empty:
+        return None
+    ranked = scored.sort_values(ascending=False, kind="stable")
+    top = scores >= ranked.iloc[min(top_count(top_k, len(scored)), len(scored)) - 1]
+    slow = flag_sets.map(lambda flags: "lr_too_low" in flags)
+    return top & ~slow if not slow[ranked.index[0]] else top
+
+
 def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, params: list[str], everywhere: str, never: tuple[str, str] | None = None,
-                  prefer: str | None = None) -> str:
+                  prefer: str | None = None, top: pd.Series | None = None) -> str:
     """One line on the `bad` trials of a stage: the range that holds them, to be cut off, or, when
-    every trial shares the problem, `everywhere` (what to do with the learning rate)."""
+    every trial shares the problem, `everywhere` (what to do with the learning rate). No range that
+    holds one of the `top` trials (top_trials) is cut off."""
     found = f"{what} in {int(bad.sum())} of {len(trials)} {stage} trials"
     if bad.all():
         return f"{what} in {f'all {len(trials)} {stage} trials' if len(trials) > 1 else f'the one {stage} trial'}: {everywhere}."
-    keep = clearly_best(trials, bad)
+    best = clearly_best(trials, bad)
+    keep = best if top is None else top if best is None else best | top
     culprit = blame(trials, bad, params, never, prefer, keep)
-    if culprit is None and keep is not None and (keep & bad).any():
+    if culprit is None and best is not None and (best & bad).any():
         return f"{found}, the stage's best trial among them: no range to cut off."
+    if culprit is None and top is not None and (top & bad).any():
+        return f"{found}, {int((top & bad).sum())} of them among the stage's top trials: no range to cut off without cutting those off."
     if culprit is None:
         return f"{found}, with no single parameter range to blame."
     field, side, threshold = culprit
@@ -216,7 +237,8 @@ def _problem_line(what: str, stage: str, trials: pd.DataFrame, bad: pd.Series, p
 
 
 def search_advice(trials: pd.DataFrame, edges: list[tuple[str, str]], unmoved: dict[str, str] | None = None, causes: dict[tuple[str, str], str] | None = None,
-                  narrowed: dict[str, tuple[str, str]] | None = None, reads: Callable[[str, dict[str, Any]], bool] | None = None) -> str:
+                  narrowed: dict[str, tuple[str, str]] | None = None, reads: Callable[[str, dict[str, Any]], bool] | None = None,
+                  moved_after: dict[tuple[str, str], str] | None = None, top_k: int | float | None = None) -> str:
     """Markdown advice on a search from its trials and the fields whose best value sat at an edge.
 
     `trials` has columns stage, status (finished|failed|diverged|pruned), val_acc, flags
@@ -226,7 +248,9 @@ def search_advice(trials: pd.DataFrame, edges: list[tuple[str, str]], unmoved: d
     last stage's best value sat, an edge that nothing moved; `causes`, (field, side) -> why its range moved (the
     search log's words; default: its best value sat at that edge); `narrowed`, for the fields of
     `unmoved` whose edge narrowing set inside the file's range: (the last stage's range, the file's); `reads(field, values)`,
-    whether a trial with these sampled values trains with `field` (the best trial is named by those it read). Per stage, in order of appearance: what happened to
+    whether a trial with these sampled values trains with `field` (the best trial is named by those it read); `moved_after`, (field, side) ->
+    the stage whose trials moved that edge (the last time); `top_k`, the search's (babysit.space.top_count): a range that holds one of a
+    stage's top trials, which the next stage's ranges keep, is never to be cut off. Per stage, in order of appearance: what happened to
     the trials; which range holds the exploded (status diverged or flag diverged) and the
     lr_too_low trials (see `blame`); the most common flag among finished trials. Then the edges
     and the best trial.
@@ -240,13 +264,13 @@ def search_advice(trials: pd.DataFrame, edges: list[tuple[str, str]], unmoved: d
     lines = []
     for stage in trials["stage"].astype(str).unique():
         in_stage = trials["stage"].astype(str) == stage
-        lines += _stage_lines(stage, trials[in_stage], flag_sets[in_stage], params)
-    lines += _edge_lines(edges, unmoved or {}, causes or {}, narrowed or {})
+        lines += _stage_lines(stage, trials[in_stage], flag_sets[in_stage], params, top_k)
+    lines += _edge_lines(edges, unmoved or {}, causes or {}, narrowed or {}, moved_after or {})
     lines += _best_trial_line(trials, params, reads)
     return "\n".join(f"- {line}" for line in lines) + "\n"
 
 
-def _stage_lines(stage: str, group: pd.DataFrame, group_flags: pd.Series, params: list[str]) -> list[str]:
+def _stage_lines(stage: str, group: pd.DataFrame, group_flags: pd.Series, params: list[str], top_k: int | float | None = None) -> list[str]:
     """A stage's trials: what happened to them, which range holds the exploded and the too slow ones, the common flags."""
     group_status = group["status"].astype(str)
     counts = group_status.value_counts()
@@ -259,17 +283,18 @@ def _stage_lines(stage: str, group: pd.DataFrame, group_flags: pd.Series, params
     trained = group_status != "failed"
     group, group_flags, group_status = group[trained], group_flags[trained], group_status[trained]
     exploded = (group_status == "diverged") | group_flags.map(lambda f: "diverged" in f)
+    top = top_trials(group, group_flags, top_k)
     if exploded.any():
         lines.append(_problem_line("loss exploded", stage, group, exploded, params, everywhere=f"{lr_is} too high: lower it ({both}10×)",
-                                   never=("optim.lr", "below"), prefer="optim.lr"))
+                                   never=("optim.lr", "below"), prefer="optim.lr", top=top))
     fast = group_flags.map(lambda f: "lr_too_high" in f)
     if fast.any():  # with the exploded trials: together they can be every trial, the rate too high everywhere
         lines.append(_problem_line("lr_too_high" + (" or loss exploded" if (exploded & ~fast).any() else ""), stage, group, fast | exploded, params,
-                                   everywhere=f"{lr_is} too high: lower it ({both}3–10×)", never=("optim.lr", "below"), prefer="optim.lr"))
+                                   everywhere=f"{lr_is} too high: lower it ({both}3–10×)", never=("optim.lr", "below"), prefer="optim.lr", top=top))
     slow = group_flags.map(lambda f: "lr_too_low" in f)
     if slow.any():
         lines.append(_problem_line("lr_too_low", stage, group, slow, params, everywhere=f"the loss barely moved anywhere, so {lr_is} too low: raise it (10×)",
-                                   never=("optim.lr", "above"), prefer="optim.lr"))
+                                   never=("optim.lr", "above"), prefer="optim.lr", top=top))
     if (failed := int((~trained).sum())):
         lines.append(f"{failed} {stage} trial(s) failed with an error: see the `babysit.failure` tag of their MLflow runs.")
     if (pruned := int((group_status == "pruned").sum())):
@@ -287,12 +312,14 @@ def _stage_lines(stage: str, group: pd.DataFrame, group_flags: pd.Series, params
     return lines
 
 
-def _edge_lines(edges: list[tuple[str, str]], unmoved: dict[str, str], causes: dict[tuple[str, str], str], narrowed: dict[str, tuple[str, str]]) -> list[str]:
+def _edge_lines(edges: list[tuple[str, str]], unmoved: dict[str, str], causes: dict[tuple[str, str], str], narrowed: dict[str, tuple[str, str]],
+                moved_after: dict[tuple[str, str], str]) -> list[str]:
     """The edges the stages moved past, then those the last stage left for the file to move."""
     lines = []
     for field, side in edges:
         where = "upper" if side == "high" else "lower"
-        lines.append(f"{field}: the next stage's range moved past its {where} edge ({causes.get((field, side), 'the best value sat at that edge')}), and searched beyond it.")
+        after = f"after stage {moved_after[field, side]}, " if (field, side) in moved_after else ""  # said after the last stage's lines (QA)
+        lines.append(f"{field}: {after}the next stage's range moved past its {where} edge ({causes.get((field, side), 'the best value sat at that edge')}), and searched beyond it.")
     for field, side in unmoved.items():
         where, bound = ("upper", "raise its upper bound") if side == "high" else ("lower", "lower its lower bound")
         said = f"{field}: the last stage's range should move past its {where} edge ({causes.get((field, side), 'the best value sat at that edge')})"

@@ -173,7 +173,7 @@ def search(args: argparse.Namespace) -> int:
         table.add_row("final retrain", f"val acc {summary.final_val_acc:.4f}, test acc {summary.test_acc:.4f}")
     elif summary.test_acc is not None:  # it ran, and diverged or failed: no accuracy to show
         table.add_row("final retrain", "[yellow]diverged or failed[/]: see the final run's flags in MLflow")
-    table.add_row("edges", "\n".join(summary.edges) or "none: every best value sat inside its range")
+    table.add_row("edges", "\n".join(summary.edges) or "none: no range moved past an edge")
     table.add_row("trials", f"{summary.trials_run} run, {summary.trials_reused} reused from an earlier run of this search")
     if summary.changes:
         table.add_row("since last run", escape("\n".join(summary.changes)))

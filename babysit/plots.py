@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # files only: flows run headless, in threads
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+import pandas as pd  # noqa: E402
 
 
 def training_curves(history: dict[str, list[float]], title: str = "") -> Figure:
@@ -79,7 +80,9 @@ def search_overview(trials, fields: list[str], row: int | None = None, linear: C
     stage, log x-axis for values over more than 20×: the lecture's coarse/fine scatter), and a last
     panel with the best validation accuracy found after each trial. `trials` has columns stage,
     val_acc and param.<field>, rows in the order the trials ran. Fields in `linear` were sampled on
-    a linear scale (uniform, int): their axes stay linear, e.g. a dropout of 0.01 beside 0.5.
+    a linear scale (uniform, int): their axes stay linear, e.g. a dropout of 0.01 beside 0.5. A
+    boolean column `read.<field>`, where present, leaves out of a field's panel the trials that did
+    not train with it (QA: Adam's trials placed at the momentum they never read).
 
     Drawing the figure costs ~0.3 s here, paid by every search, so `row` draws one row of
     panels only, as a figure of its own: rows drawn at once in worker processes and stacked
@@ -100,11 +103,12 @@ def search_overview(trials, fields: list[str], row: int | None = None, linear: C
             ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # no "2.5 trials"
             ax.grid(alpha=0.3)
             continue
-        values = trials[f"param.{field}"]
+        read = trials[f"read.{field}"].astype(bool) if f"read.{field}" in trials else pd.Series(True, index=trials.index)
+        values = trials.loc[read, f"param.{field}"]
         # a null option (a choice with None) became NaN in the table: such a field is categorical, with a "null" category
         numeric = values.notna().all() and values.map(lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)).all()
         for colour, (stage, group) in enumerate(trials.groupby("stage", sort=False)):
-            group = group[group["val_acc"].notna()]  # diverged and failed trials have no score to place (QA: a stage of them crashed the figure)
+            group = group[group["val_acc"].notna() & read[group.index]]  # diverged and failed trials have no score to place (QA: a stage of them crashed the figure)
             x = group[f"param.{field}"] if numeric else group[f"param.{field}"].map(category)
             ax.scatter(x, group["val_acc"].astype(float), label=stage, color=f"C{colour}", alpha=0.7, s=18)
         if numeric and field not in linear and (values > 0).all() and values.max() / values.min() > 20:

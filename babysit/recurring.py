@@ -15,6 +15,7 @@ calls it before its first stage (identity, warm start) and after its last (chang
 from __future__ import annotations
 
 import ast
+import dataclasses
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -32,6 +33,8 @@ class PastSearch:
     best_val_acc: float | None
     ranges: dict[str, dict[str, str]]  # stage -> field -> 'loguniform(1e-05, 0.1)', in stage order
     search_hash: str = ""  # its file's, as flows.search.search_hash: another base config or space, another hash
+    params: dict[str, str] = dataclasses.field(default_factory=dict)  # its parent run's (flows.search.parent_params), as MLflow keeps them: text
+    data_version: str = ""  # its babysit.data_version tag (tasks.data.data_fingerprint)
 
 
 def schedule_identity(deployment: str | None, scheduled: datetime | None) -> dict[str, str]:
@@ -93,6 +96,7 @@ def past_search(run: Any, fields: list[str], fallback_order: list[str]) -> PastS
     return PastSearch(
         run.info.run_id, tags.get("mlflow.runName", run.info.run_id), started, metrics.get("best_val_acc"),
         stage_ranges(tags, list(dict.fromkeys([*fields, *searched_then])), stage_order(params, fallback_order)), tags.get("babysit.search_hash", ""),
+        params, tags.get("babysit.data_version", ""),
     )
 
 
@@ -140,16 +144,39 @@ def _candidate(field: str, dist: Dist, text: str | None, is_valid: Any) -> tuple
     return old, ""
 
 
-def changes_since(past: PastSearch | None, best_val_acc: float | None, ranges: dict[str, dict[str, str]], search_hash: str = "") -> list[str]:
-    """What changed since `past`: whether the search file did (`search_hash`, this run's), best
-    validation accuracy, then each stage's ranges that moved (compared stage by stage and field by
-    field; pairs that `past` did not search are listed as such)."""
+# a search's settings that change none of its results (flows.search.search_hash leaves them out)
+NOT_IN_SEARCH_HASH = ("search.workers", "search.runner", "search.dask_address")
+
+
+def changed_settings(past: dict[str, str], now: dict[str, Any], shown: int = 4) -> str:
+    """The settings whose values differ between two parent runs' params ('' when none does):
+    'search.final.epochs 30 -> 4, ...', a setting one of them lacks as 'unset'."""
+    changed = [key for key in sorted(past.keys() | now.keys())
+               if key not in NOT_IN_SEARCH_HASH and past.get(key, "unset") != (str(now[key]) if key in now else "unset")]
+    said = [f"{key} {past.get(key, 'unset')} -> {now[key] if key in now else 'unset'}" for key in changed[:shown]]
+    return ", ".join(said) + (f" and {len(changed) - shown} more" if len(changed) > shown else "")
+
+
+def changes_since(past: PastSearch | None, best_val_acc: float | None, ranges: dict[str, dict[str, str]], search_hash: str = "",
+                  params: dict[str, Any] | None = None, data_version: str = "") -> list[str]:
+    """What changed since `past`: whether the search file did (`search_hash`, this run's; which
+    settings, from this run's parent `params`) or its data (`data_version`), best validation
+    accuracy, then each stage's ranges that moved (compared stage by stage and field by field;
+    pairs that `past` did not search are listed as such)."""
     if past is None:
         return []
     when = f" ({past.started:%Y-%m-%d %H:%M}Z)" if past.started else ""
     lines = [f"since {past.run_name}{when}, run {past.run_id}:"]
     if search_hash and past.search_hash and search_hash != past.search_hash:  # QA: a batch-norm search compared with one without, unsaid
-        lines.append("the search file changed since (its base config, space or stages): the two searches differ in more than their luck")
+        # QA: said of a rerun that changed only search.final, or only touched its data file
+        settings = changed_settings(past.params, params) if params is not None and past.params else ""
+        if settings:
+            lines.append(f"the search file changed since ({settings}): the two searches differ in more than their luck")
+        elif params is not None and past.params and data_version != past.data_version:
+            lines.append("the data changed since (its file was rewritten, or its modification time changed): "
+                         "its trials trained again on this version")
+        else:
+            lines.append("the search file changed since (its base config, space or stages): the two searches differ in more than their luck")
     if best_val_acc is not None and past.best_val_acc is not None:
         lines.append(f"best val acc {past.best_val_acc:.4f} -> {best_val_acc:.4f} ({best_val_acc - past.best_val_acc:+.4f})")
     now = [(stage, field, text) for stage, space in ranges.items() for field, text in space.items()]

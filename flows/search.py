@@ -119,9 +119,7 @@ def open_parent(exp: SearchExperiment, uri: str, named: list, recurrence: dict[s
         finished = finished_trials(uri, experiment_id, [parent.run_id], own=True)
     else:
         versioned = {"babysit.data_version": data_version} if data_version else {}
-        # a searched field's param is its range, not the file's base value (QA: optim.lr=0.001 read as the search's rate)
-        params = {**exp.flat(), **{field: f"searched: {spec}" for field, spec in exp.search.space.items()}}
-        parent = tracking.start_run(uri, exp.tracking.experiment, run_name or exp.tracking.run_name or exp.name, params,
+        parent = tracking.start_run(uri, exp.tracking.experiment, run_name or exp.tracking.run_name or exp.name, parent_params(exp),
                                     {**identity, **versioned, **provenance_tags(exp), **owner})
         finished = {}
     if exp.search.resume and "babysit.schedule" not in identity:
@@ -129,6 +127,15 @@ def open_parent(exp: SearchExperiment, uri: str, named: list, recurrence: dict[s
         for key, run in finished_trials(uri, experiment_id, earlier, pruned=False).items():
             finished.setdefault(key, run)
     return parent, finished, previous[0] if previous else None
+
+
+def parent_params(exp: SearchExperiment) -> dict[str, object]:
+    """The parent run's params: the file's settings, where a searched field's is its range, not
+    the file's base value (QA: optim.lr=0.001 read as the search's rate)."""
+    params = {**exp.flat(), **{field: f"searched: {spec}" for field, spec in exp.search.space.items()}}
+    if lr_follows_searched_name(exp):  # not the base optimizer's default, which a trial of another optimizer never trained at (QA)
+        params["optim.lr"] = "unset: the default of each trial's optim.name"
+    return params
 
 
 def fail_abandoned(uri: str, named: list, keep: str) -> set[str]:
@@ -198,6 +205,11 @@ def numeric_choice_warnings(exp: SearchExperiment) -> list[str]:
     return warnings
 
 
+def lr_follows_searched_name(exp: SearchExperiment) -> bool:
+    """optim.lr left unset, optim.name searched: each trial trains at its own optimizer's default rate (trial_base)."""
+    return exp.optim.lr_follows_name and "optim.name" in exp.search.space and "optim.lr" not in exp.search.space
+
+
 def init_sources(exp: SearchExperiment) -> list[str]:
     """The model.init_from sources the search's trials may read: the file's, and those a searched choice offers."""
     sources = [exp.model.init_from] if exp.model.init_from else []
@@ -257,6 +269,18 @@ def top_k_warnings(exp: SearchExperiment) -> list[str]:
             "ranges narrow around all of them; use fewer (or a share such as 0.25)"
             for stage in exp.search.stages[:-1]  # the last one's top trials narrow nothing
             if isinstance(exp.search.top_k, int) and exp.search.top_k >= stage.trials]
+
+
+def final_warnings(exp: SearchExperiment) -> list[str]:
+    """A final retrain shorter than a stage's trials tests a weaker model than the one the search found (QA)."""
+    if exp.search.final is None:
+        return []
+    longest = max(exp.search.stages, key=lambda stage: stage.epochs)
+    if exp.search.final.epochs >= longest.epochs:
+        return []
+    return [f"search.final.epochs {exp.search.final.epochs}: stage {longest.name} trains its trials {longest.epochs} epochs, so the final "
+            "retrain would train the best config for fewer epochs than the trial that found it, and the test set would judge a weaker "
+            f"model than the search's best; the final stage retrains longer: set search.final.epochs to at least {longest.epochs}"]
 
 
 def log_stage(stage: str, space_text: dict[str, str], results: list[TrialResult]) -> None:
@@ -393,7 +417,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     named, recurrence, parent_name = recurrence_of(exp, uri)
     if exp.search.warm_start == "latest" and "babysit.warm_from" not in recurrence:
         logger.info("search.warm_start latest: no finished run of search %s yet, so the first stage samples the file's ranges", exp.name)
-    for warning in top_k_warnings(exp) + numeric_choice_warnings(exp):
+    for warning in top_k_warnings(exp) + numeric_choice_warnings(exp) + final_warnings(exp):
         logger.warning(warning)
     parent, finished, reopened = open_parent(exp, uri, named, recurrence, parent_name, version)  # the store and experiment exist before any fan-out
     past = [run for run in named if run.info.status == "FINISHED"]
@@ -430,6 +454,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
     unmoved: dict[str, str] = {}  # field -> side: the last stage's best value at an edge
     cut_short: dict[str, tuple[str, str]] = {}  # of those, the edges inside the file's range: field -> (last range, file's range)
     causes: dict[tuple[str, str], str] = {}  # (field, side) -> why its range moved past that edge, the last time it did
+    moved_after: dict[tuple[str, str], str] = {}  # (field, side) -> the stage whose trials moved it, the last time
     stages = exp.search.stages
     processes = nullcontext((None, None))
     if exp.search.runner == "processes":  # room in shared memory for any stage's pruning reports
@@ -452,6 +477,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
                 if inside_declared(space[field], declared[field], side):
                     cut_short[field] = (space[field].describe(), declared[field].describe())
             causes[field, side] = edge_cause(field, side, space[field], stage_results, band, base_tree)
+            moved_after[field, side] = stage.name
             warn_edge(stage.name, last, field, side, causes[field, side], cut_short.get(field))
         return narrowed
 
@@ -459,7 +485,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         """report.md: the trials' problems, and the edges the stages moved past (those the last stage left are said once)."""
         moved = [edge_of(flag) for flag in edges]  # both sides of a field that two stages moved opposite ways
         return search_advice(searched, [(f, side) for f, side in moved if unmoved.get(f) != side], unmoved, causes, cut_short,
-                             lambda field, values: reads_field(field, values, base_tree))
+                             lambda field, values: reads_field(field, values, base_tree), moved_after, exp.search.top_k)
 
     def give_up(number: int, stage_results: list[TrialResult], failed_stage: str | None = None) -> NoReturn:
         """No best trial to go on from: the trials and the advice go to MLflow, the reason to the user."""
@@ -498,6 +524,8 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             give_up(len(stages) - 1, stage_results)
         best = max(reversed(scored), key=lambda r: r.val_acc)  # a tie goes to the latest trial: a later stage searched where the ranges moved
         trained_with = {f: v for f, v in best.params.items() if reads_field(f, best.params, base_tree)}  # not the momentum Adam's best never read
+        if lr_follows_searched_name(exp):  # the rate it trained at, its optimizer's default
+            trained_with["optim.lr"] = Config.model_validate(with_values(base_tree, best.params)).optim.lr
         final, retraining = None, None
         if exp.search.final is not None:
             spec = make_spec(base_tree, "final", 0, best.params, exp.search.final.epochs, threads, None, version)
@@ -507,15 +535,17 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
                 retraining = submit_trial(runner, spec, prepared, parent, None, pool, final=True, raw_example=splits.X_train[:5], stop=stop)
         searched, fields = trials_frame(results), list(exp.search.space)  # search.png shows the searched stages only
         linear = [field for field, dist in space.items() if dist.kind in ("uniform", "int")]
+        # a trial sits in a field's panel only if it trained with it: not Adam's trials at a momentum they never read
+        plotted = searched.assign(**{f"read.{field}": [reads_field(field, r.params, base_tree) for r in results] for field in fields})
         # drawing it (~0.3 s) is the longest step left: worker processes with nothing to train draw its rows,
         # at once, while this process writes the rest and draws the rows they leave it
         idle = (exp.search.workers - (retraining is not None)) if pool is not None else 0
         rows = plots.overview_rows(fields)
-        drawing = [pool.submit(figure_row, searched, fields, row, linear) if row < rows_for_workers(rows, idle) else None for row in range(rows)]
+        drawing = [pool.submit(figure_row, plotted, fields, row, linear) if row < rows_for_workers(rows, idle) else None for row in range(rows)]
         review(len(stages) - 1, stage_results, best)
         if retraining is not None and exp.search.runner == "threads":  # it trains in a thread here: matplotlib is not thread-safe
             final, retraining = retraining.result(), None
-        drawing = [drawn or figure_row(searched, fields, row, linear) for row, drawn in enumerate(drawing)]
+        drawing = [drawn or figure_row(plotted, fields, row, linear) for row, drawn in enumerate(drawing)]
         report = advice(searched)
         if retraining is not None:
             final = retraining.result()
@@ -525,7 +555,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         reused_from = {finished[r.key].data.tags.get("mlflow.parentRunId", "") for r in results if r.reused} - {parent.run_id}
         log_search_outcome(parent, frame, best, trained_with, final, edges, sorted(reused_from))
         tracking.log_text(parent, report, "report.md")
-        changes = recurring.changes_since(previous, best.val_acc, ranges, search_hash(exp, version))
+        changes = recurring.changes_since(previous, best.val_acc, ranges, search_hash(exp, version), parent_params(exp), version)
         if changes:
             tracking.set_tags(parent, {"babysit.previous_search": previous.run_id})
             tracking.log_text(parent, "\n".join(changes) + "\n", "changes.txt")
@@ -534,7 +564,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             create_link_artifact(link=url, link_text=f"MLflow search {parent.run_id}", description=f"Parent MLflow run of search {exp.name}")
             markdown = summary_markdown(exp.name, frame, best, trained_with, final, edges, ranges) + "".join(f"\n- {line}" if i else f"\n\nChanges {line}" for i, line in enumerate(changes))
             create_markdown_artifact(markdown=markdown + "\n\n" + report, key="search-summary", description=f"Search {exp.name}")
-        tracking.log_image(parent, stacked_rows(drawing, searched, fields, linear), "search.png")
+        tracking.log_image(parent, stacked_rows(drawing, plotted, fields, linear), "search.png")
 
     return SearchSummary(
         parent.run_id, parent.experiment_id, uri, trained_with, best.val_acc,

@@ -507,3 +507,21 @@ def test_a_transferred_networks_activations_are_measured_on_the_weights_it_start
     X = np.random.default_rng(0).normal(size=(256, 64)).astype(np.float32)
     assert "vanishing_activations" in F.init_flags(inspect_init(small, 64, 10, 0, X).layer_stats, CFG)
     assert "vanishing_activations" not in F.init_flags(inspect_init(small, 64, 10, 0, X, source).layer_stats, CFG)
+
+
+def test_search_advice_never_cuts_off_a_range_that_holds_one_of_the_stages_top_trials():
+    # QA: "lower the upper bound of optim.lr" below a flagged trial that narrowing kept among the top, where the search's best was found next
+    trials = pd.DataFrame({"stage": "a", "status": "finished", "val_acc": [0.90, 0.85, 0.70, 0.60, 0.80, 0.50],
+                           "flags": ["", "lr_too_high", "lr_too_high", "lr_too_high", "", ""], "param.optim.lr": [0.005, 0.03, 0.019, 0.08, 0.002, 0.0005]})
+    assert "all with optim.lr >= 0.019: lower the upper bound of optim.lr" in search_advice(trials, [])  # the best trial alone is kept
+    kept = search_advice(trials, [], top_k=0.25)  # the best 2 of 6, as babysit.space.narrow picks them
+    assert "lr_too_high in 3 of 6 a trials, 1 of them among the stage's top trials: no range to cut off" in kept and "lower the upper bound" not in kept
+    below_the_top = trials.assign(val_acc=[0.90, 0.60, 0.70, 0.55, 0.85, 0.50])  # the flagged ones all outside the top 2
+    assert "all with optim.lr >= 0.019: lower the upper bound of optim.lr" in search_advice(below_the_top, [], top_k=0.25)
+
+
+def test_search_advice_names_the_stage_that_moved_an_edge():
+    trials = pd.DataFrame({"stage": ["g1", "g1", "g2", "g2"], "status": "finished", "val_acc": [0.5, 0.6, 0.7, 0.8], "flags": "",
+                           "param.optim.lr": [1e-3, 1e-2, 1e-2, 1e-1]})
+    text = search_advice(trials, [("optim.lr", "high")], moved_after={("optim.lr", "high"): "g1"})
+    assert "optim.lr: after stage g1, the next stage's range moved past its upper edge" in text

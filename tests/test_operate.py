@@ -113,6 +113,22 @@ def test_changes_since_the_last_run_name_accuracy_and_moved_ranges():
     assert not any("file changed" in line for line in recurring.changes_since(hashed, 0.97, {"coarse": {"optim.lr": "loguniform(1e-05, 0.1)"}}, "aaa"))
 
 
+def test_changes_since_say_which_settings_or_whether_the_data_changed():
+    # QA: "the search file changed" said of a rerun that changed only search.final.epochs, or only touched its CSV
+    ranges = {"coarse": {"optim.lr": "loguniform(1e-05, 0.1)"}}
+    tags = {**{f"range.{stage}.optim.lr": text for stage, space in ranges.items() for text in space.values()}, "babysit.search_hash": "aaa",
+            "babysit.data_version": "v1"}
+    past = recurring.past_search(past_run(tags=tags), ["optim.lr"], [])
+    now = {**past.params, "search.final.epochs": 4, "search.workers": 1}
+    past.params["search.final.epochs"] = "30"
+    lines = recurring.changes_since(past, 0.97, ranges, "bbb", now, "v1")
+    assert "the search file changed since (search.final.epochs 30 -> 4): the two searches differ in more than their luck" in lines  # workers change no result
+    lines = recurring.changes_since(past, 0.97, ranges, "bbb", {**now, "search.final.epochs": 30}, "v2")
+    assert lines[1].startswith("the data changed since (its file was rewritten, or its modification time changed)")
+    many = {**now, **{f"model.{key}": 1 for key in "abcdef"}}
+    assert recurring.changes_since(past, 0.97, ranges, "bbb", many, "v1")[1].endswith("and 3 more): the two searches differ in more than their luck")
+
+
 def test_changes_since_name_the_fields_no_longer_searched():
     # QA: optim.lr taken out of the space, and the summary said "ranges: unchanged" alone
     tags = {"range.coarse.optim.lr": "loguniform(1e-06, 1e-05)", "range.coarse.model.activation": "choice(['relu', 'tanh'])",

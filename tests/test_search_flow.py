@@ -749,6 +749,16 @@ def test_a_search_can_start_with_the_tiny_subset_sanity_check(prefect_harness, f
         search_flow(config="conf/search_digits.yaml", overrides=[*small, "search.space.optim.lr=loguniform(1e-8, 1e-7)", "search.resume=false", "name=hopeless"])
 
 
+def test_a_search_of_optimizers_at_their_default_rates_names_the_rate_the_best_trained_at(fresh_uri, prefect_harness):
+    # QA: the parent run listed optim.lr 0.1 (the base sgd's default) while the best trial, rmsprop, trained at 1e-3
+    summary, _ = small_search(fresh_uri, "optim.name=sgd", "optim.lr=null", "search.final=null", "search.sampler=grid",
+                              "search.stages=[{name: coarse, trials: 2, epochs: 1}]", "search.space={optim.name: 'choice([sgd, rmsprop])'}")
+    parent = tracking.get_run(fresh_uri, summary.parent_run_id).data
+    assert parent.params["optim.lr"] == "unset: the default of each trial's optim.name"
+    best = summary.best_params["optim.name"]
+    assert summary.best_params["optim.lr"] == DEFAULT_LR[best] and parent.tags["best.optim.lr"] == str(DEFAULT_LR[best])
+
+
 def test_an_unset_lr_follows_each_trials_optimizer():
     from flows.search import trial_base
     from tasks.trial import make_spec
@@ -804,6 +814,20 @@ def test_the_search_figure_draws_a_stage_whose_every_trial_diverged_beside_a_cho
         figure.canvas.draw()
         assert [len(points.get_offsets()) for points in figure.axes[1].collections] == [0, 4]  # the scored trials only
         assert {label.get_text() for label in figure.axes[1].get_xticklabels()} == {"relu", "tanh"}
+    finally:
+        plots.close(figure)
+
+
+def test_the_search_figure_leaves_out_of_a_fields_panel_the_trials_that_did_not_train_with_it():
+    from babysit import plots
+
+    # QA: sgd and adam trials placed at momentum values they never read, looking like evidence against them
+    trials = pd.DataFrame({"stage": "coarse", "val_acc": [0.9, 0.3, 0.8, 0.95], "param.optim.name": ["momentum", "sgd", "momentum", "adam"],
+                           "param.optim.momentum": [0.9, 0.81, 0.6, 0.52], "read.optim.name": True, "read.optim.momentum": [True, False, True, False]})
+    figure = plots.search_overview(trials, ["optim.name", "optim.momentum"])
+    try:
+        names, momentum = figure.axes[:2]
+        assert sorted(momentum.collections[0].get_offsets()[:, 0]) == [0.6, 0.9] and len(names.collections[0].get_offsets()) == 4
     finally:
         plots.close(figure)
 
@@ -911,6 +935,17 @@ def test_a_choice_of_numbers_is_said_to_search_those_values_only():
     said = warnings("{optim.lr: 'choice([1e-6, 1e-5])', model.activation: 'choice([relu, tanh])', model.batchnorm: 'choice([true, false])'}")
     assert len(said) == 1 and said[0].startswith("search.space `optim.lr` ~ choice([1.0e-06, 1.0e-05]): a choice of numbers searches those values only")
     assert warnings("{optim.lr: 'loguniform(1e-4, 1e-1)', train.batch_size: 'choice([64])'}") == []  # one value: nothing to narrow
+
+
+def test_a_final_retrain_shorter_than_a_stage_is_said_to_test_a_weaker_model():
+    from flows.search import final_warnings
+
+    def warnings(*overrides):
+        return final_warnings(load_config("conf/search_digits.yaml", list(overrides), model=SearchExperiment))
+
+    said = warnings("search.final.epochs=3")  # the fine stage trains 8
+    assert len(said) == 1 and said[0].startswith("search.final.epochs 3: stage fine trains its trials 8 epochs") and "at least 8" in said[0]
+    assert warnings() == [] and warnings("search.final.epochs=8") == [] and warnings("search.final=null") == []
 
 
 def test_trial_keys_and_search_hashes_stay_those_an_earlier_babysit_gave():
