@@ -81,11 +81,13 @@ ADVICE: dict[str, Callable[[str, History], str]] = {
 def run_report(
     name: str, flags: dict[str, str], history: History, initial_loss: float,
     diagnostics: History | None = None, stop_reason: str | None = None, run_id: str | None = None, finished: bool = True,
+    search_run: str | None = None,
 ) -> str:
     """A run's markdown report: what happened (from the histories), its flags, what to do next.
 
     `history` holds train_loss/train_acc/val_loss/val_acc per epoch; `diagnostics` may hold
     `update_ratio` per epoch. Flags without advice (other modules may add some) are listed as is.
+    `search_run`: the run is a trial of that search's parent run, whose report says what to search next.
     """
     lines = [f"# babysit report: {name}", ""]
     epochs = len(history.get("train_loss", []))
@@ -118,6 +120,8 @@ def run_report(
     if not advice and not finished:
         advice = ["No flags in the epochs it ran, but the run did not finish (its curves may stop early, or its model and artifacts be missing); "
                   "run it again before judging it."]
+    if not advice and search_run:  # QA: a search's trial was told to start a search
+        advice = [f"No flags: the trial looks healthy. What to search next is in its search's report: `babysit report {search_run}`."]
     if not advice:
         advice = ["No flags: the run looks healthy. Next, tune the learning rate and regularization with a "
                   "coarse-to-fine random search (log-uniform ranges, a few epochs per trial first)."]

@@ -286,8 +286,13 @@ def report(args: argparse.Namespace) -> int:
                 f"ensemble test acc {record.metrics.get('ensemble_test_acc', float('nan')):.4f}, "
                 f"best single member {record.metrics.get('best_single_test_acc', float('nan')):.4f}.\n")
     else:
+        search_run = record.tags.get("mlflow.parentRunId") if "babysit.trial_key" in record.tags else None
         text = run_report(name, flags, history, record.metrics.get("initial_loss", float("nan")), record.histories,
-                          record.tags.get("babysit.stop_reason"), args.run_id, finished=record.status == "FINISHED")
+                          record.tags.get("babysit.stop_reason"), args.run_id, finished=record.status == "FINISHED", search_run=search_run)
+        if search_run:  # which search, stage and outcome: a pruned trial read as any short run (QA)
+            status = record.tags.get("babysit.status", "unknown")
+            said = f"Trial of search run {search_run}, stage {record.tags.get('babysit.stage', '?')}: {status}."
+            text = text.replace("\n\n", f"\n\n{said}\n", 1)
     if record.status != "FINISHED":
         text += f"\nMLflow status: {record.status}" + (f" ({record.tags['babysit.failure']})" if "babysit.failure" in record.tags else "") + "\n"
     print(text, end="")

@@ -403,6 +403,20 @@ def test_babysit_report_on_a_search_prints_the_searchs_own_report(finished_searc
     assert "No flags" not in out  # not a training run's report
 
 
+def test_babysit_report_on_a_trial_names_its_search_and_outcome(finished_search, tracking_uri, capsys):
+    from babysit.cli import main
+
+    # QA: a trial's report said "no flags: next, tune the learning rate with a coarse-to-fine random search"
+    for trial in children(tracking_uri, finished_search.parent_run_id):
+        assert main(["report", trial.info.run_id, "--uri", tracking_uri]) == 0
+        out = capsys.readouterr().out
+        status, stage = trial.data.tags["babysit.status"], trial.data.tags["babysit.stage"]
+        assert f"Trial of search run {finished_search.parent_run_id}, stage {stage}: {status}." in out
+        assert "random search" not in out
+        if "No flags" in out:
+            assert f"What to search next is in its search's report: `babysit report {finished_search.parent_run_id}`" in out
+
+
 def test_babysit_report_on_a_search_stopped_before_it_ended_says_so_and_how_to_resume(fresh_uri, capsys):
     from babysit.cli import main
 
