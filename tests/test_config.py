@@ -191,6 +191,16 @@ def test_top_k_is_a_count_or_a_share_never_a_boolean(value):
         load_config(CONF / "search_digits.yaml", [f"search.top_k={value}"], model=SearchExperiment)
 
 
+def test_top_k_that_is_no_number_is_one_message_not_one_per_kind_of_number():
+    from babysit.config import SearchExperiment
+
+    with pytest.raises(BabysitError) as caught:
+        load_config(CONF / "search_digits.yaml", ["search.top_k=half"], model=SearchExperiment)
+    assert "`search.top_k`: expected a count of trials (an integer ≥ 1) or a share of them" in str(caught.value)
+    assert "top_k.int" not in str(caught.value) and "top_k.float" not in str(caught.value)
+    assert load_config(CONF / "search_digits.yaml", ["search.top_k='0.5'"], model=SearchExperiment).search.top_k == 0.5  # a number in quotes
+
+
 def test_a_bad_value_from_set_is_said_to_come_from_set(tmp_path):
     path = write_yaml(tmp_path, {"optim": {"lr": 0.01}})
     with pytest.raises(BabysitError, match=r"`optim.lr`: Input should be a valid number, unable to parse string as a number \(got 'abc'\), from --set"):
