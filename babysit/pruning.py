@@ -124,9 +124,3 @@ class SharedReports:
 
     def clear(self) -> None:
         self._counts[:] = [0] * len(self._counts)
-
-    def copy(self, context) -> SharedReports:
-        """The same reports in new shared memory of `context` (for worker processes started another way)."""
-        copied = SharedReports(context, self.epochs, self.trials)
-        copied._values[:], copied._counts[:] = self._values[:], self._counts[:]
-        return copied

@@ -496,7 +496,7 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
         tracking.log_text(parent, advice(searched), "report.md")
         raise BabysitError(nothing_scored(exp.name, searched, parent.run_id, failed_stage))
 
-    with tracking.finished_or_failed(parent), runner, processes as (pool, _), stopping as stop:
+    with tracking.finished_or_failed(parent), runner, processes as (pool, reports), stopping as stop:
         if dask and scaleout.is_local_file_store(uri):  # workers that joined a loopback scheduler from elsewhere
             scaleout.dask_tracking_uri(uri, exp.search.dask_address, scaleout.dask_workers(runner))
         if exp.search.sanity_check:
@@ -507,11 +507,11 @@ def run_search(exp: SearchExperiment) -> SearchSummary:
             tracking.set_tags(parent, {f"range.{stage.name}.{field}": text for field, text in ranges[stage.name].items()})
             specs = stage_specs(exp, stage, number, space, base_tree, threads, base.train.device, version)
             pruner = Pruner(stage.prune, stage.prune_warmup_epochs, stage.asha_eta)
-            if pool is not None and pruner.rule != "none":  # worker processes see each other's epochs in shared memory
-                pruner = pruner.shared(pool.reports)  # the current set's: a set that replaced one whose worker died has its own
-                if (longest := max(map(trial_epochs, specs))) > pool.reports.epochs:  # a fine-tuning range moved past the file's
+            if reports is not None and pruner.rule != "none":  # worker processes see each other's epochs in shared memory
+                pruner = pruner.shared(reports)
+                if (longest := max(map(trial_epochs, specs))) > reports.epochs:  # a fine-tuning range moved past the file's
                     logger.warning("stage %s: trials of up to %d epochs are pruned in their first %d only (search.runner=threads prunes every epoch)",
-                                   stage.name, longest, pool.reports.epochs)
+                                   stage.name, longest, reports.epochs)
             stage_results = run_stage(specs, finished, prepared, parent, pruner, runner, pool, stop)
             results += stage_results
             if all(r.status == "failed" for r in stage_results):  # an error, not a range: the next stage would fail alike

@@ -15,9 +15,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
+from concurrent.futures import CancelledError, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -32,7 +32,7 @@ from babysit.flags import run_flags
 from babysit.pruning import Pruner, SharedReports
 from tasks.preprocess import Prepared
 from tasks.track import flag_tags, flags_from_tags, log_outcome, outcome_metrics, run_status
-from tasks.train import run_logger, train_and_test
+from tasks.train import train_and_test
 
 
 @dataclass(frozen=True)
@@ -199,64 +199,8 @@ def forks_workers() -> bool:
     return sys.platform == "linux" and not torch.cuda.is_initialized()
 
 
-class TrialWorkers:
-    """The search's worker processes (see worker_processes), started as a set, and the shared
-    memory of their pruning `reports`. A worker that dies (killed, out of memory) breaks its
-    executor for every trial it holds; `replace` starts a new set once the survivors have ended
-    their trials. A new set is spawned, never forked: a fork from a trial's thread copies the
-    locks that other threads hold at that moment (an import half done), and a child that needs
-    one waits forever (seen here)."""
-
-    def __init__(self, workers: int, context: Any, prepared: Prepared, reports: SharedReports):
-        self.workers, self.context, self.prepared, self.reports = workers, context, prepared, reports
-        self._slots = context.Value("i", 0)  # worker numbers go on across sets: GPUs stay shared round-robin
-        self._lock = threading.Lock()
-        self.closed = False
-        self._start()
-
-    def _start(self) -> None:
-        self.stop = self.context.Event()
-        self.executor = ProcessPoolExecutor(self.workers, mp_context=self.context, initializer=_start_worker,
-                                            initargs=(self.prepared, self.reports, self.stop, self._slots))
-        list(self.executor.map(abs, range(self.workers)))  # start every worker now
-
-    def submit(self, fn: Callable, *args: Any) -> Future:
-        """`fn(*args)` on a worker (not a trial: in_worker); a broken set's future holds the BrokenProcessPool."""
-        try:
-            return self.executor.submit(fn, *args)
-        except BrokenProcessPool as err:
-            broken: Future = Future()
-            broken.set_exception(err)
-            return broken
-
-    def replace(self, broken: ProcessPoolExecutor) -> None:
-        """A new set of workers in place of `broken` (once, whichever trial's task asks first)."""
-        with self._lock:
-            if self.executor is not broken or self.closed:
-                return
-            # its surviving workers end their trials at their next epoch, as FAILED (interrupted), and exit; waited
-            # for, so that a trial that finished meanwhile is found FINISHED instead of running twice
-            self.stop.set()
-            broken.shutdown(wait=True)
-            if self.context.get_start_method() != "spawn":  # what a new context shares with the workers, pruning's reports so far with it
-                spawn = multiprocessing.get_context("spawn")
-                slots, self._slots = self._slots.value, spawn.Value("i", 0)
-                self._slots.value = slots
-                self.context, self.reports = spawn, self.reports.copy(spawn)
-            self._start()
-
-    def close(self, interrupted: bool) -> None:
-        with self._lock:
-            self.closed = True
-            if interrupted:  # running trials end at their next epoch, queued ones never start
-                self.stop.set()
-                self.executor.shutdown(cancel_futures=True)
-            else:  # idle, they exit on their own (Python joins them at its exit at the latest): ~0.02 s a search not waited for
-                self.executor.shutdown(wait=False)
-
-
 @contextmanager
-def worker_processes(workers: int, prepared: Prepared, start_method: str | None = None, epochs: int = 0, trials: int = 0) -> Iterator[tuple[TrialWorkers, SharedReports]]:
+def worker_processes(workers: int, prepared: Prepared, start_method: str | None = None, epochs: int = 0, trials: int = 0) -> Iterator[tuple[ProcessPoolExecutor, SharedReports]]:
     """`workers` trial processes for a whole search, and the shared memory through which their
     trials prune: room for `trials` reports at each of `epochs` epochs (a stage's most).
 
@@ -273,54 +217,17 @@ def worker_processes(workers: int, prepared: Prepared, start_method: str | None 
         importlib.import_module("torch._dynamo")
     context = multiprocessing.get_context(start_method or ("fork" if fork else "spawn"))
     reports = SharedReports(context, epochs, trials)
-    pool = TrialWorkers(workers, context, prepared, reports)
+    stop = context.Event()
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(prepared, reports, stop, context.Value("i", 0)))
     try:
+        list(pool.map(abs, range(workers)))  # start every worker now
         yield pool, reports
-    except BaseException:  # Ctrl-C, or the flow failed
-        pool.close(interrupted=True)
+    except BaseException:  # Ctrl-C, or the flow failed: running trials end at their next epoch, queued ones never start
+        stop.set()
+        pool.shutdown(cancel_futures=True)
         raise
-    pool.close(interrupted=False)
-
-
-def in_worker(pool: TrialWorkers, spec: TrialSpec, parent: tracking.RunRef, pruner: Pruner | None, final: bool, raw_example: Any) -> TrialResult:
-    """`spec` trained on one of `pool`'s workers. When a worker dies, every trial its executor held
-    runs again on a new set of workers: the one whose worker died (its run left RUNNING, now FAILED)
-    once more, then it is recorded as failed; the others, which only stood beside it, until they finish."""
-    deaths, started = 0, time.time() * 1000
-    for _ in range(5):  # sets of workers that keep dying for no trial's sake (at their start): give up
-        executor = pool.executor
-        try:
-            return executor.submit(_trial_in_worker, spec, parent, pruner, final, raw_example).result()
-        except BrokenProcessPool:
-            with suppress(BrokenProcessPool):  # a new set that died as it started: the next try replaces it
-                pool.replace(executor)
-        if pool.closed:  # interrupted meanwhile
-            raise RuntimeError(f"trial {spec.stage}-{spec.index:03d}: its worker processes are shut down")
-        runs = [run for run in tracking.find_runs(parent.uri, parent.experiment_id, {"mlflow.parentRunId": parent.run_id, "babysit.trial_key": spec.key},
-                                                  newest_first=False) if run.info.start_time >= started]
-        if finished := [run for run in runs if run.info.status == "FINISHED"]:  # it finished as its neighbour died
-            return replace(result_from_run(finished[0], spec), reused=False)
-        orphans = [run for run in runs if run.info.status == "RUNNING"]
-        for run in orphans:  # its worker died under it: no process runs it now (replace waited for the survivors)
-            tracking.mark_failed(parent.uri, run.info.run_id, WORKER_DIED, parent.experiment_id)
-        for run in runs:  # a survivor's, stopped by replace: not an interruption of the search
-            if run.info.status == "FAILED" and run.data.tags.get("babysit.failure", "").startswith("interrupted"):
-                tracking.set_tags(tracking.RunRef(parent.uri, run.info.run_id, parent.experiment_id), {"babysit.failure": STOPPED_BESIDE})
-        deaths += bool(orphans)
-        if orphans and deaths < 2:
-            run_logger("babysit.search").warning("trial %s-%03d: %s under it; the trials beside it stopped too, and they run again on new "
-                                                 "worker processes", spec.stage, spec.index, WORKER_DIED)
-        if deaths == 2:
-            run_logger("babysit.search").warning("trial %s-%03d: %s again under it: recorded as failed, the search goes on", spec.stage, spec.index, WORKER_DIED)
-            return TrialResult(spec.key, spec.stage, spec.index, spec.params, "failed", None, reason=f"{WORKER_DIED}, twice: try fewer "
-                               "search.workers, a smaller model or batch, or search.runner=threads", run_id=orphans[-1].info.run_id)
-    raise BabysitError(f"trial {spec.stage}-{spec.index:03d}: the search's worker processes kept dying (killed, or out of memory). "
-                       "Trials that finished are kept in MLflow and reused when the search runs again; with less memory try "
-                       "search.workers=1, or search.runner=threads.")
-
-
-WORKER_DIED = "its worker process died (killed, or out of memory)"
-STOPPED_BESIDE = "stopped when a worker process beside it died; run again on a new worker"
+    # idle, they exit on their own (Python joins them at its exit at the latest): ~0.02 s a search not waited for
+    pool.shutdown(wait=False)
 
 
 @contextmanager
@@ -339,14 +246,20 @@ def stop_flag() -> Iterator[threading.Event]:
 @task(name="trial", task_run_name="{spec.stage}-{spec.index:03d}", cache_policy=NO_CACHE)  # as its MLflow run
 def trial_task(
     spec: TrialSpec, prepared: Prepared, parent: tracking.RunRef, pruner: Pruner | None = None, final: bool = False,
-    raw_example: Any = None, pool: TrialWorkers | None = None, stop: threading.Event | None = None,
+    raw_example: Any = None, pool: ProcessPoolExecutor | None = None, stop: threading.Event | None = None,
 ) -> TrialResult:
     """One trial, here or (given `pool`, see worker_processes) in a worker process while this task
     waits. Here, a set `stop` (stop_flag) ends it at its next epoch."""
     if pool is not None:
         try:
-            return in_worker(pool, spec, parent, pruner, final, raw_example)
-        except (CancelledError, RuntimeError) as err:  # a RuntimeError too, from a pool shut down
+            return pool.submit(_trial_in_worker, spec, parent, pruner, final, raw_example).result()
+        except BrokenProcessPool:
+            raise BabysitError(
+                f"trial {spec.stage}-{spec.index:03d}: a worker process of this search died (killed, or out of memory). "
+                f"Trials that finished are kept in MLflow and reused when the search runs again; with less memory "
+                f"try search.workers=1, or search.runner=threads."
+            ) from None
+        except (CancelledError, RuntimeError) as err:  # after BrokenProcessPool, a RuntimeError too
             if isinstance(err, RuntimeError) and "shutdown" not in str(err):
                 raise
             raise BabysitError(f"trial {spec.stage}-{spec.index:03d}: not run, the search was interrupted") from None

@@ -553,82 +553,25 @@ def test_forked_worker_processes_start_with_what_the_first_optimizer_imports():
         "from tasks.trial import worker_processes\n"
         "assert 'torch._dynamo' not in sys.modules\n"
         "with worker_processes(2, None, 'fork') as (pool, _):\n"
-        "    print(all(pool.executor.map(eval, [\"'torch._dynamo' in __import__('sys').modules\"] * 4)))\n"
+        "    print(all(pool.map(eval, [\"'torch._dynamo' in __import__('sys').modules\"] * 4)))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "True"
 
 
-def long_trials(spec, count: int, epochs: int = 400) -> list:
-    """`count` trials like `spec`, of `epochs` epochs each (seconds of training), with keys of their own."""
-    import dataclasses
-
-    config = {**spec.config, "train": {**spec.config["train"], "epochs": epochs}}
-    return [dataclasses.replace(spec, index=i, key=f"{spec.key}-{i}", config=config) for i in range(count)]
-
-
-def kill_a_worker_once_trials_run(pool, uri, parent, running: int, killed: set) -> int:
-    """SIGKILL one worker process of `pool` (as the out-of-memory killer would) once `running` of
-    `parent`'s trial runs, none of them in `killed`, are RUNNING; the ids of those runs go into `killed`."""
+def test_a_dead_worker_process_is_a_clear_error(tmp_path):
     import signal
 
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        runs = [r for r in tracking.find_runs(uri, parent.experiment_id, {"mlflow.parentRunId": parent.run_id})
-                if r.info.status == "RUNNING" and r.info.run_id not in killed]
-        if len(runs) >= running:
-            killed.update(r.info.run_id for r in runs)
-            victim = next(iter(pool.executor._processes))
-            os.kill(victim, signal.SIGKILL)
-            return victim
-        time.sleep(0.05)
-    raise AssertionError("the trials never started")
+    from babysit.errors import BabysitError
+    from tasks.trial import trial_task, worker_processes
 
-
-def test_a_trial_whose_worker_process_dies_runs_again_and_the_search_goes_on(tmp_path):
-    # QA: one worker process killed (as by the out-of-memory killer) stopped the whole search, its trial's run left RUNNING
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tasks.trial import STOPPED_BESIDE, WORKER_DIED, in_worker, worker_processes
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    spec, prepared, parent = one_trial(uri)
-    trials = long_trials(spec, 2)
-    with worker_processes(2, prepared, epochs=400, trials=2) as (pool, _), ThreadPoolExecutor(2) as tasks:
-        first = pool.executor
-        futures = [tasks.submit(in_worker, pool, trial, parent, None, False, None) for trial in trials]
-        kill_a_worker_once_trials_run(pool, uri, parent, 2, set())
-        results = [future.result(timeout=300) for future in futures]
-        assert pool.executor is not first  # a new set of workers trained them again
-    assert [r.status for r in results] == ["finished", "finished"] and not any(r.reused for r in results)
-    runs = tracking.find_runs(uri, parent.experiment_id, {"mlflow.parentRunId": parent.run_id})
-    for trial, result in zip(trials, results):  # exactly one finished run a trial
-        assert [r.info.run_id for r in runs if r.data.tags["babysit.trial_key"] == trial.key and r.info.status == "FINISHED"] == [result.run_id]
-    failures = sorted(r.data.tags["babysit.failure"] for r in runs if r.info.status == "FAILED")
-    assert failures in ([WORKER_DIED], sorted([STOPPED_BESIDE, WORKER_DIED])), failures  # its neighbour, stopped with it, unless it had just finished
-    assert not [r for r in runs if r.info.status == "RUNNING"]
-
-
-def test_a_trial_whose_worker_process_dies_twice_is_recorded_as_failed(tmp_path):
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tasks.trial import WORKER_DIED, in_worker, worker_processes
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    spec, prepared, parent = one_trial(uri, index=3)
-    (trial,) = long_trials(spec, 1)
-    killed: set[str] = set()
-    with worker_processes(1, prepared, epochs=400, trials=1) as (pool, _), ThreadPoolExecutor(1) as tasks:
-        future = tasks.submit(in_worker, pool, trial, parent, None, False, None)
-        for _ in range(2):
-            kill_a_worker_once_trials_run(pool, uri, parent, 1, killed)
-        result = future.result(timeout=300)
-        assert pool.submit(os.getpid).result(timeout=60) > 0  # a third set of workers, for the trials left
-    assert result.status == "failed" and result.val_acc is None and result.reason.startswith(f"{WORKER_DIED}, twice: try fewer search.workers")
-    runs = tracking.find_runs(uri, parent.experiment_id, {"mlflow.parentRunId": parent.run_id})
-    assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED"] and {r.data.tags["babysit.failure"] for r in runs} == {WORKER_DIED}
-    assert {r.info.run_id for r in runs} == killed and result.run_id in killed
+    spec, prepared, parent = one_trial(f"sqlite:///{tmp_path}/mlflow.db", index=3)
+    with worker_processes(1, prepared) as (pool, _):
+        worker_pid = pool.submit(os.getpid).result()
+        os.kill(worker_pid, signal.SIGKILL)  # as the kernel's out-of-memory killer would
+        with pytest.raises(BabysitError, match="coarse-003: a worker process of this search died"):
+            trial_task.fn(spec, prepared, parent, pool=pool)
 
 
 def test_diverged_trials_are_flagged_and_end_early(prefect_harness, fresh_uri):
@@ -957,7 +900,7 @@ def test_trials_share_the_gpus_round_robin_and_each_worker_process_keeps_to_one(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert on_slot(auto, 5) is auto
     with worker_processes(2, None) as (pool, _):  # each worker process has a number of its own
-        slots = set(pool.executor.map(worker_slot, [0.05] * 20))
+        slots = set(pool.map(worker_slot, [0.05] * 20))
     assert slots == {0, 1}
 
 

@@ -605,14 +605,3 @@ def test_trials_that_learned_too_fast_above_the_top_ones_lower_the_learning_rate
     assert narrowed["optim.lr"].high == pytest.approx(0.25) and narrowed["optim.lr"].low < 0.1 and not edges
     trials[2]["too_fast"] = trials[3]["too_fast"] = False  # the same scores without the flag: padded past 0.25 as before
     assert narrow(space, trials, Narrowing(top_k=2, pad=0.1))[0]["optim.lr"].high > 0.25
-
-
-def test_shared_reports_copied_into_another_context_keep_a_stages_reports():
-    import multiprocessing
-
-    reports = SharedReports(multiprocessing.get_context("fork"), epochs=3, trials=4)
-    reports[1], reports[2] = [0.5, 0.6], [0.7]
-    copied = reports.copy(multiprocessing.get_context("spawn"))  # the workers that replace a set whose worker died are spawned
-    assert (copied.epochs, copied.trials) == (3, 4) and copied.get(1) == [0.5, 0.6] and copied.get(2) == [0.7] and copied.get(3) == []
-    copied[1] = [0.1]
-    assert reports.get(1) == [0.5, 0.6]  # memory of its own
