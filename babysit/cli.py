@@ -155,11 +155,12 @@ def search(args: argparse.Namespace) -> int:
     exp = load_config(args.config, args.set, model=SearchExperiment)
     default_uri = tracking.resolve_uri(None)
     with console.status("starting Prefect (ephemeral server unless PREFECT_API_URL is set)..."):
-        from flows.search import check_searched_devices, search_flow
+        from flows.search import check_not_running, check_searched_devices, search_flow
 
         if not exp.search.dask_address:  # trials train here
             before_starting(exp.base_config())
             check_searched_devices(exp)
+        check_not_running(exp)
     quiet_user_errors()
     with servers.temporary_server_settings():
         summary = search_flow(config=args.config, overrides=args.set)

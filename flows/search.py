@@ -107,11 +107,7 @@ def open_parent(exp: SearchExperiment, uri: str, named: list, recurrence: dict[s
     owner = {"babysit.owner": process_identity()}  # the process running the search: another one must not resume it meanwhile
     # the run this one would resume, or (by hand) an earlier run whose trials it would reuse or train again
     shared = previous[:1] + ([run for run in named if "babysit.schedule" not in run.data.tags] if "babysit.schedule" not in identity else [])
-    if held := [run for run in shared if run.info.status == "RUNNING" and alive_here(run.data.tags.get("babysit.owner", ""))]:
-        _, pid, _ = held[0].data.tags["babysit.owner"].rsplit(":", 2)
-        raise BabysitError(f"search {exp.name} is running now, in process {pid} on this machine (MLflow run {held[0].info.run_id}): "
-                           "two runs of one search would train its trials twice. Wait for it to end, or stop it (Ctrl-C) and run "
-                           "the command again to resume it.")
+    refuse_if_running(exp.name, shared)
     if previous:
         # its edges are written afresh when it ends: a field whose edge this run does not reach keeps no tag of the last one
         parent = tracking.reopen_run(uri, previous[0], stale=("edge.", "babysit.flags"))
@@ -136,6 +132,25 @@ def parent_params(exp: SearchExperiment) -> dict[str, object]:
     if lr_follows_searched_name(exp):  # not the base optimizer's default, which a trial of another optimizer never trained at (QA)
         params["optim.lr"] = "unset: the default of each trial's optim.name"
     return params
+
+
+def refuse_if_running(name: str, runs: list) -> None:
+    """A BabysitError when one of a search's parent `runs` is RUNNING in a live process of this machine."""
+    if held := [run for run in runs if run.info.status == "RUNNING" and alive_here(run.data.tags.get("babysit.owner", ""))]:
+        _, pid, _ = held[0].data.tags["babysit.owner"].rsplit(":", 2)
+        raise BabysitError(f"search {name} is running now, in process {pid} on this machine (MLflow run {held[0].info.run_id}): "
+                           "two runs of one search would train its trials twice. Wait for it to end, or stop it (Ctrl-C) and run "
+                           "the command again to resume it.")
+
+
+def check_not_running(exp: SearchExperiment) -> None:
+    """`babysit search`, before Prefect's server starts: a search by hand that runs now in another
+    process is refused at once, not ~20 s later (QA). open_parent refuses it again, for deployments."""
+    uri = tracking.resolve_uri(exp.tracking.uri)
+    if (db := tracking.sqlite_path(uri)) is not None and not db.exists():  # a new store: nothing runs in it
+        return
+    named = tracking.find_runs(uri, tracking.open_store(uri, exp.tracking.experiment), {"babysit.kind": "search", "babysit.search_name": exp.name})
+    refuse_if_running(exp.name, [run for run in named if "babysit.schedule" not in run.data.tags])  # as open_parent's by hand
 
 
 def fail_abandoned(uri: str, named: list, keep: str) -> set[str]:

@@ -252,7 +252,7 @@ def test_a_scheduled_search_reuses_no_trial_of_earlier_runs(prefect_harness, fre
 
 
 def test_a_search_running_now_in_another_process_is_not_resumed_until_that_process_is_gone(prefect_harness, fresh_uri):
-    from flows.search import open_parent, process_identity, recurrence_of
+    from flows.search import check_not_running, open_parent, process_identity, recurrence_of
 
     overrides = [*EDITABLE[:3], "search.stages=[{name: coarse, trials: 2, epochs: 1}]", "search.final=null"]
     exp = load_config("conf/search_digits.yaml", overrides, model=SearchExperiment)
@@ -265,12 +265,15 @@ def test_a_search_running_now_in_another_process_is_not_resumed_until_that_proce
         named, _, _ = recurrence_of(exp, fresh_uri)
         with pytest.raises(BabysitError, match=rf"is running now, in process {other.pid} on this machine \(MLflow run {parent.run_id}\)"):
             open_parent(exp, fresh_uri, named)
+        with pytest.raises(BabysitError, match=rf"is running now, in process {other.pid}"):  # said by `babysit search` before Prefect starts
+            check_not_running(exp)
         edited = load_config("conf/search_digits.yaml", [*overrides, "search.top_k=0.5"], model=SearchExperiment)  # a new parent, the same trials
         with pytest.raises(BabysitError, match=rf"is running now, in process {other.pid}"):
             open_parent(edited, fresh_uri, named)
     finally:
         other.kill()
         other.wait()
+    check_not_running(exp)  # gone: nothing to refuse
     resumed, _, reopened = open_parent(exp, fresh_uri, named)  # gone, as a killed search's process is: resumed
     assert resumed.run_id == parent.run_id and reopened is not None
     assert tracking.get_run(fresh_uri, parent.run_id).data.tags["babysit.owner"] == process_identity()
