@@ -416,7 +416,7 @@ def test_babysit_report_on_a_trial_names_its_search_and_outcome(finished_search,
         status, stage = trial.data.tags["babysit.status"], trial.data.tags["babysit.stage"]
         assert f"Trial of search run {finished_search.parent_run_id}, stage {stage}: {status}." in out
         assert "random search" not in out
-        if "No flags" in out:
+        if "No flags: " in out and trial.info.status == "FINISHED":  # other tests leave interrupted trials in this store
             assert f"What to search next is in its search's report: `babysit report {finished_search.parent_run_id}`" in out
 
 
