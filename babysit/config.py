@@ -542,13 +542,14 @@ class SearchConfig(Section):
     @field_validator("top_k", mode="before")  # before: pydantic would read `true` as the count 1
     @classmethod
     def _count_or_share(cls, value: Any) -> Any:
+        expected = "expected a count of trials (an integer ≥ 1) or a share of them (a number between 0 and 1)"
         if isinstance(value, str):  # one message, not one per member of the union (QA: `search.top_k.int`, `search.top_k.float`)
             try:
                 value = int(value) if value.strip().isdigit() else float(value)
             except ValueError:
-                raise ValueError(f"expected a count of trials (an integer ≥ 1) or a share of them (a number between 0 and 1), got {value!r}") from None
+                raise ValueError(f"{expected}, got {value!r}") from None
         if isinstance(value, bool) or isinstance(value, float) and not 0 < value < 1 or isinstance(value, int) and value < 1:
-            raise ValueError(f"expected a count of trials (an integer ≥ 1) or a share of them (a number between 0 and 1), got {value}")
+            raise ValueError(f"{expected}, got {value}")
         return value
 
     @field_validator("stages")
